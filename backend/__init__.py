@@ -1,0 +1,1 @@
+"""KRAKEN chatbot backend: conversation records in PostgreSQL behind a FastAPI service."""

@@ -1,0 +1,102 @@
+"""Service settings, read once from the environment.
+
+Every variable is documented in README.md. Errors become ``ConfigError`` with one line that
+names the variable and the problem, never a value that could hold a password.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from backend.db_url import DatabaseTarget, DatabaseUrlError, parse_database_url
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A configuration mistake: reported as one line, never with a traceback."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KRAKEN_", extra="ignore", frozen=True)
+
+    env: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    # Unprefixed names: these are the conventional variables deployments already set.
+    database_url: SecretStr | None = Field(default=None, validation_alias="DATABASE_URL")
+    migrations_database_url: SecretStr | None = Field(default=None, validation_alias="MIGRATIONS_DATABASE_URL")
+    embedded_pgdata: Path = PROJECT_ROOT / ".kraken" / "pgdata"
+
+    # Boot-time migrations.
+    migrate_on_startup: Literal["upgrade", "check", "off"] = "upgrade"
+    schema_ahead: Literal["serve", "refuse"] = "serve"
+    db_connect_timeout: float = Field(default=30.0, ge=0)
+    migration_lock_timeout: float = Field(default=60.0, ge=0)
+    ddl_lock_timeout: float = Field(default=5.0, gt=0)
+    ddl_statement_timeout: float = Field(default=1800.0, ge=0)
+    ddl_lock_retries: int = Field(default=4, ge=0)
+
+    # Service engine.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    # Off behind transaction-pooling proxies (PgBouncer), where prepared statements break.
+    db_statement_cache: bool = True
+
+    @field_validator("database_url", "migrations_database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def database_target(self) -> DatabaseTarget | None:
+        """The service's database, or None when the embedded server should be used."""
+        return _parse(self.database_url, "DATABASE_URL")
+
+    def migrations_target(self) -> DatabaseTarget | None:
+        """Where migrations run: MIGRATIONS_DATABASE_URL, falling back to DATABASE_URL."""
+        if self.migrations_database_url is not None:
+            return _parse(self.migrations_database_url, "MIGRATIONS_DATABASE_URL")
+        return self.database_target()
+
+
+def _parse(secret: SecretStr | None, variable: str) -> DatabaseTarget | None:
+    if secret is None:
+        return None
+    try:
+        return parse_database_url(secret.get_secret_value(), variable=variable)
+    except DatabaseUrlError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else "?"
+        variable = name.upper() if name.isupper() else f"KRAKEN_{name.upper()}"
+        problems.append(f"{variable}: {item['msg']}")
+    return "; ".join(problems)
+
+
+def load_settings() -> Settings:
+    """Read and validate the environment; raise ConfigError with one line on a mistake."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    # Parse the URLs now so a bad one fails at start, not at first use.
+    settings.database_target()
+    settings.migrations_target()
+    if settings.env == "production" and settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set; KRAKEN_ENV=production requires a database URL")
+    return settings
+
+
+@cache
+def get_settings() -> Settings:
+    return load_settings()

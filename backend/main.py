@@ -1,0 +1,90 @@
+"""The FastAPI application and the ``kraken-backend`` command that serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from backend.api import api_router
+from backend.config import ConfigError, Settings, get_settings
+from backend.database import (
+    DatabaseUnavailable,
+    MigrationError,
+    SchemaNotAtHead,
+    SchemaStatus,
+    check_schema,
+    create_engine,
+    create_session_factory,
+    read_schema_status,
+    resolve_target,
+    run_migrations,
+)
+
+logger = logging.getLogger("backend")
+
+# What stops a boot without a traceback: each is reported as one line.
+STARTUP_ERRORS = (ConfigError, DatabaseUnavailable, MigrationError, SchemaNotAtHead)
+
+
+async def prepare_schema(settings: Settings) -> SchemaStatus:
+    """Apply KRAKEN_MIGRATE_ON_STARTUP: upgrade to head, check that it is there, or only look."""
+    if settings.migrate_on_startup == "upgrade":
+        return await run_migrations(settings)
+    if settings.migrate_on_startup == "check":
+        return await check_schema(settings)
+    target = await resolve_target(settings, migrations=True)
+    return await read_schema_status(target, wait=settings.db_connect_timeout)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    # `kraken-backend` prepares the schema before serving (to fail with one line); other servers
+    # (`uvicorn backend.main:app`) get it done here.
+    status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
+    engine = create_engine(await resolve_target(settings), settings)
+    app.state.settings = settings
+    app.state.schema_status = status
+    app.state.engine = engine
+    app.state.session_factory = create_session_factory(engine)
+    try:
+        yield
+    finally:
+        await engine.dispose()
+
+
+def create_app() -> FastAPI:
+    application = FastAPI(title="KRAKEN backend", version="0.1.0", lifespan=lifespan)
+    application.include_router(api_router)
+    return application
+
+
+app = create_app()
+
+
+async def _serve(settings: Settings) -> int:
+    try:
+        app.state.schema_status = await prepare_schema(settings)
+    except STARTUP_ERRORS as exc:
+        logger.error("cannot start: %s", exc)
+        return 1
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on"))
+    await server.serve()
+    return 0 if server.started else 3
+
+
+def main() -> None:
+    """Entry point of `uv run kraken-backend`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        logger.error("cannot start: %s", exc)
+        sys.exit(2)
+    sys.exit(asyncio.run(_serve(settings)))

@@ -1,0 +1,104 @@
+"""SQLAlchemy models of the KRAKEN tables.
+
+They mirror the migrations exactly (``alembic check`` must find nothing to generate); the
+migrations, not ``create_all``, are what build the schema.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Text,
+    Uuid,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# PostgreSQL's own default names, which the baseline (and so production) already uses.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "%(table_name)s_%(column_0_N_name)s_key",
+    "ck": "%(table_name)s_%(constraint_name)s_check",
+    "fk": "%(table_name)s_%(column_0_name)s_fkey",
+    "pk": "%(table_name)s_pkey",
+}
+
+_ZERO = text("0")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _uuid_pk() -> Mapped[uuid.UUID]:
+    return mapped_column(Uuid, primary_key=True, server_default=func.gen_random_uuid())
+
+
+def _counter() -> Mapped[int]:
+    return mapped_column(Integer, nullable=False, server_default=_ZERO)
+
+
+def _money() -> Mapped[Decimal]:
+    return mapped_column(Numeric(10, 6), nullable=False, server_default=_ZERO)
+
+
+class Conversation(Base):
+    __tablename__ = "kraken_conversations"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    session_id: Mapped[str] = mapped_column(String, nullable=False, index=True)
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    system_prompt_hash: Mapped[str] = mapped_column(String(16), nullable=False)
+    agent_version: Mapped[str] = mapped_column(String, nullable=False)
+    status: Mapped[str] = mapped_column(String, nullable=False, server_default=text("'active'"))
+    started_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, server_default=func.now())
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    total_turns: Mapped[int] = _counter()
+    total_tokens: Mapped[int] = _counter()
+    total_cost_usd: Mapped[Decimal] = _money()
+
+
+class Turn(Base):
+    __tablename__ = "kraken_turns"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("kraken_conversations.id"), nullable=False, index=True
+    )
+    turn_number: Mapped[int] = mapped_column(Integer, nullable=False)
+    user_query: Mapped[str] = mapped_column(Text, nullable=False)
+    assistant_response: Mapped[str] = mapped_column(Text, nullable=False)
+    input_tokens: Mapped[int] = _counter()
+    output_tokens: Mapped[int] = _counter()
+    cost_usd: Mapped[Decimal] = _money()
+    duration_ms: Mapped[int] = _counter()
+    tool_calls_count: Mapped[int] = _counter()
+    cache_creation_tokens: Mapped[int] = _counter()
+    cache_read_tokens: Mapped[int] = _counter()
+    model: Mapped[str] = mapped_column(String, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, server_default=func.now())
+
+
+class ToolCall(Base):
+    __tablename__ = "kraken_tool_calls"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    turn_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("kraken_turns.id"), nullable=False, index=True)
+    tool_name: Mapped[str] = mapped_column(String, nullable=False)
+    tool_args: Mapped[Any] = mapped_column(JSONB, nullable=False)
+    tool_result: Mapped[Any] = mapped_column(JSONB, nullable=False)
+    result_truncated: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
+    sequence_order: Mapped[int] = mapped_column(Integer, nullable=False)

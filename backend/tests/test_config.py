@@ -1,0 +1,80 @@
+"""Settings: what is refused, and how it is reported (no database needed)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from backend.config import ConfigError, load_settings
+from backend.tests.conftest import child_env
+
+PASSWORD = "hunter2-very-secret"
+
+
+def test_production_refuses_a_missing_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("KRAKEN_ENV", "production")
+    with pytest.raises(ConfigError, match="DATABASE_URL is not set; KRAKEN_ENV=production"):
+        load_settings()
+
+
+def test_development_without_database_url_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("KRAKEN_ENV", raising=False)
+    settings = load_settings()
+    assert settings.database_target() is None
+    assert settings.embedded_pgdata.parts[-2:] == (".kraken", "pgdata")
+
+
+def test_migrations_url_falls_back_to_database_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@pgbouncer:6432/kraken")
+    monkeypatch.delenv("MIGRATIONS_DATABASE_URL", raising=False)
+    settings = load_settings()
+    assert settings.migrations_target() == settings.database_target()
+    monkeypatch.setenv("MIGRATIONS_DATABASE_URL", "postgresql://owner@primary:5432/kraken")
+    target = load_settings().migrations_target()
+    assert target is not None
+    assert target.safe == "owner@primary:5432/kraken"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "fragment"),
+    [
+        ("KRAKEN_PORT", "eighty", "KRAKEN_PORT"),
+        ("KRAKEN_MIGRATE_ON_STARTUP", "sometimes", "KRAKEN_MIGRATE_ON_STARTUP"),
+        ("DATABASE_URL", f"mysql://root:{PASSWORD}@db/app", "unsupported scheme"),
+        ("MIGRATIONS_DATABASE_URL", f"postgresql://u:{PASSWORD}@db:99999/app", "MIGRATIONS_DATABASE_URL"),
+    ],
+)
+def test_bad_settings_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, fragment: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert fragment in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"KRAKEN_ENV": "production"}, "DATABASE_URL is not set"),
+        ({"DATABASE_URL": f"mysql://root:{PASSWORD}@db/app"}, "unsupported scheme"),
+        ({"KRAKEN_PORT": "-1"}, "KRAKEN_PORT"),
+    ],
+)
+def test_service_refuses_bad_configuration_with_one_line(env: dict[str, str], fragment: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "from backend.main import main; main()"],
+        env=child_env(None, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    output = (result.stdout + result.stderr).strip()
+    assert len(output.splitlines()) == 1, output
+    assert fragment in output
+    assert "Traceback" not in output
+    assert PASSWORD not in output
