@@ -54,9 +54,25 @@ class SchemaNotAtHead(Exception):
 
 
 @dataclass(frozen=True)
+class Revisions:
+    """A script directory's revision graph: revision -> the revisions it follows."""
+
+    graph: dict[str, tuple[str, ...]]
+
+    @property
+    def heads(self) -> frozenset[str]:
+        parents = {down for downs in self.graph.values() for down in downs}
+        return frozenset(rev for rev in self.graph if rev not in parents)
+
+
+@dataclass(frozen=True)
 class SchemaStatus:
     current: tuple[str, ...]
-    heads: frozenset[str]
+    revisions: Revisions
+
+    @property
+    def heads(self) -> frozenset[str]:
+        return self.revisions.heads
 
     @property
     def at_head(self) -> bool:
@@ -65,7 +81,7 @@ class SchemaStatus:
     @property
     def ahead(self) -> bool:
         """The database records a revision this code does not know (e.g. after a rollback)."""
-        return any(rev not in known_revisions() for rev in self.current)
+        return any(rev not in self.revisions.graph for rev in self.current)
 
     @property
     def revision(self) -> str | None:
@@ -141,52 +157,39 @@ _DOWN = re.compile(r"^down_revision(?:\s*:\s*[^=]+)?\s*=\s*(.+)$", re.MULTILINE)
 _QUOTED = re.compile(r"['\"]([^'\"]+)['\"]")
 
 
-def alembic_config(settings: Settings | None = None) -> Config:
+def alembic_config(settings: Settings | None = None, script_location: Path = ALEMBIC_DIR) -> Config:
     """An Alembic config for in-process use: no alembic.ini, so no logging set-up."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(ALEMBIC_DIR))
+    cfg.set_main_option("script_location", str(script_location))
     if settings is not None:
         cfg.attributes["settings"] = settings
     return cfg
 
 
 @cache
-def _revision_graph() -> dict[str, tuple[str, ...]]:
-    """revision -> down revisions, read from the files' text without importing them.
+def read_revisions(script_location: Path = ALEMBIC_DIR) -> Revisions:
+    """The revision graph, read from the files' text without importing them.
 
-    Importing every revision module costs milliseconds per file; boot-time checks only need the
-    ids. Falls back to Alembic when a file does not declare them as plain literals.
+    Importing every revision module costs about a millisecond per file, and a boot at head needs
+    only the ids. Falls back to Alembic when a file does not declare them as plain literals.
     """
     graph: dict[str, tuple[str, ...]] = {}
-    for path in sorted((ALEMBIC_DIR / "versions").glob("*.py")):
+    for path in sorted((script_location / "versions").glob("*.py")):
         source = path.read_text(encoding="utf-8")
         rev, down = _REVISION.search(source), _DOWN.search(source)
         if rev is None or down is None:
-            return _graph_from_alembic()
+            script = ScriptDirectory.from_config(alembic_config(script_location=script_location))
+            return Revisions({s.revision: tuple(s._all_down_revisions) for s in script.walk_revisions()})
         graph[rev.group(1)] = tuple(_QUOTED.findall(down.group(1)))
-    return graph
-
-
-def _graph_from_alembic() -> dict[str, tuple[str, ...]]:
-    script = ScriptDirectory.from_config(alembic_config())
-    return {s.revision: tuple(s._all_down_revisions) for s in script.walk_revisions()}
-
-
-def known_revisions() -> frozenset[str]:
-    return frozenset(_revision_graph())
-
-
-@cache
-def script_heads() -> frozenset[str]:
-    graph = _revision_graph()
-    parents = {down for downs in graph.values() for down in downs}
-    return frozenset(rev for rev in graph if rev not in parents)
+    return Revisions(graph)
 
 
 # --- reading the schema revision -----------------------------------------------------------
 
 
-async def read_schema_status(target: DatabaseTarget, *, wait: float = 0.0) -> SchemaStatus:
+async def read_schema_status(
+    target: DatabaseTarget, *, wait: float = 0.0, script_location: Path = ALEMBIC_DIR
+) -> SchemaStatus:
     """The database's recorded revision(s), connecting with retries for up to ``wait`` seconds."""
     deadline = time.monotonic() + wait
     delay, attempt = 0.25, 1
@@ -218,7 +221,7 @@ async def read_schema_status(target: DatabaseTarget, *, wait: float = 0.0) -> Sc
         rows = []
     finally:
         await conn.close()
-    return SchemaStatus(tuple(row[0] for row in rows), script_heads())
+    return SchemaStatus(tuple(row[0] for row in rows), read_revisions(script_location))
 
 
 # --- migrating -----------------------------------------------------------------------------
@@ -229,11 +232,11 @@ def _upgrade(connection: Connection, cfg: Config) -> None:
     command.upgrade(cfg, "head")
 
 
-async def run_migrations(settings: Settings | None = None) -> SchemaStatus:
+async def run_migrations(settings: Settings | None = None, *, script_location: Path = ALEMBIC_DIR) -> SchemaStatus:
     """Bring the schema to head; return where it ended. Safe to call from many processes at once."""
     settings = settings or get_settings()
     target = await resolve_target(settings, migrations=True)
-    status = await read_schema_status(target, wait=settings.db_connect_timeout)
+    status = await read_schema_status(target, wait=settings.db_connect_timeout, script_location=script_location)
     if status.at_head:
         return status
     if status.ahead:
@@ -243,7 +246,7 @@ async def run_migrations(settings: Settings | None = None) -> SchemaStatus:
     engine = create_migration_engine(target)
     try:
         async with engine.connect() as connection:
-            await connection.run_sync(_upgrade, alembic_config(settings))
+            await connection.run_sync(_upgrade, alembic_config(settings, script_location))
     except CommandError as exc:
         raise MigrationError(str(exc).splitlines()[0]) from None
     except (OSError, DBAPIError) as exc:
@@ -252,7 +255,7 @@ async def run_migrations(settings: Settings | None = None) -> SchemaStatus:
         raise DatabaseUnavailable(describe(exc, target)) from None
     finally:
         await engine.dispose()
-    status = await read_schema_status(target)
+    status = await read_schema_status(target, script_location=script_location)
     logger.info("schema at revision %s (%.0f ms)", status.revision, (time.monotonic() - started) * 1000)
     return status
 

@@ -44,7 +44,7 @@ async def prepare_schema(settings: Settings) -> SchemaStatus:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = get_settings()
+    settings: Settings = getattr(app.state, "settings", None) or get_settings()
     # `kraken-backend` prepares the schema before serving (to fail with one line); other servers
     # (`uvicorn backend.main:app`) get it done here.
     status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
@@ -59,8 +59,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.dispose()
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application; ``settings`` default to the environment's, read when it starts."""
     application = FastAPI(title="KRAKEN backend", version="0.1.0", lifespan=lifespan)
+    if settings is not None:
+        application.state.settings = settings
     application.include_router(api_router)
     return application
 
@@ -69,6 +72,7 @@ app = create_app()
 
 
 async def _serve(settings: Settings) -> int:
+    app.state.settings = settings
     try:
         app.state.schema_status = await prepare_schema(settings)
     except STARTUP_ERRORS as exc:

@@ -23,6 +23,7 @@ import time
 from logging.config import fileConfig
 from typing import Any
 
+from alembic import command as alembic_command
 from alembic import context
 from alembic.operations import ops
 from alembic.runtime.migration import MigrationContext, MigrationInfo
@@ -100,6 +101,13 @@ def _log_applied() -> Any:
     return on_version_apply
 
 
+def _plain_revision() -> bool:
+    """`alembic revision` without --autogenerate: env.py runs only to number the file, no database needed."""
+    opts = config.cmd_opts
+    cmd = getattr(opts, "cmd", None)
+    return bool(cmd) and cmd[0] is alembic_command.revision and not getattr(opts, "autogenerate", False)
+
+
 def run_migrations_offline() -> None:
     """Emit SQL to stdout: no database, no DATABASE_URL, no embedded server."""
     context.configure(
@@ -108,6 +116,8 @@ def run_migrations_offline() -> None:
         literal_binds=True,
         transaction_per_migration=True,
         include_name=_include_name,
+        process_revision_directives=_process_revision_directives,
+        as_sql=True,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -118,6 +128,10 @@ def _set_timeouts(connection: Connection, settings: Settings) -> None:
     began = not connection.in_transaction()
     connection.execute(text(f"SET lock_timeout = '{int(settings.ddl_lock_timeout * 1000)}ms'"))
     connection.execute(text(f"SET statement_timeout = '{int(settings.ddl_statement_timeout * 1000)}ms'"))
+    if (connection.dialect.server_version_info or (0,)) >= (14,):
+        # If the runner dies during a long statement, the server notices within a second and
+        # rolls the revision back, instead of finishing it for nobody while holding the lock.
+        connection.execute(text("SET client_connection_check_interval = '1s'"))
     if began:
         # Leave no transaction open, so Alembic manages one per revision (and autocommit blocks work).
         connection.commit()
@@ -227,7 +241,7 @@ def run_migrations_online() -> None:
         do_run_migrations(connectable)
 
 
-if context.is_offline_mode():
+if context.is_offline_mode() or _plain_revision():
     run_migrations_offline()
 else:
     run_migrations_online()

@@ -13,8 +13,6 @@ Writing it lock-safe (see backend/alembic/README.md, "Writing a revision"):
 - Backfills: in batches, never one UPDATE over a whole large table.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import sqlalchemy as sa

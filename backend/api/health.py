@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.config import Settings
-from backend.database import SchemaStatus, script_heads
+from backend.database import SchemaStatus, read_revisions
 
 router = APIRouter(tags=["health"])
 
@@ -28,7 +28,8 @@ async def ready(request: Request) -> JSONResponse:
     """Readiness: the database answers and its schema is at this code's head (checked live)."""
     engine: AsyncEngine = request.app.state.engine
     settings: Settings = request.app.state.settings
-    heads = sorted(script_heads())
+    revisions = read_revisions()
+    heads = sorted(revisions.heads)
     try:
         async with engine.connect() as conn:
             rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
@@ -39,7 +40,7 @@ async def ready(request: Request) -> JSONResponse:
             else ("cannot read alembic_version")
         )
         return JSONResponse({"status": "unavailable", "reason": reason, "head": heads}, status_code=503)
-    status = SchemaStatus(tuple(rows), frozenset(heads))
+    status = SchemaStatus(tuple(rows), revisions)
     body: dict[str, Any] = {"revision": status.revision, "head": heads}
     if status.at_head or (status.ahead and settings.schema_ahead == "serve"):
         return JSONResponse({"status": "ready", **body})

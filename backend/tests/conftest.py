@@ -12,8 +12,10 @@ import asyncio
 import itertools
 import os
 import secrets
+import shutil
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,6 +68,24 @@ def run_alembic(
 def out(result: subprocess.CompletedProcess[str]) -> str:
     """Everything a command printed (alembic prints FAILED lines on stdout, logs on stderr)."""
     return result.stdout + result.stderr
+
+
+def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None) -> Path:
+    """A copy of the migration package in ``directory``, plus extra revision files; returns its ini.
+
+    For tests that add revisions (slow ones, lock-hungry ones) without touching the real package.
+    """
+    package = directory / "alembic"
+    shutil.copytree(
+        PROJECT_ROOT / "backend" / "alembic", package, ignore=shutil.ignore_patterns("__pycache__", "README.md")
+    )
+    for filename, source in (revisions or {}).items():
+        (package / "versions" / filename).write_text(textwrap.dedent(source))
+    ini = (PROJECT_ROOT / "alembic.ini").read_text()
+    ini = ini.replace("script_location = %(here)s/backend/alembic", f"script_location = {package}")
+    path = directory / "alembic.ini"
+    path.write_text(ini)
+    return path
 
 
 @pytest.fixture(scope="session")
