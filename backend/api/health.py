@@ -32,17 +32,15 @@ async def ready(request: Request) -> JSONResponse:
     heads = sorted(revisions.heads)
     try:
         async with engine.connect() as conn:
-            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
-    except (OSError, DBAPIError) as exc:
-        reason = (
-            "database unreachable"
-            if not isinstance(exc, DBAPIError) or exc.connection_invalidated
-            else ("cannot read alembic_version")
-        )
-        return JSONResponse({"status": "unavailable", "reason": reason, "head": heads}, status_code=503)
+            # A database that was never migrated has no version table at all.
+            migrated = (await conn.execute(text("SELECT to_regclass('alembic_version') IS NOT NULL"))).scalar_one()
+            query = text("SELECT version_num FROM alembic_version")
+            rows = (await conn.execute(query)).scalars().all() if migrated else []
+    except (OSError, DBAPIError):
+        return JSONResponse({"status": "unavailable", "reason": "database unreachable", "head": heads}, 503)
     status = SchemaStatus(tuple(rows), revisions)
     body: dict[str, Any] = {"revision": status.revision, "head": heads}
     if status.at_head or (status.ahead and settings.schema_ahead == "serve"):
         return JSONResponse({"status": "ready", **body})
     reason = "schema is ahead of this code" if status.ahead else "schema is not at head"
-    return JSONResponse({"status": "unavailable", "reason": reason, **body}, status_code=503)
+    return JSONResponse({"status": "unavailable", "reason": reason, **body}, 503)

@@ -138,17 +138,18 @@ def settings_for() -> Callable[..., Settings]:
     return make
 
 
+async def fetch(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:
+    """Run one statement on ``target`` on its own connection."""
+    conn = await asyncpg.connect(**target.asyncpg_connect_kwargs())
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
 def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:
-    """Run one statement on ``target`` from synchronous test code."""
-
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(**target.asyncpg_connect_kwargs())
-        try:
-            return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
+    """``fetch`` for synchronous test code."""
+    return asyncio.run(fetch(target, query, *args))
 
 
 # pytest-alembic: its built-in tests run against a fresh database through our env.py.

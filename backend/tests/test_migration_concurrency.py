@@ -1,0 +1,261 @@
+"""Migration runners in real processes: many at once, killed half-way, blocked by locks."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from backend.config import PROJECT_ROOT
+from backend.db_url import DatabaseTarget
+from backend.migration_lock import LOCK_KEY
+from backend.tests.conftest import child_env, fetch, out, run_alembic, scratch_alembic, sql
+
+pytestmark = pytest.mark.slow
+
+# Each child imports everything, reports ready, then waits for the starting gun, so that all of
+# them reach the database within a few milliseconds of each other.
+BARRIER = """
+import sys, time
+from pathlib import Path
+here = Path(sys.argv[1])
+(here / f"ready-{{__import__('os').getpid()}}").touch()
+while not (here / "go").exists():
+    time.sleep(0.002)
+{body}
+"""
+RUN_MIGRATIONS = BARRIER.format(
+    body="""
+import asyncio
+from backend.database import run_migrations
+print(asyncio.run(run_migrations()).revision)
+"""
+)
+ALEMBIC_CLI = BARRIER.format(
+    body="""
+from alembic.config import main
+main(argv=["upgrade", "head"])
+"""
+)
+
+
+def race(script: str, count: int, db: DatabaseTarget, directory: Path) -> list[subprocess.CompletedProcess[str]]:
+    directory.mkdir()
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(directory)],
+            cwd=PROJECT_ROOT,
+            env=child_env(db),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(directory.glob("ready-*"))) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (directory / "go").touch()
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=180)
+        results.append(subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr))
+    return results
+
+
+def schema_at_head(db: DatabaseTarget) -> None:
+    assert [r[0] for r in sql(db, "SELECT version_num FROM alembic_version")] == ["001"]
+    tables = sql(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'kraken\\_%'")[0][0]
+    assert tables == 3
+
+
+@pytest.mark.parametrize("round_number", [1, 2, 3])
+def test_sixteen_replicas_booting_at_once_all_succeed(
+    round_number: int, empty_db: DatabaseTarget, tmp_path: Path
+) -> None:
+    results = race(RUN_MIGRATIONS, 16, empty_db, tmp_path / "race")
+    failures = [r.stderr for r in results if r.returncode != 0]
+    assert failures == []
+    assert [r.stdout.strip() for r in results] == ["001"] * 16
+    schema_at_head(empty_db)
+
+
+def test_eight_concurrent_alembic_upgrades_all_succeed(empty_db: DatabaseTarget, tmp_path: Path) -> None:
+    results = race(ALEMBIC_CLI, 8, empty_db, tmp_path / "race")
+    assert [r.returncode for r in results] == [0] * 8, [out(r) for r in results if r.returncode]
+    # Exactly one of them applied the baseline; the others found nothing to do.
+    assert sum("applied revision 001" in r.stderr for r in results) == 1
+    schema_at_head(empty_db)
+
+
+SLOW_REVISION = '''
+    """A revision that stops half-way when asked to, for the kill test."""
+    import os
+    import time
+    from pathlib import Path
+
+    from alembic import op
+
+    revision = "002"
+    down_revision = "001"
+    branch_labels = None
+    depends_on = None
+
+
+    def upgrade():
+        op.execute("CREATE TABLE kraken_half_done (id int)")
+        op.execute("INSERT INTO kraken_half_done VALUES (1)")
+        pause = os.environ.get("KRAKEN_TEST_PAUSE")
+        if pause == "client":
+            Path(os.environ["KRAKEN_TEST_SIGNAL"]).touch()
+            time.sleep(120)
+        elif pause == "server":
+            op.execute("SELECT pg_sleep(120)")
+        op.execute("ALTER TABLE kraken_turns ADD COLUMN note text")
+
+
+    def downgrade():
+        op.execute("ALTER TABLE kraken_turns DROP COLUMN note")
+        op.execute("DROP TABLE kraken_half_done")
+'''
+
+
+@pytest.mark.parametrize("where", ["client", "server"])
+def test_a_runner_killed_mid_revision_leaves_nothing_half_done(
+    where: str, empty_db: DatabaseTarget, tmp_path: Path
+) -> None:
+    ini = scratch_alembic(tmp_path, {"002_slow.py": SLOW_REVISION})
+    signal_file = tmp_path / "mid-revision"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head"],
+        cwd=PROJECT_ROOT,
+        env=child_env(empty_db, KRAKEN_TEST_PAUSE=where, KRAKEN_TEST_SIGNAL=str(signal_file)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if where == "client" and signal_file.exists():
+                break
+            if where == "server" and sql(
+                empty_db, "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(120)' AND state = 'active'"
+            ):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the runner never reached the middle of revision 002")
+        os.kill(runner.pid, signal.SIGKILL)
+    finally:
+        runner.wait(timeout=30)
+    assert runner.returncode == -signal.SIGKILL
+
+    # The revision's transaction died with it: 001 is committed, nothing of 002 exists.
+    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == ["001"]
+    assert sql(empty_db, "SELECT to_regclass('kraken_half_done') IS NULL")[0][0]
+
+    # The lock went with the session: the next run gets it at once and finishes the job.
+    started = time.monotonic()
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="20")
+    assert result.returncode == 0, out(result)
+    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == ["002"]
+    assert sql(empty_db, "SELECT count(*) FROM kraken_half_done")[0][0] == 1
+    assert time.monotonic() - started < 20
+
+
+ALTER_TURNS = """
+    from alembic import op
+
+    revision = "002"
+    down_revision = "001"
+    branch_labels = None
+    depends_on = None
+
+
+    def upgrade():
+        op.execute("ALTER TABLE kraken_turns ADD COLUMN note text")
+
+
+    def downgrade():
+        op.execute("ALTER TABLE kraken_turns DROP COLUMN note")
+"""
+
+
+async def test_a_blocked_migration_gives_up_without_stalling_the_service(
+    empty_db: DatabaseTarget, tmp_path: Path
+) -> None:
+    assert (await asyncio.to_thread(run_alembic, "upgrade", "head", target=empty_db)).returncode == 0
+    ini = scratch_alembic(tmp_path, {"002_alter_turns.py": ALTER_TURNS})
+    kwargs = empty_db.asyncpg_connect_kwargs()
+
+    # A long-running read holds ACCESS SHARE on kraken_turns for the whole test.
+    reader = await asyncpg.connect(**kwargs)
+    reader_tx = reader.transaction()
+    await reader_tx.start()
+    await reader.fetch("SELECT * FROM kraken_turns")
+
+    service = await asyncpg.connect(**kwargs)
+    waits: list[float] = []
+    migration = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head",
+        cwd=PROJECT_ROOT,
+        env=child_env(empty_db, KRAKEN_DDL_LOCK_TIMEOUT="0.5", KRAKEN_DDL_LOCK_RETRIES="2"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    finished = asyncio.ensure_future(migration.communicate())
+    try:
+        # The service keeps reading and writing while the migration queues for its lock.
+        while not finished.done():
+            started = time.monotonic()
+            async with service.transaction():
+                await service.fetchval("SELECT count(*) FROM kraken_turns")
+                await service.execute(
+                    "INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version)"
+                    " VALUES ('s', 'm', 'h', 'v')"
+                )
+            waits.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+        output = (await finished)[0].decode()
+    finally:
+        await reader_tx.rollback()
+        await reader.close()
+        await service.close()
+
+    assert migration.returncode != 0
+    assert "could not get its table lock within lock_timeout (0.5 s) in 3 attempts" in output
+    assert output.count("hit lock_timeout (attempt") == 2
+    assert "Traceback" not in output
+    # Nothing of the revision happened, and the service was never held up past the lock timeout.
+    assert [r[0] for r in await fetch(empty_db, "SELECT version_num FROM alembic_version")] == ["001"]
+    assert not await fetch(
+        empty_db, "SELECT 1 FROM pg_attribute WHERE attrelid = 'kraken_turns'::regclass AND attname = 'note'"
+    )
+    assert len(waits) > 10
+    assert max(waits) < 0.5 + 0.4, f"longest service query waited {max(waits):.3f} s"
+
+
+async def test_waiting_for_the_migration_lock_names_the_holder(empty_db: DatabaseTarget) -> None:
+    holder = await asyncpg.connect(
+        **empty_db.asyncpg_connect_kwargs(), server_settings={"application_name": "deploy-pipeline"}
+    )
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+        pid = holder.get_server_pid()
+        result = await asyncio.to_thread(
+            run_alembic, "upgrade", "head", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="1"
+        )
+    finally:
+        await holder.close()
+    assert result.returncode != 0
+    failed = [line for line in out(result).splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 1
+    assert "gave up after 1 s waiting for the migration lock" in failed[0]
+    assert f"held by pid {pid} (application_name 'deploy-pipeline'" in failed[0]
+    assert "connected since" in failed[0]
+    assert (await fetch(empty_db, "SELECT to_regclass('alembic_version') IS NULL"))[0][0]

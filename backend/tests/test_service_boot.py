@@ -1,0 +1,132 @@
+"""The service's boot in-process: migrate, check or only look; liveness, readiness and logging."""
+
+import logging
+from collections.abc import Callable
+
+import pytest
+from httpx import ASGITransport, AsyncClient
+
+from backend.config import Settings
+from backend.database import MigrationError, SchemaNotAtHead, run_migrations
+from backend.db_url import DatabaseTarget
+from backend.main import create_app
+from backend.tests.conftest import fetch
+
+SettingsFor = Callable[..., Settings]
+
+
+async def get(app_settings: Settings, *paths: str) -> list[tuple[int, dict[str, object]]]:
+    """Boot the app (its lifespan runs), request ``paths`` in order, shut it down."""
+    app = create_app(app_settings)
+    answers = []
+    async with app.router.lifespan_context(app):
+        async with AsyncClient(transport=ASGITransport(app=app), base_url="http://kraken") as client:
+            for path in paths:
+                response = await client.get(path)
+                answers.append((response.status_code, response.json()))
+    return answers
+
+
+async def versions(db: DatabaseTarget) -> list[str]:
+    return [row[0] for row in await fetch(db, "SELECT version_num FROM alembic_version")]
+
+
+async def test_boot_on_an_empty_database_migrates_it(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
+    health, ready = await get(settings_for(empty_db), "/health", "/ready")
+    assert health == (200, {"status": "ok", "revision": "001"})
+    assert ready == (200, {"status": "ready", "revision": "001", "head": ["001"]})
+    assert await versions(empty_db) == ["001"]
+
+
+async def test_check_mode_refuses_a_database_behind_head(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
+    with pytest.raises(SchemaNotAtHead, match="at revision none, code expects 001"):
+        await get(settings_for(empty_db, migrate_on_startup="check"), "/health")
+    assert (await fetch(empty_db, "SELECT to_regclass('alembic_version') IS NULL"))[0][0]
+
+
+async def test_check_mode_starts_at_head(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
+    await run_migrations(settings_for(empty_db))
+    [(status, body)] = await get(settings_for(empty_db, migrate_on_startup="check"), "/ready")
+    assert (status, body["status"]) == (200, "ready")
+
+
+async def test_off_mode_serves_but_is_not_ready_until_migrated(
+    empty_db: DatabaseTarget, settings_for: SettingsFor
+) -> None:
+    settings = settings_for(empty_db, migrate_on_startup="off")
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with AsyncClient(transport=ASGITransport(app=app), base_url="http://kraken") as client:
+            assert (await client.get("/health")).json() == {"status": "ok", "revision": None}
+            before = await client.get("/ready")
+            await run_migrations(settings)
+            after = await client.get("/ready")
+    assert before.status_code == 503
+    assert before.json()["reason"] == "schema is not at head"
+    assert after.status_code == 200
+
+
+async def test_ready_is_503_when_the_database_goes_away(
+    empty_db: DatabaseTarget, settings_for: SettingsFor, server: DatabaseTarget
+) -> None:
+    db = empty_db
+    app = create_app(settings_for(db))
+    async with app.router.lifespan_context(app):
+        async with AsyncClient(transport=ASGITransport(app=app), base_url="http://kraken") as client:
+            assert (await client.get("/ready")).status_code == 200
+            await fetch(server, f'DROP DATABASE "{db.database}" WITH (FORCE)')
+            gone = await client.get("/ready")
+            alive = await client.get("/health")
+    assert gone.status_code == 503
+    assert gone.json()["status"] == "unavailable"
+    assert alive.status_code == 200  # liveness does not depend on the database
+
+
+@pytest.mark.parametrize("policy", ["serve", "refuse"])
+async def test_database_ahead_of_the_code(empty_db: DatabaseTarget, settings_for: SettingsFor, policy: str) -> None:
+    await run_migrations(settings_for(empty_db))
+    # As after rolling back a deploy whose revision 999 had already been applied.
+    await fetch(empty_db, "UPDATE alembic_version SET version_num = '999'")
+    settings = settings_for(empty_db, schema_ahead=policy)
+    if policy == "refuse":
+        with pytest.raises(MigrationError, match="revision 999, which this code does not know"):
+            await get(settings, "/health")
+        return
+    health, ready = await get(settings, "/health", "/ready")
+    assert health == (200, {"status": "ok", "revision": "999"})
+    assert ready[0] == 200
+    assert await versions(empty_db) == ["999"]  # nothing was touched
+
+
+async def test_logs_one_line_per_revision_then_the_result_and_nothing_at_head(
+    empty_db: DatabaseTarget, settings_for: SettingsFor, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_for(empty_db)
+    with caplog.at_level(logging.INFO):
+        await run_migrations(settings)
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.migrations"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("applied revision 001 (Baseline schema") and lines[0].endswith(" ms")
+    assert lines[1].startswith("schema at revision 001")
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        status = await run_migrations(settings)
+    assert status.at_head
+    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+
+
+async def test_running_in_process_keeps_the_service_logging_configuration(
+    empty_db: DatabaseTarget, settings_for: SettingsFor
+) -> None:
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+    root.addHandler(handler)
+    service_logger = logging.getLogger("backend.some_module")
+    before = (list(root.handlers), root.level, logging.getLogger("alembic").level)
+    try:
+        await run_migrations(settings_for(empty_db))
+        assert (list(root.handlers), root.level, logging.getLogger("alembic").level) == before
+        assert not service_logger.disabled
+    finally:
+        root.removeHandler(handler)
