@@ -106,7 +106,8 @@ async def test_logs_one_line_per_revision_then_the_result_and_nothing_at_head(
         await run_migrations(settings)
     lines = [r.getMessage() for r in caplog.records if r.name == "backend.migrations"]
     assert len(lines) == 2, lines
-    assert lines[0].startswith("applied revision 001 (Baseline schema") and lines[0].endswith(" ms")
+    assert lines[0].startswith("applied revision 001 (Baseline schema")
+    assert lines[0].endswith(" ms")
     assert lines[1].startswith("schema at revision 001")
 
     caplog.clear()
