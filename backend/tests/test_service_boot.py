@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from httpx import ASGITransport, AsyncClient
@@ -143,7 +144,7 @@ async def test_statement_caches_can_be_switched_off_for_pgbouncer(
             async with engine.connect() as conn:
                 assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
                 raw = await conn.get_raw_connection()
-                asyncpg_conn = raw.driver_connection
+                asyncpg_conn: Any = raw.driver_connection
                 name = await conn.scalar(text("SELECT current_setting('application_name')"))
         finally:
             await engine.dispose()
