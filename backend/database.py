@@ -131,7 +131,10 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# scope="function": commit before the response is sent. With FastAPI's default ("request") the
+# client could get 201 for a write that is not committed yet (or never will be), and a next
+# request could miss it.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 # --- the script directory, read cheaply ----------------------------------------------------

@@ -12,6 +12,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from backend.api import api_router
+from backend.api.errors import install_error_handlers
+from backend.api.middleware import BodySizeLimit
 from backend.config import ConfigError, Settings, get_settings
 from backend.database import (
     DatabaseUnavailable,
@@ -44,7 +46,7 @@ async def prepare_schema(settings: Settings) -> SchemaStatus:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = get_settings()
+    settings: Settings = getattr(app.state, "settings", None) or get_settings()
     # `kraken-backend` prepares the schema before serving (to fail with one line); other servers
     # (`uvicorn backend.main:app`) get it done here.
     status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
@@ -59,8 +61,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.dispose()
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; with ``settings`` (tests, the benchmark) instead of the environment's."""
     application = FastAPI(title="KRAKEN backend", version="0.1.0", lifespan=lifespan)
+    if settings is not None:
+        application.state.settings = settings
+    install_error_handlers(application)
+    application.add_middleware(BodySizeLimit)
     application.include_router(api_router)
     return application
 
