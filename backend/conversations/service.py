@@ -280,7 +280,9 @@ async def append_turn(
     except IntegrityError as exc:
         # Only a constraint this code does not check for can get here (one added to the
         # database later, or rows that predate the service); the statement stored nothing.
-        raise TurnRejected(getattr(exc.orig, "constraint_name", None)) from None
+        # SQLAlchemy's adapter error keeps asyncpg's, which names the constraint, as its cause.
+        driver_error = getattr(exc.orig, "__cause__", None)
+        raise TurnRejected(getattr(driver_error, "constraint_name", None)) from None
     if row is None:
         await _explain_refused_append(session, conversation_id, turn)
     return TurnPublic(
