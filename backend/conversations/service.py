@@ -1,10 +1,13 @@
 """The conversations' SQL. Routes call these functions; nothing else touches the tables.
 
-Style: hand-written SQL through the request's ``AsyncSession`` (``text()``, prepared and cached by
-asyncpg). Each write is one statement, so its atomicity does not depend on the caller's
-transaction handling, and PostgreSQL's row lock on the conversation does the serializing
-(``bench/write_path.py`` shows what that buys over one statement per row). Functions never
-commit: the session dependency commits on success and rolls back on error.
+Style: hand-written SQL, one statement per operation wherever possible: a turn with its tool calls
+and the conversation's totals is one statement (data-modifying CTEs), the shared view one query.
+Such a statement is atomic on its own, so it is sent as one asyncpg statement on the request
+session's connection (``Statement``): no BEGIN and COMMIT round trips around it, and inside the
+caller's transaction when one is open (tests roll theirs back). ``bench/write_path.py`` compares
+this with the same SQL through SQLAlchemy ``text()``, and with one statement per row. The only
+multi-statement operation, delete, runs in the session's transaction. Functions never commit: the
+session dependency commits on success and rolls back on error.
 
 They are correct with or without revision 002 (unique turn and sequence numbers, cascading
 deletes, CHECKs): turn numbers come from the locked conversation row, deletes remove children
@@ -15,12 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
-from sqlalchemy import Row, text
-from sqlalchemy.exc import IntegrityError
+import asyncpg
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.conversations.schemas import (
@@ -78,6 +83,48 @@ class InvalidCursor(ConversationError):
         super().__init__("not a cursor this service issued; pass next_cursor from the previous page")
 
 
+# --- running single statements -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Statement:
+    """SQL written with ``:name`` parameters, sent to asyncpg with ``$n`` ones."""
+
+    named: str  # as written; ``text(named)`` runs it through SQLAlchemy (the benchmark does)
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, named: str) -> Statement:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match[1] not in names:
+                names.append(match[1])
+            return f"${names.index(match[1]) + 1}"
+
+        return cls(named, re.sub(r"(?<![:\w]):([a-z_]+)", number, named), tuple(names))
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
+async def _driver(session: AsyncSession) -> asyncpg.Connection:
+    """The asyncpg connection under the session: checked out (and pinged) by the pool as usual."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver
+
+
+async def fetch_one(session: AsyncSession, statement: Statement, **params: Any) -> asyncpg.Record | None:
+    return await (await _driver(session)).fetchrow(statement.sql, *statement.args(params))
+
+
+async def fetch_all(session: AsyncSession, statement: Statement, **params: Any) -> list[asyncpg.Record]:
+    return list(await (await _driver(session)).fetch(statement.sql, *statement.args(params)))
+
+
 # --- SQL -----------------------------------------------------------------------------------
 
 # Stored times are UTC wall-clock (timestamp without time zone), whatever the session's TimeZone;
@@ -91,7 +138,7 @@ CONVERSATION_COLUMNS = (
     "total_turns, total_tokens, total_cost_usd"
 )
 
-CREATE = text(f"""
+CREATE = Statement.of(f"""
 INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, status, started_at)
 VALUES (:session_id, :model, :system_prompt_hash, :agent_version, 'active', {NOW})
 RETURNING {CONVERSATION_COLUMNS}
@@ -103,7 +150,7 @@ RETURNING {CONVERSATION_COLUMNS}
 # ended conversations and totals that would overflow their columns; then nothing is inserted.
 # Tool calls arrive as parallel arrays: unnest keeps a JSON null a JSON null (jsonb_to_recordset
 # would make it SQL NULL).
-APPEND = text(f"""
+APPEND = Statement.of(f"""
 WITH conversation AS (
     UPDATE kraken_conversations
     SET total_turns = total_turns + 1,
@@ -141,11 +188,11 @@ FROM turn
 """)
 
 # Why an append matched no row (only run on that path).
-CONVERSATION_STATE = text("""
+CONVERSATION_STATE = Statement.of("""
 SELECT status, ended_at, total_turns, total_tokens, total_cost_usd FROM kraken_conversations WHERE id = :id
 """)
 
-END = text(f"""
+END = Statement.of(f"""
 UPDATE kraken_conversations SET status = :status, ended_at = {NOW}
 WHERE id = :id AND status = 'active' AND ended_at IS NULL
 RETURNING {CONVERSATION_COLUMNS}
@@ -154,7 +201,7 @@ RETURNING {CONVERSATION_COLUMNS}
 # The shared view, rendered by PostgreSQL in one query: a conversation of hundreds of tool calls
 # goes out as the text PostgreSQL built, without being parsed and re-serialized in Python. Keys
 # and formats match schemas.ConversationDetail (a test holds them together).
-SHARED_VIEW = text(f"""
+SHARED_VIEW = Statement.of(f"""
 SELECT json_build_object(
     'id', c.id, 'session_id', c.session_id, 'model', c.model,
     'system_prompt_hash', c.system_prompt_hash, 'agent_version', c.agent_version, 'status', c.status,
@@ -176,10 +223,10 @@ SELECT json_build_object(
                     'result_truncated', tc.result_truncated
                 ) ORDER BY tc.sequence_order, tc.id)
                 FROM kraken_tool_calls tc WHERE tc.turn_id = t.id
-            ), '[]'::json)
+            ), CAST('[]' AS json))
         ) ORDER BY t.turn_number, t.id)
         FROM kraken_turns t WHERE t.conversation_id = c.id
-    ), '[]'::json)
+    ), CAST('[]' AS json))
 )::text
 FROM kraken_conversations c
 WHERE c.id = :id
@@ -191,8 +238,10 @@ WHERE session_id = :session_id {{after}}
 ORDER BY started_at DESC, id DESC
 LIMIT :limit
 """
-LIST_FIRST = text(_LIST.format(after=""))
-LIST_AFTER = text(_LIST.format(after="AND (started_at, id) < (CAST(:started_at AS timestamp), CAST(:id AS uuid))"))
+LIST_FIRST = Statement.of(_LIST.format(after=""))
+LIST_AFTER = Statement.of(
+    _LIST.format(after="AND (started_at, id) < (CAST(:started_at AS timestamp), CAST(:id AS uuid))")
+)
 
 # Locks the conversation first: appends then wait, so the delete below (a new statement, with a
 # new snapshot) sees every turn there will ever be and leaves no child row behind.
@@ -213,28 +262,29 @@ SELECT {key} AS key,
        COALESCE(sum(output_tokens), 0) AS output_tokens,
        COALESCE(sum(cache_creation_tokens), 0) AS cache_creation_tokens,
        COALESCE(sum(cache_read_tokens), 0) AS cache_read_tokens,
-       COALESCE(sum(input_tokens::bigint + output_tokens), 0) AS total_tokens,
+       COALESCE(sum(CAST(input_tokens AS bigint) + output_tokens), 0) AS total_tokens,
        COALESCE(sum(cost_usd), 0) AS cost_usd
 FROM kraken_turns
 WHERE created_at >= :start AND created_at < :end
 GROUP BY 1
 ORDER BY 1
 """
-USAGE: dict[UsageGrouping, Any] = {
-    "model": text(_USAGE.format(key="model")),
-    "day": text(_USAGE.format(key="to_char(created_at, 'YYYY-MM-DD')")),
+USAGE: dict[UsageGrouping, Statement] = {
+    "model": Statement.of(_USAGE.format(key="model")),
+    "day": Statement.of(_USAGE.format(key="to_char(created_at, 'YYYY-MM-DD')")),
 }
 
 
 # --- operations ----------------------------------------------------------------------------
 
 
-def _conversation(row: Row[Any]) -> ConversationPublic:
-    return ConversationPublic.model_validate(row._mapping)
+def _conversation(row: asyncpg.Record) -> ConversationPublic:
+    return ConversationPublic.model_validate(dict(row))
 
 
 async def create_conversation(session: AsyncSession, data: ConversationCreate) -> ConversationPublic:
-    row = (await session.execute(CREATE, data.model_dump())).one()
+    row = await fetch_one(session, CREATE, **data.model_dump())
+    assert row is not None  # INSERT ... RETURNING
     return _conversation(row)
 
 
@@ -276,21 +326,19 @@ async def append_turn(
         results_truncated=[truncated for _, _, truncated in stored],
     )
     try:
-        row = (await session.execute(APPEND, params)).one_or_none()
-    except IntegrityError as exc:
+        row = await fetch_one(session, APPEND, **params)
+    except asyncpg.IntegrityConstraintViolationError as exc:
         # Only a constraint this code does not check for can get here (one added to the
         # database later, or rows that predate the service); the statement stored nothing.
-        # SQLAlchemy's adapter error keeps asyncpg's, which names the constraint, as its cause.
-        driver_error = getattr(exc.orig, "__cause__", None)
-        raise TurnRejected(getattr(driver_error, "constraint_name", None)) from None
+        raise TurnRejected(exc.constraint_name) from None
     if row is None:
         await _explain_refused_append(session, conversation_id, turn)
     return TurnPublic(
-        id=row.id,
+        id=row["id"],
         conversation_id=conversation_id,
-        turn_number=row.turn_number,
+        turn_number=row["turn_number"],
         tool_calls_count=len(turn.tool_calls),
-        created_at=row.created_at,
+        created_at=row["created_at"],
         tool_calls=[
             ToolCallPublic(
                 id=call_id,
@@ -301,7 +349,7 @@ async def append_turn(
                 result_truncated=truncated,
             )
             for position, (call_id, call, (value, _, truncated)) in enumerate(
-                zip(row.tool_call_ids, turn.tool_calls, stored, strict=True), start=1
+                zip(row["tool_call_ids"], turn.tool_calls, stored, strict=True), start=1
             )
         ],
         **turn.model_dump(exclude={"tool_calls"}),
@@ -309,33 +357,34 @@ async def append_turn(
 
 
 async def _explain_refused_append(session: AsyncSession, conversation_id: uuid.UUID, turn: TurnCreate) -> NoReturn:
-    state = (await session.execute(CONVERSATION_STATE, {"id": conversation_id})).one_or_none()
+    state = await fetch_one(session, CONVERSATION_STATE, id=conversation_id)
     if state is None:
         raise ConversationNotFound()
-    if state.status != "active" or state.ended_at is not None:
-        raise ConversationEnded(state.status)
-    if state.total_turns >= MAX_TOTAL_TURNS:
+    if state["status"] != "active" or state["ended_at"] is not None:
+        raise ConversationEnded(state["status"])
+    if state["total_turns"] >= MAX_TOTAL_TURNS:
         raise TotalsFull("total_turns", MAX_TOTAL_TURNS)
-    if state.total_tokens + turn.input_tokens + turn.output_tokens > MAX_TOTAL_TOKENS:
+    if state["total_tokens"] + turn.input_tokens + turn.output_tokens > MAX_TOTAL_TOKENS:
         raise TotalsFull("total_tokens", MAX_TOTAL_TOKENS)
     raise TotalsFull("total_cost_usd", MAX_TOTAL_COST_USD)
 
 
 async def end_conversation(session: AsyncSession, conversation_id: uuid.UUID, status: EndStatus) -> ConversationPublic:
-    row = (await session.execute(END, {"id": conversation_id, "status": status})).one_or_none()
+    row = await fetch_one(session, END, id=conversation_id, status=status)
     if row is not None:
         return _conversation(row)
-    state = (await session.execute(CONVERSATION_STATE, {"id": conversation_id})).one_or_none()
+    state = await fetch_one(session, CONVERSATION_STATE, id=conversation_id)
     if state is None:
         raise ConversationNotFound()
-    raise ConversationEnded(state.status)
+    raise ConversationEnded(state["status"])
 
 
 async def shared_view_json(session: AsyncSession, conversation_id: uuid.UUID) -> str:
     """The conversation with its turns and their tool calls, in order, as JSON text."""
-    document: str | None = (await session.execute(SHARED_VIEW, {"id": conversation_id})).scalar_one_or_none()
-    if document is None:
+    row = await fetch_one(session, SHARED_VIEW, id=conversation_id)
+    if row is None:
         raise ConversationNotFound()
+    document: str = row[0]
     return document
 
 
@@ -359,10 +408,10 @@ async def list_conversations(
     """Newest first; keyset pagination on (started_at, id), so pages never skip or repeat rows."""
     params: dict[str, Any] = {"session_id": session_id, "limit": limit + 1}
     if cursor is None:
-        rows = (await session.execute(LIST_FIRST, params)).all()
+        rows = await fetch_all(session, LIST_FIRST, **params)
     else:
         params["started_at"], params["id"] = decode_cursor(cursor)
-        rows = (await session.execute(LIST_AFTER, params)).all()
+        rows = await fetch_all(session, LIST_AFTER, **params)
     items = [_conversation(row) for row in rows[:limit]]
     more = len(rows) > limit
     return ConversationPage(
@@ -372,17 +421,14 @@ async def list_conversations(
 
 async def usage(session: AsyncSession, start: datetime, end: datetime, group_by: UsageGrouping) -> UsageReport:
     """Turns, tokens and cost of the turns created in [start, end), per model or per UTC day."""
-    rows = (await session.execute(USAGE[group_by], {"start": start, "end": end})).all()
+    rows = await fetch_all(session, USAGE[group_by], start=start, end=end)
     return UsageReport(
-        start=start,
-        end=end,
-        group_by=group_by,
-        groups=[UsageGroup.model_validate(row._mapping) for row in rows],
+        start=start, end=end, group_by=group_by, groups=[UsageGroup.model_validate(dict(r)) for r in rows]
     )
 
 
 async def delete_conversation(session: AsyncSession, conversation_id: uuid.UUID) -> None:
-    """Remove the conversation, its turns and their tool calls."""
+    """Remove the conversation, its turns and their tool calls (two statements, one transaction)."""
     if (await session.execute(LOCK, {"id": conversation_id})).first() is None:
         raise ConversationNotFound()
     await session.execute(DELETE, {"id": conversation_id})

@@ -3,6 +3,7 @@
 import uuid
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -160,7 +161,7 @@ async def test_a_turn_the_database_rejects_part_way_leaves_no_trace(client, db_c
     await db_connection.exec_driver_sql(
         "ALTER TABLE kraken_tool_calls ADD CONSTRAINT no_boom CHECK (tool_name <> 'boom') NOT VALID"
     )
-    calls = [{"tool_name": name, "tool_args": {}, "tool_result": None} for name in ("ok", "boom", "ok")]
+    calls: list[dict[str, Any]] = [{"tool_name": n, "tool_args": {}, "tool_result": None} for n in ("ok", "boom", "ok")]
 
     response = await client.post(f"/conversations/{conversation['id']}/turns", json=turn_body(tool_calls=calls))
 

@@ -7,6 +7,8 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from sqlalchemy import text
+from starlette.types import Message
 
 from backend.conversations import service
 from backend.conversations.schemas import TurnCreate
@@ -85,6 +87,9 @@ async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(liv
     engine = create_engine(live_db, settings_for(live_db))
     try:
         async with create_session_factory(engine)() as in_flight:
+            # An open transaction, which the append's statement joins: its row lock is held until
+            # the commit below, the widest window a real append (one statement) leaves open.
+            await in_flight.execute(text("SELECT 1"))
             turn = await service.append_turn(
                 in_flight, conversation_id, TurnCreate.model_validate(turn_body()), tool_result_max_bytes=10240
             )
@@ -134,15 +139,15 @@ async def test_a_write_is_committed_before_its_response_is_sent(live_db, setting
         "client": ("127.0.0.1", 50000),
         "server": ("kraken", 80),
     }
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
     seen_by_another_connection: list[int] = []
     status: list[int] = []
     observer = await asyncpg.connect(**live_db.asyncpg_connect_kwargs())
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         if message["type"] == "http.response.start":
             status.append(message["status"])
         elif message["type"] == "http.response.body" and message.get("body"):

@@ -1,9 +1,11 @@
 """The conversations domain module on its own: truncation, cursors, and its SQL on a real database."""
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import event
@@ -18,6 +20,7 @@ from backend.conversations.schemas import (
     TurnPublic,
     dumps,
 )
+from backend.database import create_engine, create_session_factory
 from backend.tests.conftest import CONVERSATION, rows, turn_body
 
 # --- store_tool_result ---------------------------------------------------------------------
@@ -82,16 +85,26 @@ async def session(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]
         yield s
 
 
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+
+
+async def logged() -> None:
+    """Let asyncpg's query loggers run: it calls them soon after each query, not during it."""
+    await asyncio.sleep(0)
+
+
 @pytest.fixture
-def statements(db_connection: AsyncConnection) -> list[str]:
-    """The data statements sent on the test's connection (savepoints left out)."""
+async def statements(db_connection: AsyncConnection) -> list[str]:
+    """What the test's connection sends to the server, transaction control left out."""
     sent: list[str] = []
+    driver = (await db_connection.get_raw_connection()).driver_connection
+    assert driver is not None
 
-    def record(conn, cursor, statement, parameters, context, executemany) -> None:
-        if not statement.lstrip().upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
-            sent.append(statement)
+    def record(query: Any) -> None:
+        if not query.query.lstrip().upper().startswith(TRANSACTION_CONTROL):
+            sent.append(query.query)
 
-    event.listen(db_connection.sync_connection, "before_cursor_execute", record)
+    driver.add_query_logger(record)
     return sent
 
 
@@ -99,29 +112,61 @@ async def _conversation(session: AsyncSession) -> uuid.UUID:
     return (await service.create_conversation(session, ConversationCreate.model_validate(CONVERSATION))).id
 
 
+async def _append(session: AsyncSession, conversation_id: uuid.UUID) -> TurnPublic:
+    turn = TurnCreate.model_validate(turn_body())
+    return await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)
+
+
 async def test_a_turn_with_its_tool_calls_and_totals_is_one_statement(session, statements):
     conversation_id = await _conversation(session)
+    await _append(session, conversation_id)  # asyncpg learns jsonb[] once per connection
+    await logged()
     statements.clear()
 
-    turn = await service.append_turn(
-        session, conversation_id, TurnCreate.model_validate(turn_body()), tool_result_max_bytes=10240
-    )
+    turn = await _append(session, conversation_id)
 
-    assert len(statements) == 1
-    assert (turn.turn_number, turn.tool_calls_count) == (1, 2)
+    await logged()
+    assert statements == [service.APPEND.sql]
+    assert (turn.turn_number, turn.tool_calls_count) == (2, 2)
+
+
+async def test_the_service_path_sends_one_statement_and_no_begin_or_commit(live_db, settings_for):
+    """In production a turn costs the pool's liveness check plus one round trip: nothing else."""
+    engine = create_engine(live_db, settings_for(live_db))
+    sent: list[str] = []
+    event.listen(
+        engine.sync_engine,
+        "connect",
+        lambda conn, _: conn.driver_connection.add_query_logger(lambda q: sent.append(q.query)),
+    )
+    sessions = create_session_factory(engine)
+    try:
+        async with sessions() as session:  # a fresh connection: not pinged, learns jsonb[]
+            conversation_id = await _conversation(session)
+            await _append(session, conversation_id)
+            await session.commit()
+        await logged()
+        sent.clear()
+        async with sessions() as session:  # what a request's session does
+            await _append(session, conversation_id)
+            await session.commit()
+        await logged()
+    finally:
+        await engine.dispose()
+    assert sent == ["SELECT 1", service.APPEND.sql]  # the pool's liveness check, then the turn
 
 
 async def test_the_shared_view_is_one_statement_with_exactly_the_schema_fields(session, statements):
     conversation_id = await _conversation(session)
     for _ in range(2):
-        await service.append_turn(
-            session, conversation_id, TurnCreate.model_validate(turn_body()), tool_result_max_bytes=10240
-        )
+        await _append(session, conversation_id)
+    await logged()
     statements.clear()
 
     document = await service.shared_view_json(session, conversation_id)
 
-    assert len(statements) == 1
+    await logged()
+    assert statements == [service.SHARED_VIEW.sql]
     view = json.loads(document)
     assert list(view) == list(ConversationDetail.model_fields)
     assert list(view["turns"][0]) == list(TurnPublic.model_fields)
@@ -142,9 +187,7 @@ async def test_appending_to_an_unknown_or_ended_conversation_raises(session):
 async def test_delete_removes_children_without_relying_on_cascades(session, db_connection):
     # Revision 001 has no ON DELETE CASCADE: this passes only if the service deletes every level.
     conversation_id = await _conversation(session)
-    turn = await service.append_turn(
-        session, conversation_id, TurnCreate.model_validate(turn_body()), tool_result_max_bytes=10240
-    )
+    turn = await _append(session, conversation_id)
 
     await service.delete_conversation(session, conversation_id)
 
