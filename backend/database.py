@@ -106,20 +106,37 @@ def create_engine(target: DatabaseTarget, settings: Settings) -> AsyncEngine:
         max_overflow=settings.db_max_overflow,
         pool_recycle=1800,
     )
-    event.listen(engine.sync_engine, "checkout", _ping)
+    event.listen(engine.sync_engine, "checkin", _stamp_checkin)
+    event.listen(engine.sync_engine, "checkout", _check_on_checkout)
     return engine
 
 
-def _ping(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
-    """Check a connection as it leaves the pool; a dead one is replaced (the pool retries).
+# A connection back in the pool for less than this is not pinged on checkout (HikariCP's "alive
+# bypass window"): it answered a moment ago. One the server closed meanwhile is still caught,
+# without a round trip: asyncpg marks a connection closed when its socket closes.
+PING_AFTER_IDLE_SECONDS = 1.0
 
-    Instead of ``pool_pre_ping``: on asyncpg that sends BEGIN, ``;`` and ROLLBACK, three round
-    trips on every checkout, as many as the rest of a typical request. A simple-protocol query is
-    one, and as safe behind PgBouncer's transaction pooling (nothing is prepared). (Not ``;``:
-    asyncpg cannot read the empty command tag it gets back.)
+
+def _stamp_checkin(dbapi_connection: Any, connection_record: Any) -> None:
+    connection_record.info["checked_in"] = time.monotonic()
+
+
+def _check_on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
+    """Make sure a connection leaving the pool is alive; a dead one is replaced (the pool retries).
+
+    Instead of ``pool_pre_ping``, which on asyncpg sends BEGIN, ``;`` and ROLLBACK on every
+    checkout: as many round trips as the rest of a typical request. Here a connection idle for a
+    while gets one simple-protocol query, as safe behind PgBouncer's transaction pooling (nothing
+    is prepared); ``;`` would do, but asyncpg cannot read the empty command tag it returns.
     """
+    driver = dbapi_connection.driver_connection
+    if driver.is_closed():
+        raise DisconnectionError("connection closed while in the pool")
+    checked_in = connection_record.info.get("checked_in")  # None: just opened
+    if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS:
+        return
     try:
-        await_(dbapi_connection.driver_connection.execute("SELECT 1"))
+        await_(driver.execute("SELECT 1"))
     except Exception as exc:
         raise DisconnectionError(f"connection failed its check: {type(exc).__name__}") from exc
 
