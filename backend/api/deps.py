@@ -1,4 +1,8 @@
-"""What routes depend on besides the session: settings, the API key check, conversation ids."""
+"""What routes depend on besides the session: settings, the API key check, conversation ids.
+
+All ``async def`` although none awaits: FastAPI runs plain ``def`` dependencies in a worker
+thread, a hand-off that costs more than any of them.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from backend.api.errors import api_error
 from backend.config import Settings
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -24,7 +28,7 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 _bearer = HTTPBearer(auto_error=False, description="The value of KRAKEN_API_KEY (when it is set).")
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """Writes, deletes, listing and usage: ``Authorization: Bearer <KRAKEN_API_KEY>`` when a key is set."""
@@ -46,7 +50,7 @@ def _unauthorized(msg: str) -> Exception:
 RequireApiKey = [Depends(require_api_key)]
 
 
-def parse_conversation_id(conversation_id: str) -> uuid.UUID:
+async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
     """Ids are UUIDs; anything else names no conversation, so 404 like an unknown one (not 422)."""
     try:
         return uuid.UUID(conversation_id)
