@@ -67,8 +67,13 @@ _FRAMEWORK_TYPE = {413: "body_too_large"}
 
 async def _validation_error(request: Request, exc: Exception) -> ErrorResponse:
     assert isinstance(exc, RequestValidationError)
-    items = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    items = [{"loc": [_short(part) for part in e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
     return ErrorResponse({"detail": items}, status_code=422)
+
+
+def _short(part: str | int) -> str | int:
+    # An unknown field's name is the client's, and can be as long as the body allows.
+    return part[:200] + "..." if isinstance(part, str) and len(part) > 200 else part
 
 
 async def _http_error(request: Request, exc: Exception) -> ErrorResponse:

@@ -51,7 +51,6 @@ MAX_TOTAL_TURNS = 2**31 - 1
 MAX_TOTAL_COST_USD = Decimal("9999.999999")
 MICRODOLLAR = Decimal("0.000001")
 
-ConversationStatus = Literal["active", "completed", "abandoned", "error"]
 EndStatus = Literal["completed", "abandoned", "error"]
 UsageGrouping = Literal["model", "day"]
 
@@ -205,7 +204,8 @@ class ConversationPublic(BaseModel):
     model: str
     system_prompt_hash: str
     agent_version: str
-    status: ConversationStatus
+    # Not a Literal: rows that predate this service may hold other values, and reading them must not fail.
+    status: str = Field(description="active, completed, abandoned or error.")
     started_at: UtcTimestamp
     ended_at: UtcTimestamp | None
     total_turns: int

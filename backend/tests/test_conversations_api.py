@@ -287,6 +287,19 @@ async def test_the_shared_view_is_what_was_posted_in_order(client, anonymous):
     }
 
 
+async def test_rows_from_before_the_service_are_still_readable(client, db_connection):
+    """A status this service never writes (older writers did) is shown, not a 500."""
+    conversation = await new_conversation(client, session_id="legacy")
+    await rows(
+        db_connection, "UPDATE kraken_conversations SET status = 'archived' WHERE id = :id", id=conversation["id"]
+    )
+    assert (await client.get(f"/conversations/{conversation['id']}")).json()["status"] == "archived"
+    listed = (await client.get("/conversations", params={"session_id": "legacy"})).json()
+    assert [item["status"] for item in listed["items"]] == ["archived"]
+    appended = await client.post(f"/conversations/{conversation['id']}/turns", json=turn_body())
+    assert appended.status_code == 409  # only an active conversation takes turns
+
+
 async def test_the_shared_view_of_a_conversation_without_turns(client):
     conversation = await new_conversation(client)
     view = (await client.get(f"/conversations/{conversation['id']}")).json()

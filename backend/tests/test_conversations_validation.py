@@ -105,6 +105,7 @@ TURN_MISTAKES = [
         id="large-tool-args",
     ),
     pytest.param({"surprise": 1}, ["body", "surprise"], "extra_forbidden", id="unknown-field"),
+    pytest.param({"k" * 5000: 1}, ["body", "k" * 200 + "..."], "extra_forbidden", id="long-unknown-field"),
     pytest.param({"turn_number": 7}, ["body", "turn_number"], "extra_forbidden", id="client-turn-number"),
     pytest.param(
         {"tool_calls": [call(sequence_order=3)]},
