@@ -315,8 +315,9 @@ async def append_turn(
     session: AsyncSession, conversation_id: uuid.UUID, turn: TurnCreate, *, tool_result_max_bytes: int
 ) -> TurnPublic:
     stored = [store_tool_result(call.tool_result, tool_result_max_bytes) for call in turn.tool_calls]
-    params = turn.model_dump(exclude={"tool_calls"})
-    params.update(
+    fields = turn.model_dump(exclude={"tool_calls"})
+    params = dict(
+        fields,
         conversation_id=conversation_id,
         tokens=turn.input_tokens + turn.output_tokens,
         tool_calls_count=len(turn.tool_calls),
@@ -352,7 +353,7 @@ async def append_turn(
                 zip(row["tool_call_ids"], turn.tool_calls, stored, strict=True), start=1
             )
         ],
-        **turn.model_dump(exclude={"tool_calls"}),
+        **fields,
     )
 
 
