@@ -525,6 +525,16 @@ async def test_a_body_over_the_size_limit_is_413_and_stores_nothing(client, app,
     assert await stored_counts(db_connection, conversation["id"]) == (0, 0)
 
 
+async def test_the_body_limit_is_a_setting(client, app):
+    app.state.settings = app.state.settings.model_copy(update={"max_body_bytes": 2048})
+    conversation = await new_conversation(client)
+    url = f"/conversations/{conversation['id']}/turns"
+    assert (await client.post(url, json=turn_body(user_query="q" * 1000))).status_code == 201
+    refused = await client.post(url, json=turn_body(user_query="q" * 2048))
+    assert refused.status_code == 413
+    assert "the limit is 2048" in refused.json()["detail"][0]["msg"]
+
+
 async def test_openapi_documents_the_api_and_its_security(client):
     spec = (await client.get("/openapi.json")).json()
     paths = spec["paths"]
