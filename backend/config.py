@@ -49,10 +49,25 @@ class Settings(BaseSettings):
     # Off behind transaction-pooling proxies (PgBouncer), where prepared statements break.
     db_statement_cache: bool = True
 
-    @field_validator("database_url", "migrations_database_url", mode="before")
+    # The conversation API.
+    api_key: SecretStr | None = None
+    # A tool result whose compact JSON is longer than this many bytes is stored truncated.
+    tool_result_max_bytes: int = Field(default=10240, ge=256, le=16 * 1024 * 1024)
+    # Request bodies over this many bytes are refused with 413 before they are parsed.
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+
+    @field_validator("database_url", "migrations_database_url", "api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        # A key a client cannot send verbatim in an Authorization header would lock everyone out.
+        if value is not None and not all("!" <= ch <= "~" for ch in value.get_secret_value()):
+            raise ValueError("must be printable ASCII without spaces")
+        return value
 
     def database_target(self) -> DatabaseTarget | None:
         """The service's database, or None when the embedded server should be used."""
@@ -94,6 +109,8 @@ def load_settings() -> Settings:
     settings.migrations_target()
     if settings.env == "production" and settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set; KRAKEN_ENV=production requires a database URL")
+    if settings.env == "production" and settings.api_key is None:
+        raise ConfigError("KRAKEN_API_KEY is not set; KRAKEN_ENV=production requires an API key for writes")
     return settings
 
 

@@ -12,6 +12,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from backend.api import api_router
+from backend.api.errors import install_error_handlers
+from backend.api.middleware import BodySizeLimit
 from backend.config import ConfigError, Settings, get_settings
 from backend.database import (
     DatabaseUnavailable,
@@ -60,10 +62,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The application; ``settings`` default to the environment's, read when it starts."""
+    """The app; with ``settings`` (tests, the benchmark) instead of the environment's."""
     application = FastAPI(title="KRAKEN backend", version="0.1.0", lifespan=lifespan)
     if settings is not None:
         application.state.settings = settings
+    install_error_handlers(application)
+    application.add_middleware(BodySizeLimit)
     application.include_router(api_router)
     return application
 

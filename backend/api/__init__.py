@@ -2,7 +2,9 @@
 
 from fastapi import APIRouter
 
-from backend.api import health
+from backend.api import conversations, health, usage
 
 api_router = APIRouter()
 api_router.include_router(health.router)
+api_router.include_router(conversations.router)
+api_router.include_router(usage.router)

@@ -16,18 +16,24 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from alembic.config import Config
-from sqlalchemy.ext.asyncio import AsyncEngine
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from backend import database
 from backend.config import PROJECT_ROOT, Settings
 from backend.db_url import DatabaseTarget, parse_database_url
 from backend.embedded_postgres import embedded_server, ensure_database
+from backend.main import create_app
 
 RUN_ID = secrets.token_hex(4)
 DatabaseFactory = Callable[[], DatabaseTarget]
@@ -163,3 +169,133 @@ def alembic_config() -> Config:
 @pytest.fixture
 def alembic_engine(empty_db: DatabaseTarget) -> AsyncEngine:
     return database.create_migration_engine(empty_db)
+
+
+# --- the conversation API ------------------------------------------------------------------
+
+API_KEY = "test-api-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _migrated(database_factory: DatabaseFactory) -> DatabaseTarget:
+    target = database_factory()
+    asyncio.run(database.run_migrations(Settings.model_validate({"DATABASE_URL": url_of(target)})))
+    return target
+
+
+@pytest.fixture(scope="session")
+def migrated_db(database_factory: DatabaseFactory) -> DatabaseTarget:
+    """A database at head for API tests that work inside a transaction they roll back."""
+    return _migrated(database_factory)
+
+
+@pytest.fixture(scope="session")
+def live_db(database_factory: DatabaseFactory) -> DatabaseTarget:
+    """A database at head for tests that need real commits (concurrency); its data accumulates."""
+    return _migrated(database_factory)
+
+
+@pytest.fixture
+async def db_connection(migrated_db: DatabaseTarget) -> AsyncIterator[AsyncConnection]:
+    """One connection in an outer transaction, rolled back at the end of the test."""
+    engine = create_async_engine(migrated_db.url, connect_args=migrated_db.connect_args, poolclass=NullPool)
+    try:
+        async with engine.connect() as connection:
+            transaction = await connection.begin()
+            try:
+                yield connection
+            finally:
+                await transaction.rollback()
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def api_settings(migrated_db: DatabaseTarget, settings_for: Callable[..., Settings]) -> Settings:
+    return settings_for(migrated_db, api_key=API_KEY)
+
+
+@pytest.fixture
+def app(db_connection: AsyncConnection, api_settings: Settings) -> FastAPI:
+    """The app on the test's transaction.
+
+    The real get_session runs, on sessions joined to that transaction: their commits release a
+    savepoint and their rollbacks return to it, so requests behave as in production and the
+    test leaves nothing behind. (Replacing the session factory keeps get_session itself under
+    test, which overriding the dependency would not.)
+    """
+    application = create_app(api_settings)
+    application.state.session_factory = async_sessionmaker(
+        bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
+    return application
+
+
+def _client(app: FastAPI, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kraken", headers=headers)
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client that sends the API key."""
+    async with _client(app, AUTH) as c:
+        yield c
+
+
+@pytest.fixture
+async def anonymous(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client without credentials, on the same app and transaction."""
+    async with _client(app) as c:
+        yield c
+
+
+@pytest.fixture
+async def live_client(
+    live_db: DatabaseTarget, settings_for: Callable[..., Settings]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app as it runs in production (lifespan, pooled engine, real commits), with the API key."""
+    application = create_app(settings_for(live_db, api_key=API_KEY))
+    async with application.router.lifespan_context(application), _client(application, AUTH) as c:
+        yield c
+
+
+CONVERSATION = {
+    "session_id": "session-1",
+    "model": "claude-test",
+    "system_prompt_hash": "0123456789abcdef",
+    "agent_version": "1.2.3",
+}
+
+
+def turn_body(**overrides: Any) -> dict[str, Any]:
+    """A valid turn; keyword arguments replace fields."""
+    body: dict[str, Any] = {
+        "user_query": "What is the weather in Paris?",
+        "assistant_response": "Sunny, 21 degrees.",
+        "model": "claude-test",
+        "input_tokens": 120,
+        "output_tokens": 30,
+        "cache_creation_tokens": 5,
+        "cache_read_tokens": 7,
+        "cost_usd": 0.001234,
+        "duration_ms": 850,
+        "tool_calls": [
+            {"tool_name": "weather", "tool_args": {"city": "Paris"}, "tool_result": {"temp_c": 21, "sky": "sunny"}},
+            {"tool_name": "clock", "tool_args": {}, "tool_result": "12:00"},
+        ],
+    }
+    body.update(overrides)
+    return body
+
+
+async def new_conversation(client: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
+    response = await client.post("/conversations", json={**CONVERSATION, **overrides})
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+async def rows(connection: AsyncConnection, query: str, **params: Any) -> list[Any]:
+    """Rows of ``query`` on the test's connection (sees the test's uncommitted writes); [] for a write."""
+    result = await connection.execute(text(query), params)
+    return list(result.all()) if result.returns_rows else []

@@ -18,6 +18,29 @@ def test_production_refuses_a_missing_database_url(monkeypatch: pytest.MonkeyPat
         load_settings()
 
 
+def test_production_refuses_a_missing_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://app@db:5432/kraken")
+    monkeypatch.setenv("KRAKEN_ENV", "production")
+    monkeypatch.delenv("KRAKEN_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="KRAKEN_API_KEY is not set; KRAKEN_ENV=production"):
+        load_settings()
+    monkeypatch.setenv("KRAKEN_API_KEY", "   ")  # blank is not a key
+    with pytest.raises(ConfigError, match="KRAKEN_API_KEY is not set"):
+        load_settings()
+    monkeypatch.setenv("KRAKEN_API_KEY", PASSWORD)
+    key = load_settings().api_key
+    assert key is not None
+    assert key.get_secret_value() == PASSWORD
+
+
+def test_an_api_key_that_cannot_be_sent_in_a_header_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KRAKEN_API_KEY", f"{PASSWORD} with spaces")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "KRAKEN_API_KEY" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+
+
 def test_development_without_database_url_means_embedded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("KRAKEN_ENV", raising=False)
@@ -60,6 +83,7 @@ def test_bad_settings_name_the_variable(
     ("env", "fragment"),
     [
         ({"KRAKEN_ENV": "production"}, "DATABASE_URL is not set"),
+        ({"KRAKEN_ENV": "production", "DATABASE_URL": "postgresql://app@db:5432/kraken"}, "KRAKEN_API_KEY is not set"),
         ({"DATABASE_URL": f"mysql://root:{PASSWORD}@db/app"}, "unsupported scheme"),
         ({"KRAKEN_PORT": "-1"}, "KRAKEN_PORT"),
     ],

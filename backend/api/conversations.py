@@ -1,0 +1,83 @@
+"""Conversations, their turns and tool calls. Thin: validate, call the service, return."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+
+from backend.api.deps import ConversationId, RequireApiKey, SettingsDep
+from backend.api.errors import documented
+from backend.conversations import service
+from backend.conversations.schemas import (
+    ConversationCreate,
+    ConversationDetail,
+    ConversationEnd,
+    ConversationListQuery,
+    ConversationPage,
+    ConversationPublic,
+    TurnCreate,
+    TurnPublic,
+)
+from backend.database import SessionDep
+
+router = APIRouter(prefix="/conversations", tags=["conversations"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, dependencies=RequireApiKey, responses=documented(401, 413, 422))
+async def create_conversation(body: ConversationCreate, session: SessionDep) -> ConversationPublic:
+    """Start a conversation: status active, totals zero."""
+    return await service.create_conversation(session, body)
+
+
+@router.post(
+    "/{conversation_id}/turns",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=RequireApiKey,
+    responses=documented(401, 404, 409, 413, 422),
+)
+async def append_turn(
+    conversation_id: ConversationId, body: TurnCreate, session: SessionDep, settings: SettingsDep
+) -> TurnPublic:
+    """Record one turn and its tool calls, in order, and add it to the conversation's totals.
+
+    The server numbers the turn (next in the conversation, also under concurrent appends) and
+    its tool calls (1, 2, ...). Turn, tool calls and totals are stored together or not at all.
+    A tool result over KRAKEN_TOOL_RESULT_MAX_BYTES of compact JSON is stored truncated.
+    409 when the conversation has ended or a total would overflow.
+    """
+    return await service.append_turn(
+        session, conversation_id, body, tool_result_max_bytes=settings.tool_result_max_bytes
+    )
+
+
+@router.post("/{conversation_id}/end", dependencies=RequireApiKey, responses=documented(401, 404, 409, 413, 422))
+async def end_conversation(
+    conversation_id: ConversationId, body: ConversationEnd, session: SessionDep
+) -> ConversationPublic:
+    """Set the final status and ended_at. 409 if it has already ended."""
+    return await service.end_conversation(session, conversation_id, body.status)
+
+
+@router.get("/{conversation_id}", response_model=ConversationDetail, responses=documented(404))
+async def get_conversation(conversation_id: ConversationId, session: SessionDep) -> Response:
+    """The shared view: the conversation with its turns and their tool calls, in order. No key needed."""
+    document = await service.shared_view_json(session, conversation_id)
+    return Response(document, media_type="application/json")
+
+
+@router.get("", dependencies=RequireApiKey, responses=documented(401, 422))
+async def list_conversations(query: Annotated[ConversationListQuery, Query()], session: SessionDep) -> ConversationPage:
+    """A session's conversations, newest first, `limit` per page."""
+    return await service.list_conversations(session, query.session_id, limit=query.limit, cursor=query.cursor)
+
+
+@router.delete(
+    "/{conversation_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=RequireApiKey,
+    responses=documented(401, 404),
+)
+async def delete_conversation(conversation_id: ConversationId, session: SessionDep) -> None:
+    """Remove the conversation with its turns and tool calls."""
+    await service.delete_conversation(session, conversation_id)

@@ -1,0 +1,61 @@
+"""What routes depend on besides the session: settings, the API key check, conversation ids.
+
+All ``async def`` although none awaits: FastAPI runs plain ``def`` dependencies in a worker
+thread, a hand-off that costs more than any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from backend.api.errors import api_error
+from backend.config import Settings
+
+
+async def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+_bearer = HTTPBearer(auto_error=False, description="The value of KRAKEN_API_KEY (when it is set).")
+
+
+async def require_api_key(
+    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Writes, deletes, listing and usage: ``Authorization: Bearer <KRAKEN_API_KEY>`` when a key is set."""
+    if settings.api_key is None:
+        return
+    if credentials is None:
+        raise _unauthorized("missing 'Authorization: Bearer <key>' header")
+    # Hashing first makes the comparison constant-time in the key's length too.
+    given = hashlib.sha256(credentials.credentials.encode()).digest()
+    expected = hashlib.sha256(settings.api_key.get_secret_value().encode()).digest()
+    if not hmac.compare_digest(given, expected):
+        raise _unauthorized("invalid API key")
+
+
+def _unauthorized(msg: str) -> Exception:
+    return api_error(401, ("header", "Authorization"), msg, "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+RequireApiKey = [Depends(require_api_key)]
+
+
+async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
+    """Ids are UUIDs; anything else names no conversation, so 404 like an unknown one (not 422)."""
+    try:
+        return uuid.UUID(conversation_id)
+    except ValueError:
+        raise api_error(404, ("path", "conversation_id"), "no conversation with this id", "not_found") from None
+
+
+ConversationId = Annotated[uuid.UUID, Depends(parse_conversation_id)]

@@ -1,0 +1,21 @@
+"""Usage reports: turns, tokens and cost summed."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from backend.api.deps import RequireApiKey
+from backend.api.errors import documented
+from backend.conversations import service
+from backend.conversations.schemas import UsageQuery, UsageReport
+from backend.database import SessionDep
+
+router = APIRouter(tags=["usage"])
+
+
+@router.get("/usage", dependencies=RequireApiKey, responses=documented(401, 422))
+async def get_usage(query: Annotated[UsageQuery, Query()], session: SessionDep) -> UsageReport:
+    """Turns created in [from, to), summed per model or per UTC day."""
+    return await service.usage(session, query.start, query.end, query.group_by)

@@ -1,0 +1,1 @@
+"""The conversations domain: schemas (what clients send and get) and service (the SQL)."""

@@ -1,0 +1,435 @@
+"""The conversations' SQL. Routes call these functions; nothing else touches the tables.
+
+Style: hand-written SQL, one statement per operation wherever possible: a turn with its tool calls
+and the conversation's totals is one statement (data-modifying CTEs), the shared view one query.
+Such a statement is atomic on its own, so it is sent as one asyncpg statement on the request
+session's connection (``Statement``): no BEGIN and COMMIT round trips around it, and inside the
+caller's transaction when one is open (tests roll theirs back). ``bench/write_path.py`` compares
+this with the same SQL through SQLAlchemy ``text()``, and with one statement per row. The only
+multi-statement operation, delete, runs in the session's transaction. Functions never commit: the
+session dependency commits on success and rolls back on error.
+
+They are correct with or without revision 002 (unique turn and sequence numbers, cascading
+deletes, CHECKs): turn numbers come from the locked conversation row, deletes remove children
+explicitly, and values are validated by the schemas, not by CHECKs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NoReturn
+
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.conversations.schemas import (
+    MAX_TOTAL_COST_USD,
+    MAX_TOTAL_TOKENS,
+    MAX_TOTAL_TURNS,
+    ConversationCreate,
+    ConversationPage,
+    ConversationPublic,
+    EndStatus,
+    ToolCallPublic,
+    TurnCreate,
+    TurnPublic,
+    UsageGroup,
+    UsageGrouping,
+    UsageReport,
+    dumps,
+)
+
+# --- domain errors (mapped to HTTP in backend/api/errors.py) --------------------------------
+
+
+class ConversationError(Exception):
+    """A request this service refuses; the message is for the client."""
+
+
+class ConversationNotFound(ConversationError):
+    def __init__(self) -> None:
+        super().__init__("no conversation with this id")
+
+
+class ConversationEnded(ConversationError):
+    def __init__(self, status: str) -> None:
+        super().__init__(f"the conversation has ended (status {status}); it takes no more turns")
+
+
+class TotalsFull(ConversationError):
+    """Adding the turn would take a conversation total past what its column holds."""
+
+    def __init__(self, total: str, limit: object) -> None:
+        super().__init__(f"adding this turn would take the conversation's {total} past {limit}")
+        self.total = total
+
+
+class TurnRejected(ConversationError):
+    """The database refused part of the turn (a constraint); nothing of it was stored."""
+
+    def __init__(self, constraint: str | None) -> None:
+        super().__init__(f"the database refused the turn (constraint {constraint or 'unknown'}); nothing was stored")
+        self.constraint = constraint
+
+
+class InvalidCursor(ConversationError):
+    def __init__(self) -> None:
+        super().__init__("not a cursor this service issued; pass next_cursor from the previous page")
+
+
+# --- running single statements -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Statement:
+    """SQL written with ``:name`` parameters, sent to asyncpg with ``$n`` ones."""
+
+    named: str  # as written; ``text(named)`` runs it through SQLAlchemy (the benchmark does)
+    sql: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, named: str) -> Statement:
+        names: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match[1] not in names:
+                names.append(match[1])
+            return f"${names.index(match[1]) + 1}"
+
+        return cls(named, re.sub(r"(?<![:\w]):([a-z_]+)", number, named), tuple(names))
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        return [params[name] for name in self.names]
+
+
+async def _driver(session: AsyncSession) -> asyncpg.Connection:
+    """The asyncpg connection under the session: checked out (and pinged) by the pool as usual."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: asyncpg.Connection = raw.driver_connection
+    return driver
+
+
+async def fetch_one(session: AsyncSession, statement: Statement, **params: Any) -> asyncpg.Record | None:
+    return await (await _driver(session)).fetchrow(statement.sql, *statement.args(params))
+
+
+async def fetch_all(session: AsyncSession, statement: Statement, **params: Any) -> list[asyncpg.Record]:
+    return list(await (await _driver(session)).fetch(statement.sql, *statement.args(params)))
+
+
+# --- SQL -----------------------------------------------------------------------------------
+
+# Stored times are UTC wall-clock (timestamp without time zone), whatever the session's TimeZone;
+# the time the row is written, not the transaction's start.
+NOW = "timezone('UTC', clock_timestamp())"
+# Must print what schemas.UtcTimestamp prints.
+TIMESTAMP_FORMAT = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
+
+CONVERSATION_COLUMNS = (
+    "id, session_id, model, system_prompt_hash, agent_version, status, started_at, ended_at, "
+    "total_turns, total_tokens, total_cost_usd"
+)
+
+CREATE = Statement.of(f"""
+INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, status, started_at)
+VALUES (:session_id, :model, :system_prompt_hash, :agent_version, 'active', {NOW})
+RETURNING {CONVERSATION_COLUMNS}
+""")
+
+# One statement, one round trip: lock the conversation by updating its totals (so concurrent
+# appends queue on the row and each sees the previous one's total_turns), insert the turn
+# numbered by the new total, insert its tool calls numbered by their position. The WHERE refuses
+# ended conversations and totals that would overflow their columns; then nothing is inserted.
+# Tool calls arrive as parallel arrays: unnest keeps a JSON null a JSON null (jsonb_to_recordset
+# would make it SQL NULL).
+APPEND = Statement.of(f"""
+WITH conversation AS (
+    UPDATE kraken_conversations
+    SET total_turns = total_turns + 1,
+        total_tokens = total_tokens + CAST(:tokens AS integer),
+        total_cost_usd = total_cost_usd + CAST(:cost_usd AS numeric)
+    WHERE id = :conversation_id
+      AND status = 'active' AND ended_at IS NULL
+      AND total_turns < {MAX_TOTAL_TURNS}
+      AND total_tokens <= {MAX_TOTAL_TOKENS} - CAST(:tokens AS integer)
+      AND total_cost_usd <= {MAX_TOTAL_COST_USD} - CAST(:cost_usd AS numeric)
+    RETURNING id, total_turns
+), turn AS (
+    INSERT INTO kraken_turns (
+        conversation_id, turn_number, user_query, assistant_response, model,
+        input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens,
+        cost_usd, duration_ms, tool_calls_count, created_at)
+    SELECT id, total_turns, CAST(:user_query AS text), CAST(:assistant_response AS text), CAST(:model AS text),
+        CAST(:input_tokens AS integer), CAST(:output_tokens AS integer),
+        CAST(:cache_creation_tokens AS integer), CAST(:cache_read_tokens AS integer),
+        CAST(:cost_usd AS numeric), CAST(:duration_ms AS integer), CAST(:tool_calls_count AS integer), {NOW}
+    FROM conversation
+    RETURNING id, turn_number, created_at
+), tool_calls AS (
+    INSERT INTO kraken_tool_calls (turn_id, tool_name, tool_args, tool_result, result_truncated, sequence_order)
+    SELECT turn.id, call.tool_name, call.tool_args, call.tool_result, call.result_truncated, call.sequence_order
+    FROM turn, unnest(
+        CAST(:tool_names AS text[]), CAST(:tool_args AS jsonb[]),
+        CAST(:tool_results AS jsonb[]), CAST(:results_truncated AS boolean[])
+    ) WITH ORDINALITY AS call(tool_name, tool_args, tool_result, result_truncated, sequence_order)
+    RETURNING id, sequence_order
+)
+SELECT turn.id, turn.turn_number, turn.created_at,
+       ARRAY(SELECT id FROM tool_calls ORDER BY sequence_order) AS tool_call_ids
+FROM turn
+""")
+
+# Why an append matched no row (only run on that path).
+CONVERSATION_STATE = Statement.of("""
+SELECT status, ended_at, total_turns, total_tokens, total_cost_usd FROM kraken_conversations WHERE id = :id
+""")
+
+END = Statement.of(f"""
+UPDATE kraken_conversations SET status = :status, ended_at = {NOW}
+WHERE id = :id AND status = 'active' AND ended_at IS NULL
+RETURNING {CONVERSATION_COLUMNS}
+""")
+
+# The shared view, rendered by PostgreSQL in one query: a conversation of hundreds of tool calls
+# goes out as the text PostgreSQL built, without being parsed and re-serialized in Python. Keys
+# and formats match schemas.ConversationDetail (a test holds them together).
+SHARED_VIEW = Statement.of(f"""
+SELECT json_build_object(
+    'id', c.id, 'session_id', c.session_id, 'model', c.model,
+    'system_prompt_hash', c.system_prompt_hash, 'agent_version', c.agent_version, 'status', c.status,
+    'started_at', to_char(c.started_at, {TIMESTAMP_FORMAT}),
+    'ended_at', to_char(c.ended_at, {TIMESTAMP_FORMAT}),
+    'total_turns', c.total_turns, 'total_tokens', c.total_tokens, 'total_cost_usd', c.total_cost_usd,
+    'turns', COALESCE((
+        SELECT json_agg(json_build_object(
+            'id', t.id, 'conversation_id', t.conversation_id, 'turn_number', t.turn_number,
+            'user_query', t.user_query, 'assistant_response', t.assistant_response, 'model', t.model,
+            'input_tokens', t.input_tokens, 'output_tokens', t.output_tokens,
+            'cache_creation_tokens', t.cache_creation_tokens, 'cache_read_tokens', t.cache_read_tokens,
+            'cost_usd', t.cost_usd, 'duration_ms', t.duration_ms, 'tool_calls_count', t.tool_calls_count,
+            'created_at', to_char(t.created_at, {TIMESTAMP_FORMAT}),
+            'tool_calls', COALESCE((
+                SELECT json_agg(json_build_object(
+                    'id', tc.id, 'sequence_order', tc.sequence_order, 'tool_name', tc.tool_name,
+                    'tool_args', tc.tool_args, 'tool_result', tc.tool_result,
+                    'result_truncated', tc.result_truncated
+                ) ORDER BY tc.sequence_order, tc.id)
+                FROM kraken_tool_calls tc WHERE tc.turn_id = t.id
+            ), CAST('[]' AS json))
+        ) ORDER BY t.turn_number, t.id)
+        FROM kraken_turns t WHERE t.conversation_id = c.id
+    ), CAST('[]' AS json))
+)::text
+FROM kraken_conversations c
+WHERE c.id = :id
+""")
+
+_LIST = f"""
+SELECT {CONVERSATION_COLUMNS} FROM kraken_conversations
+WHERE session_id = :session_id {{after}}
+ORDER BY started_at DESC, id DESC
+LIMIT :limit
+"""
+LIST_FIRST = Statement.of(_LIST.format(after=""))
+LIST_AFTER = Statement.of(
+    _LIST.format(after="AND (started_at, id) < (CAST(:started_at AS timestamp), CAST(:id AS uuid))")
+)
+
+# Locks the conversation first: appends then wait, so the delete below (a new statement, with a
+# new snapshot) sees every turn there will ever be and leaves no child row behind.
+LOCK = text("SELECT 1 FROM kraken_conversations WHERE id = :id FOR UPDATE")
+DELETE = text("""
+WITH turns AS (
+    DELETE FROM kraken_turns WHERE conversation_id = :id RETURNING id
+), tool_calls AS (
+    DELETE FROM kraken_tool_calls WHERE turn_id IN (SELECT id FROM turns)
+)
+DELETE FROM kraken_conversations WHERE id = :id
+""")
+
+_USAGE = """
+SELECT {key} AS key,
+       count(*) AS turns,
+       COALESCE(sum(input_tokens), 0) AS input_tokens,
+       COALESCE(sum(output_tokens), 0) AS output_tokens,
+       COALESCE(sum(cache_creation_tokens), 0) AS cache_creation_tokens,
+       COALESCE(sum(cache_read_tokens), 0) AS cache_read_tokens,
+       COALESCE(sum(CAST(input_tokens AS bigint) + output_tokens), 0) AS total_tokens,
+       COALESCE(sum(cost_usd), 0) AS cost_usd
+FROM kraken_turns
+WHERE created_at >= :start AND created_at < :end
+GROUP BY 1
+ORDER BY 1
+"""
+USAGE: dict[UsageGrouping, Statement] = {
+    "model": Statement.of(_USAGE.format(key="model")),
+    "day": Statement.of(_USAGE.format(key="to_char(created_at, 'YYYY-MM-DD')")),
+}
+
+
+# --- operations ----------------------------------------------------------------------------
+
+
+def _conversation(row: asyncpg.Record) -> ConversationPublic:
+    return ConversationPublic.model_validate(dict(row))
+
+
+async def create_conversation(session: AsyncSession, data: ConversationCreate) -> ConversationPublic:
+    row = await fetch_one(session, CREATE, **data.model_dump())
+    assert row is not None  # INSERT ... RETURNING
+    return _conversation(row)
+
+
+def store_tool_result(result: Any, max_bytes: int) -> tuple[Any, str, bool]:
+    """(value, its JSON, truncated?) to store for a tool result, at most ``max_bytes`` of JSON.
+
+    A larger result becomes ``{"original_size_bytes": N, "preview": P}`` where P is the longest
+    start of its compact JSON text that keeps the stored JSON within ``max_bytes``.
+    """
+    encoded = dumps(result)
+    size = len(encoded.encode())
+    if size <= max_bytes:
+        return result, encoded, False
+    # Escaping can make a character cost up to 6 bytes inside the preview string, so search for
+    # the longest prefix that fits (the stored size grows with the prefix).
+    low, high = 0, min(len(encoded), max_bytes)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(dumps({"original_size_bytes": size, "preview": encoded[:mid]}).encode()) <= max_bytes:
+            low = mid
+        else:
+            high = mid - 1
+    stored = {"original_size_bytes": size, "preview": encoded[:low]}
+    return stored, dumps(stored), True
+
+
+async def append_turn(
+    session: AsyncSession, conversation_id: uuid.UUID, turn: TurnCreate, *, tool_result_max_bytes: int
+) -> TurnPublic:
+    stored = [store_tool_result(call.tool_result, tool_result_max_bytes) for call in turn.tool_calls]
+    fields = turn.model_dump(exclude={"tool_calls"})
+    params = dict(
+        fields,
+        conversation_id=conversation_id,
+        tokens=turn.input_tokens + turn.output_tokens,
+        tool_calls_count=len(turn.tool_calls),
+        tool_names=[call.tool_name for call in turn.tool_calls],
+        tool_args=[dumps(call.tool_args) for call in turn.tool_calls],
+        tool_results=[encoded for _, encoded, _ in stored],
+        results_truncated=[truncated for _, _, truncated in stored],
+    )
+    try:
+        row = await fetch_one(session, APPEND, **params)
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        # Only a constraint this code does not check for can get here (one added to the
+        # database later, or rows that predate the service); the statement stored nothing.
+        raise TurnRejected(exc.constraint_name) from None
+    if row is None:
+        await _explain_refused_append(session, conversation_id, turn)
+    return TurnPublic(
+        id=row["id"],
+        conversation_id=conversation_id,
+        turn_number=row["turn_number"],
+        tool_calls_count=len(turn.tool_calls),
+        created_at=row["created_at"],
+        tool_calls=[
+            ToolCallPublic(
+                id=call_id,
+                sequence_order=position,
+                tool_name=call.tool_name,
+                tool_args=call.tool_args,
+                tool_result=value,
+                result_truncated=truncated,
+            )
+            for position, (call_id, call, (value, _, truncated)) in enumerate(
+                zip(row["tool_call_ids"], turn.tool_calls, stored, strict=True), start=1
+            )
+        ],
+        **fields,
+    )
+
+
+async def _explain_refused_append(session: AsyncSession, conversation_id: uuid.UUID, turn: TurnCreate) -> NoReturn:
+    state = await fetch_one(session, CONVERSATION_STATE, id=conversation_id)
+    if state is None:
+        raise ConversationNotFound()
+    if state["status"] != "active" or state["ended_at"] is not None:
+        raise ConversationEnded(state["status"])
+    if state["total_turns"] >= MAX_TOTAL_TURNS:
+        raise TotalsFull("total_turns", MAX_TOTAL_TURNS)
+    if state["total_tokens"] + turn.input_tokens + turn.output_tokens > MAX_TOTAL_TOKENS:
+        raise TotalsFull("total_tokens", MAX_TOTAL_TOKENS)
+    raise TotalsFull("total_cost_usd", MAX_TOTAL_COST_USD)
+
+
+async def end_conversation(session: AsyncSession, conversation_id: uuid.UUID, status: EndStatus) -> ConversationPublic:
+    row = await fetch_one(session, END, id=conversation_id, status=status)
+    if row is not None:
+        return _conversation(row)
+    state = await fetch_one(session, CONVERSATION_STATE, id=conversation_id)
+    if state is None:
+        raise ConversationNotFound()
+    raise ConversationEnded(state["status"])
+
+
+async def shared_view_json(session: AsyncSession, conversation_id: uuid.UUID) -> str:
+    """The conversation with its turns and their tool calls, in order, as JSON text."""
+    row = await fetch_one(session, SHARED_VIEW, id=conversation_id)
+    if row is None:
+        raise ConversationNotFound()
+    document: str = row[0]
+    return document
+
+
+def encode_cursor(started_at: datetime, conversation_id: uuid.UUID) -> str:
+    raw = f"{started_at.isoformat()}|{conversation_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        started_at, conversation_id = raw.split("|")
+        return datetime.fromisoformat(started_at).replace(tzinfo=None), uuid.UUID(conversation_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor() from None
+
+
+async def list_conversations(
+    session: AsyncSession, session_id: str, *, limit: int, cursor: str | None
+) -> ConversationPage:
+    """Newest first; keyset pagination on (started_at, id), so pages never skip or repeat rows."""
+    params: dict[str, Any] = {"session_id": session_id, "limit": limit + 1}
+    if cursor is None:
+        rows = await fetch_all(session, LIST_FIRST, **params)
+    else:
+        params["started_at"], params["id"] = decode_cursor(cursor)
+        rows = await fetch_all(session, LIST_AFTER, **params)
+    items = [_conversation(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return ConversationPage(
+        items=items, next_cursor=encode_cursor(items[-1].started_at, items[-1].id) if more else None
+    )
+
+
+async def usage(session: AsyncSession, start: datetime, end: datetime, group_by: UsageGrouping) -> UsageReport:
+    """Turns, tokens and cost of the turns created in [start, end), per model or per UTC day."""
+    rows = await fetch_all(session, USAGE[group_by], start=start, end=end)
+    return UsageReport(
+        start=start, end=end, group_by=group_by, groups=[UsageGroup.model_validate(dict(r)) for r in rows]
+    )
+
+
+async def delete_conversation(session: AsyncSession, conversation_id: uuid.UUID) -> None:
+    """Remove the conversation, its turns and their tool calls (two statements, one transaction)."""
+    if (await session.execute(LOCK, {"id": conversation_id})).first() is None:
+        raise ConversationNotFound()
+    await session.execute(DELETE, {"id": conversation_id})

@@ -1,0 +1,204 @@
+"""The conversations domain module on its own: truncation, cursors, and its SQL on a real database."""
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from backend import database
+from backend.conversations import service
+from backend.conversations.schemas import (
+    ConversationCreate,
+    ConversationDetail,
+    ToolCallPublic,
+    TurnCreate,
+    TurnPublic,
+    dumps,
+)
+from backend.database import create_engine, create_session_factory
+from backend.tests.conftest import CONVERSATION, rows, turn_body
+
+# --- store_tool_result ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limit", [256, 1000, 10240])
+@pytest.mark.parametrize(
+    "unit",
+    ["x", "é", "🐙", '"', "\\", "\x01", "\n"],
+    ids=["ascii", "2-byte", "4-byte", "quote", "backslash", "control", "newline"],
+)
+def test_a_truncated_result_keeps_the_longest_preview_that_fits_the_limit(limit, unit):
+    result = {"output": unit * limit}
+    encoded = dumps(result)
+
+    stored, stored_json, truncated = service.store_tool_result(result, limit)
+
+    assert truncated is True
+    assert stored_json == dumps(stored)
+    assert stored["original_size_bytes"] == len(encoded.encode())
+    preview = stored["preview"]
+    assert encoded.startswith(preview)
+    assert len(stored_json.encode()) <= limit
+    # One character more would not fit: the preview is as long as the limit allows.
+    longer = dumps({"original_size_bytes": stored["original_size_bytes"], "preview": encoded[: len(preview) + 1]})
+    assert len(longer.encode()) > limit
+
+
+@pytest.mark.parametrize("limit", [256, 10240])
+def test_a_result_at_the_limit_is_kept_whole_and_one_byte_more_is_truncated(limit):
+    at_limit = "y" * (limit - 2)  # plus two quotes
+    assert service.store_tool_result(at_limit, limit) == (at_limit, dumps(at_limit), False)
+    assert service.store_tool_result(at_limit + "y", limit)[2] is True
+
+
+def test_results_are_measured_as_compact_utf8_json():
+    result = {"a": [1, 2], "b": "é"}  # {"a":[1,2],"b":"é"} is 20 bytes
+    assert service.store_tool_result(result, 20)[2] is False
+    assert service.store_tool_result(result, 19)[2] is True
+
+
+# --- cursors -------------------------------------------------------------------------------
+
+
+def test_a_cursor_round_trips_its_position():
+    position = (datetime(2025, 3, 1, 12, 30, 5, 123456), uuid.uuid4())
+    assert service.decode_cursor(service.encode_cursor(*position)) == position
+
+
+@pytest.mark.parametrize("cursor", ["", "x", "!!!", "bm9fc2VwYXJhdG9y", "YXxi", "MjAyNS0wMS0wMXxub3QtYS11dWlk", "/w"])
+def test_a_cursor_the_service_did_not_issue_is_refused(cursor):
+    with pytest.raises(service.InvalidCursor):
+        service.decode_cursor(cursor)
+
+
+# --- SQL -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def session(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
+    async with AsyncSession(bind=db_connection, join_transaction_mode="create_savepoint") as s:
+        yield s
+
+
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
+
+
+async def logged() -> None:
+    """Let asyncpg's query loggers run: it calls them soon after each query, not during it."""
+    await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def statements(db_connection: AsyncConnection) -> list[str]:
+    """What the test's connection sends to the server, transaction control left out."""
+    sent: list[str] = []
+    driver = (await db_connection.get_raw_connection()).driver_connection
+    assert driver is not None
+
+    def record(query: Any) -> None:
+        if not query.query.lstrip().upper().startswith(TRANSACTION_CONTROL):
+            sent.append(query.query)
+
+    driver.add_query_logger(record)
+    return sent
+
+
+async def _conversation(session: AsyncSession) -> uuid.UUID:
+    return (await service.create_conversation(session, ConversationCreate.model_validate(CONVERSATION))).id
+
+
+async def _append(session: AsyncSession, conversation_id: uuid.UUID) -> TurnPublic:
+    turn = TurnCreate.model_validate(turn_body())
+    return await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)
+
+
+async def test_a_turn_with_its_tool_calls_and_totals_is_one_statement(session, statements):
+    conversation_id = await _conversation(session)
+    await _append(session, conversation_id)  # asyncpg learns jsonb[] once per connection
+    await logged()
+    statements.clear()
+
+    turn = await _append(session, conversation_id)
+
+    await logged()
+    assert statements == [service.APPEND.sql]
+    assert (turn.turn_number, turn.tool_calls_count) == (2, 2)
+
+
+async def test_the_service_path_sends_one_statement_and_no_begin_or_commit(live_db, settings_for, monkeypatch):
+    """In production a turn is one round trip (plus the pool's check of a connection idle a while)."""
+    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the check has its own tests
+    engine = create_engine(live_db, settings_for(live_db))
+    sent: list[str] = []
+    event.listen(
+        engine.sync_engine,
+        "connect",
+        lambda conn, _: conn.driver_connection.add_query_logger(lambda q: sent.append(q.query)),
+    )
+    sessions = create_session_factory(engine)
+    try:
+        async with sessions() as session:  # a fresh connection: not pinged, learns jsonb[]
+            conversation_id = await _conversation(session)
+            await _append(session, conversation_id)
+            await session.commit()
+        await logged()
+        sent.clear()
+        async with sessions() as session:  # what a request's session does
+            await _append(session, conversation_id)
+            await session.commit()
+        await logged()
+    finally:
+        await engine.dispose()
+    assert sent == [service.APPEND.sql]
+
+
+async def test_the_shared_view_is_one_statement_with_exactly_the_schema_fields(session, statements):
+    conversation_id = await _conversation(session)
+    for _ in range(2):
+        await _append(session, conversation_id)
+    await logged()
+    statements.clear()
+
+    document = await service.shared_view_json(session, conversation_id)
+
+    await logged()
+    assert statements == [service.SHARED_VIEW.sql]
+    view = json.loads(document)
+    assert list(view) == list(ConversationDetail.model_fields)
+    assert list(view["turns"][0]) == list(TurnPublic.model_fields)
+    assert list(view["turns"][0]["tool_calls"][0]) == list(ToolCallPublic.model_fields)
+    assert ConversationDetail.model_validate_json(document).turns[1].turn_number == 2
+
+
+async def test_appending_to_an_unknown_or_ended_conversation_raises(session):
+    turn = TurnCreate.model_validate(turn_body())
+    with pytest.raises(service.ConversationNotFound):
+        await service.append_turn(session, uuid.uuid4(), turn, tool_result_max_bytes=10240)
+    conversation_id = await _conversation(session)
+    await service.end_conversation(session, conversation_id, "error")
+    with pytest.raises(service.ConversationEnded, match="status error"):
+        await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)
+
+
+async def test_delete_removes_children_without_relying_on_cascades(session, db_connection):
+    # Revision 001 has no ON DELETE CASCADE: this passes only if the service deletes every level.
+    conversation_id = await _conversation(session)
+    turn = await _append(session, conversation_id)
+
+    await service.delete_conversation(session, conversation_id)
+
+    assert await rows(db_connection, "SELECT 1 FROM kraken_tool_calls WHERE turn_id = :id", id=turn.id) == []
+    assert await rows(db_connection, "SELECT 1 FROM kraken_turns WHERE id = :id", id=turn.id) == []
+    with pytest.raises(service.ConversationNotFound):
+        await service.delete_conversation(session, conversation_id)
+
+
+async def test_usage_of_an_empty_window_has_no_groups(session):
+    report = await service.usage(session, datetime(1990, 1, 1), datetime(1990, 1, 2), "day")
+    assert report.groups == []
