@@ -109,9 +109,13 @@ def load_settings() -> Settings:
     settings.migrations_target()
     if settings.env == "production" and settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set; KRAKEN_ENV=production requires a database URL")
+    return settings
+
+
+def check_serving(settings: Settings) -> None:
+    """What only the HTTP service needs; the alembic CLI on a deploy host does without it."""
     if settings.env == "production" and settings.api_key is None:
         raise ConfigError("KRAKEN_API_KEY is not set; KRAKEN_ENV=production requires an API key for writes")
-    return settings
 
 
 @cache

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from backend.api import api_router
 from backend.api.errors import install_error_handlers
 from backend.api.middleware import BodySizeLimit
-from backend.config import ConfigError, Settings, get_settings
+from backend.config import ConfigError, Settings, check_serving, get_settings
 from backend.database import (
     DatabaseUnavailable,
     MigrationError,
@@ -47,6 +47,7 @@ async def prepare_schema(settings: Settings) -> SchemaStatus:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = getattr(app.state, "settings", None) or get_settings()
+    check_serving(settings)
     # `kraken-backend` prepares the schema before serving (to fail with one line); other servers
     # (`uvicorn backend.main:app`) get it done here.
     status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
@@ -92,6 +93,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = get_settings()
+        check_serving(settings)
     except ConfigError as exc:
         logger.error("cannot start: %s", exc)
         sys.exit(2)

@@ -69,3 +69,10 @@ def test_autogenerate_writes_the_difference_or_nothing(tmp_path: Path, empty_db:
     source = (versions / "002_restore_index.py").read_text()
     assert "ix_kraken_conversations_session_id" in source
     assert "op.create_index" in source
+
+
+def test_deploy_migrations_need_no_api_key_in_production(empty_db: DatabaseTarget) -> None:
+    # The deploy runs `alembic upgrade head` on the host; only the HTTP service needs KRAKEN_API_KEY.
+    result = run_alembic("upgrade", "head", target=empty_db, KRAKEN_ENV="production")
+    assert result.returncode == 0, out(result)
+    assert sql(empty_db, "SELECT count(*) FROM alembic_version")[0][0] == 1

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from backend.config import ConfigError, load_settings
+from backend.config import ConfigError, check_serving, load_settings
 from backend.tests.conftest import child_env
 
 PASSWORD = "hunter2-very-secret"
@@ -18,16 +18,17 @@ def test_production_refuses_a_missing_database_url(monkeypatch: pytest.MonkeyPat
         load_settings()
 
 
-def test_production_refuses_a_missing_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_production_service_refuses_a_missing_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://app@db:5432/kraken")
     monkeypatch.setenv("KRAKEN_ENV", "production")
     monkeypatch.delenv("KRAKEN_API_KEY", raising=False)
     with pytest.raises(ConfigError, match="KRAKEN_API_KEY is not set; KRAKEN_ENV=production"):
-        load_settings()
+        check_serving(load_settings())
     monkeypatch.setenv("KRAKEN_API_KEY", "   ")  # blank is not a key
     with pytest.raises(ConfigError, match="KRAKEN_API_KEY is not set"):
-        load_settings()
+        check_serving(load_settings())
     monkeypatch.setenv("KRAKEN_API_KEY", PASSWORD)
+    check_serving(load_settings())
     key = load_settings().api_key
     assert key is not None
     assert key.get_secret_value() == PASSWORD
