@@ -29,6 +29,7 @@ from alembic.operations import ops
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -82,8 +83,9 @@ def _process_revision_directives(ctx: MigrationContext, revision: Any, directive
 
 def _next_revision_id() -> str:
     """Revisions are numbered 001, 002, ... like the baseline."""
-    heads = ScriptDirectory.from_config(config).get_heads()
-    numbers = [int(head) for head in heads if head.isdigit()]
+    # All revisions, not only the heads: after `alembic merge` the head has a random id.
+    revisions = ScriptDirectory.from_config(config).walk_revisions()
+    numbers = [int(script.revision) for script in revisions if script.revision.isdigit()]
     return f"{max(numbers, default=0) + 1:03d}"
 
 
@@ -104,7 +106,7 @@ def _log_applied() -> Any:
 def _plain_revision() -> bool:
     """`alembic revision` without --autogenerate: env.py runs only to number the file, no database needed."""
     opts = config.cmd_opts
-    cmd = getattr(opts, "cmd", None)
+    cmd: Any = getattr(opts, "cmd", None)
     return bool(cmd) and cmd[0] is alembic_command.revision and not getattr(opts, "autogenerate", False)
 
 
@@ -119,15 +121,37 @@ def run_migrations_offline() -> None:
         process_revision_directives=_process_revision_directives,
         as_sql=True,
     )
+    if context.is_offline_mode():
+        # The bounds an online run sets, so SQL applied by hand (psql -f) waits no longer for locks.
+        for statement in _timeout_statements(_offline_settings()):
+            context.execute(statement)
     with context.begin_transaction():
         context.run_migrations()
+
+
+def _offline_settings() -> Settings:
+    """--sql needs no database: a missing DATABASE_URL is fine, a bad timeout is still reported."""
+    settings = config.attributes.get("settings")
+    if isinstance(settings, Settings):
+        return settings
+    try:
+        return Settings()
+    except ValidationError:
+        return _settings()  # get_settings() names the bad variable in one line
+
+
+def _timeout_statements(settings: Settings) -> list[str]:
+    return [
+        f"SET lock_timeout = '{int(settings.ddl_lock_timeout * 1000)}ms'",
+        f"SET statement_timeout = '{int(settings.ddl_statement_timeout * 1000)}ms'",
+    ]
 
 
 def _set_timeouts(connection: Connection, settings: Settings) -> None:
     """Session-level bounds for DDL, set once the advisory lock is held; a revision may SET LOCAL its own."""
     began = not connection.in_transaction()
-    connection.execute(text(f"SET lock_timeout = '{int(settings.ddl_lock_timeout * 1000)}ms'"))
-    connection.execute(text(f"SET statement_timeout = '{int(settings.ddl_statement_timeout * 1000)}ms'"))
+    for statement in _timeout_statements(settings):
+        connection.execute(text(statement))
     if (connection.dialect.server_version_info or (0,)) >= (14,):
         # If the runner dies during a long statement, the server notices within a second and
         # rolls the revision back, instead of finishing it for nobody while holding the lock.
