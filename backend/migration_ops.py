@@ -101,9 +101,10 @@ def commit() -> None:
 
 def _static(text: str) -> None:
     """Raw text in the offline SQL (a comment for squawk, say); nothing online."""
-    ctx = _context()
-    if ctx.as_sql:
-        ctx.impl.static_output(text)
+    buffer = _context().impl.output_buffer
+    if _offline() and buffer is not None:
+        # Not static_output(): squawk applies an ignore comment only to the line right below it.
+        buffer.write(text + "\n")
 
 
 # --- the catalog -----------------------------------------------------------------------------
