@@ -31,6 +31,9 @@ from backend.embedded_postgres import embedded_server, ensure_database
 
 RUN_ID = secrets.token_hex(4)
 DatabaseFactory = Callable[[], DatabaseTarget]
+# The real script directory's head, and the id `alembic revision` gives the next file.
+[HEAD] = database.read_revisions().heads
+NEXT = f"{int(HEAD) + 1:03d}"
 
 
 def url_of(target: DatabaseTarget) -> str:
