@@ -482,18 +482,21 @@ def refuse_violations(revision: str, rules: Sequence[Rule]) -> None:
 
 
 def _emit_violation_guard(revision: str, rules: Sequence[Rule]) -> None:
-    # No % anywhere: offline SQL is compiled with a paramstyle that would double it.
+    # No % anywhere: offline SQL is compiled with a paramstyle that would double it. The variables'
+    # names are ones no column has, as PL/pgSQL refuses a name that could be either.
     checks = "\n".join(
-        f"    SELECT count(*) INTO n FROM {ident(rule.table)} AS t WHERE {rule.violation};\n"
-        f"    IF n > 0 THEN found := found || {literal('; ' + rule.label + ': ')} || n || ' row(s)'; END IF;"
+        f"    SELECT count(*) INTO guard_rows FROM {ident(rule.table)} AS t WHERE {rule.violation};\n"
+        f"    IF guard_rows > 0 THEN\n"
+        f"        guard_found := guard_found || {literal('; ' + rule.label + ': ')} || guard_rows || ' row(s)';\n"
+        "    END IF;"
         for rule in rules
     )
     message = literal(f"revision {revision} changed nothing: rows break rules it adds")
     op.execute(
-        "DO $guard$\nDECLARE\n    n bigint;\n    found text := '';\nBEGIN\n"
+        "DO $guard$\nDECLARE\n    guard_rows bigint;\n    guard_found text := '';\nBEGIN\n"
         f"{checks}\n"
-        f"    IF found <> '' THEN\n        RAISE EXCEPTION USING MESSAGE = {message} || found;\n    END IF;\n"
-        "END\n$guard$"
+        f"    IF guard_found <> '' THEN\n        RAISE EXCEPTION USING MESSAGE = {message} || guard_found;\n"
+        "    END IF;\nEND\n$guard$"
     )
 
 
