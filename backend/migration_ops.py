@@ -37,6 +37,7 @@ from sqlalchemy.exc import DBAPIError
 logger = logging.getLogger("backend.migrations")
 
 UNIQUE_VIOLATION = "23505"
+DATA_LOSS_FLAG = "-x allow_data_loss=true"
 # pg_constraint.confdeltype codes.
 _ON_DELETE = {None: "a", "NO ACTION": "a", "RESTRICT": "r", "CASCADE": "c", "SET NULL": "n", "SET DEFAULT": "d"}
 
@@ -522,24 +523,26 @@ def refuse_data_loss(
         _emit_data_loss_guard(revision, tables, columns)
         return
     losses: list[str] = []
-    total = 0
+    rows = values = 0
     for table in tables:
         if _rows("SELECT to_regclass(:t)", t=ident(table))[0][0] is None:
             continue
         n = int(_rows(f"SELECT count(*) FROM {ident(table)}")[0][0])
         if n:
             losses.append(f"{table} ({n} row(s))")
-            total += n
+            rows += n
     for table, names in columns.items():
         for column in names:
             n = int(_rows(f"SELECT count({ident(column)}) FROM {ident(table)}")[0][0])
             if n:
                 losses.append(f"{table}.{column} ({n} value(s))")
-                total += n
+                values += n
     if losses:
+        lost = " and ".join(part for part in (rows and f"{rows} row(s)", values and f"{values} value(s)") if part)
         raise CommandError(
-            f"downgrade of {revision} would drop {', '.join(losses)}: {total} row(s) or value(s) would be lost, "
-            "so nothing was changed. Back up what you need, then run it again with -x allow_data_loss=true"
+            f"downgrade of {revision} would drop {', '.join(losses)}: {lost} would be lost, so nothing was "
+            f"changed. Back up what you need, then run it again with {DATA_LOSS_FLAG} before the command "
+            f"(uv run alembic {DATA_LOSS_FLAG} downgrade ...)"
         )
 
 
@@ -553,7 +556,7 @@ def _emit_data_loss_guard(revision: str, tables: Sequence[str], columns: Mapping
     if not checks:
         return
     conditions = "\n        OR ".join(f"({c})" for c in checks)
-    message = f"downgrade of {revision} would drop data; run it again with -x allow_data_loss=true"
+    message = f"downgrade of {revision} would drop data; to drop it, generate the SQL with {DATA_LOSS_FLAG}"
     op.execute(
         f"DO $guard$\nBEGIN\n    IF {conditions} THEN\n"
         f"        RAISE EXCEPTION USING MESSAGE = {literal(message)};\n    END IF;\nEND\n$guard$"

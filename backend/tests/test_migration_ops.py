@@ -6,6 +6,7 @@ import re
 
 import asyncpg
 import pytest
+from alembic import op
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
@@ -146,7 +147,7 @@ def test_validate_never_shares_a_transaction_with_the_add(db: DatabaseTarget) ->
     added_by: list[str] = []
 
     def add_and_validate() -> None:
-        bind = ops.op.get_bind()
+        bind = op.get_bind()
         bind.exec_driver_sql("ALTER TABLE items ADD CONSTRAINT items_n_check CHECK (n >= 0) NOT VALID")
         added_by.append(bind.exec_driver_sql("SELECT (txid_current() % 4294967296)::text").scalar_one())
         ops.validate_constraint("items_n_check", "items")
