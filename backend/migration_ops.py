@@ -294,11 +294,21 @@ def add_foreign_key_not_valid(
             raise CommandError(
                 f"constraint {name} on {table} exists with another definition; replace it with replace_foreign_key()"
             )
+    _lock_referenced_first(table, ref_table, "SHARE ROW EXCLUSIVE")
     op.execute(
         f"ALTER TABLE {ident(table)} ADD CONSTRAINT {ident(name)} "
         f"{_fk_sql(columns, ref_table, ref_columns, on_delete)} NOT VALID"
     )
     commit()
+
+
+def _lock_referenced_first(table: str, ref_table: str, mode: str) -> None:
+    """Adding or dropping a foreign key locks both tables, the referencing one first. The service
+    writes the other way round (a conversation, then its turns): a transaction holding the parent
+    and waiting for the child, against one holding the child and waiting for the parent, is a
+    deadlock. Taking the parent first, in the service's order, avoids it."""
+    if ref_table != table:
+        op.execute(f"LOCK TABLE {ident(ref_table)} IN {mode} MODE")
 
 
 def add_check_not_valid(name: str, table: str, condition: str) -> None:
@@ -393,6 +403,8 @@ def replace_foreign_key(
     validate_constraint(pending, table)
     # squawk warns about any dropped or renamed constraint; this one is replaced by an equal,
     # already validated key that takes over its name in the same transaction.
+    # Dropping a foreign key takes ACCESS EXCLUSIVE on both tables.
+    _lock_referenced_first(table, ref_table, "ACCESS EXCLUSIVE")
     _static("-- squawk-ignore ban-drop-constraint")
     op.execute(f"ALTER TABLE {ident(table)} DROP CONSTRAINT IF EXISTS {ident(name)}")
     _static("-- squawk-ignore renaming-object")

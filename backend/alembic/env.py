@@ -49,6 +49,7 @@ if config.cmd_opts is not None and config.config_file_name is not None:
 logger = logging.getLogger("backend.migrations")
 target_metadata = Base.metadata
 LOCK_NOT_AVAILABLE = "55P03"
+DEADLOCK_DETECTED = "40P01"
 
 
 def _settings() -> Settings:
@@ -161,33 +162,38 @@ def _set_timeouts(connection: Connection, settings: Settings) -> None:
         connection.commit()
 
 
-def _is_lock_timeout(exc: BaseException) -> bool:
-    orig = exc.orig if isinstance(exc, DBAPIError) else None
-    return (
-        getattr(orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
-        or getattr(getattr(orig, "__cause__", None), "sqlstate", None) == LOCK_NOT_AVAILABLE
-    )
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
 
 
 def _run_with_retries(settings: Settings) -> None:
-    """Run pending revisions; a revision whose transaction hit lock_timeout is retried from scratch."""
+    """Run pending revisions; a revision whose transaction hit lock_timeout, or was picked as a
+    deadlock victim, is rolled back and retried from scratch."""
     attempts = settings.ddl_lock_retries + 1
     for attempt in range(1, attempts + 1):
         try:
             context.run_migrations()
             return
         except DBAPIError as exc:
-            if not _is_lock_timeout(exc):
+            state = _sqlstate(exc)
+            if state not in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED):
                 raise
             if attempt == attempts:
+                problem = (
+                    f"could not get its table lock within lock_timeout ({settings.ddl_lock_timeout:g} s)"
+                    if state == LOCK_NOT_AVAILABLE
+                    else "deadlocked with another session"
+                )
                 raise CommandError(
-                    f"a revision could not get its table lock within lock_timeout "
-                    f"({settings.ddl_lock_timeout:g} s) in {attempts} attempts; another session holds "
-                    "a conflicting lock on a table it changes. Nothing of that revision was applied."
+                    f"a revision {problem} in {attempts} attempts; another session holds a conflicting lock "
+                    "on a table it changes. Its current transaction was rolled back (a revision that commits "
+                    "part-way resumes on the next run)."
                 ) from None
             wait = min(0.5 * 2 ** (attempt - 1), 10.0)
             logger.warning(
-                "revision hit lock_timeout (attempt %d of %d); rolled back, retrying in %.1f s",
+                "revision %s (attempt %d of %d); rolled back, retrying in %.1f s",
+                "hit lock_timeout" if state == LOCK_NOT_AVAILABLE else "was picked as a deadlock victim",
                 attempt,
                 attempts,
                 wait,

@@ -8,6 +8,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from backend import migration_ops as ops
 from backend.config import PROJECT_ROOT, Settings
 from backend.db_url import DatabaseTarget
-from backend.tests.conftest import child_env, fetch, out, run_alembic, run_ops_async
+from backend.tests.conftest import HEAD, NEXT, child_env, fetch, out, run_alembic, run_ops_async, scratch_alembic
 from backend.tests.test_revision_002 import assert_schema_002
 
 pytestmark = pytest.mark.slow
@@ -211,3 +212,64 @@ async def test_a_build_cancelled_by_lock_timeout_is_retried_and_rebuilt(empty_db
     assert migration.returncode == 0, output
     assert "index kraken_turns_conversation_id_turn_number_key is INVALID" in output
     await asyncio.to_thread(assert_schema_002, empty_db)
+
+
+async def test_a_revision_picked_as_deadlock_victim_is_retried(empty_db: DatabaseTarget, tmp_path: Path) -> None:
+    await migrate(empty_db, "upgrade", "head")
+    # Child first, then parent: the order that deadlocks with the service's writes.
+    ini = scratch_alembic(
+        tmp_path,
+        {
+            f"{NEXT}_lock_in_the_wrong_order.py": f"""
+                from alembic import op
+
+                revision = "{NEXT}"
+                down_revision = "{HEAD}"
+                branch_labels = None
+                depends_on = None
+
+
+                def upgrade():
+                    op.execute("LOCK TABLE kraken_turns IN ACCESS EXCLUSIVE MODE")
+                    op.execute("LOCK TABLE kraken_conversations IN ACCESS EXCLUSIVE MODE")
+
+
+                def downgrade():
+                    pass
+            """
+        },
+    )
+    kwargs = empty_db.asyncpg_connect_kwargs()
+    writer, watcher = await asyncpg.connect(**kwargs), await asyncpg.connect(**kwargs)
+    # Whichever session checks for a deadlock first is the victim; the writer checks last.
+    await writer.execute("SET deadlock_timeout = '30s'")
+    migration = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head",
+        cwd=PROJECT_ROOT, env=child_env(empty_db), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with writer.transaction():
+            conversation = await writer.fetchval(
+                "INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version)"
+                " VALUES ('s', 'm', 'h', 'v') RETURNING id"
+            )
+            blocked = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'kraken-migrate' AND wait_event_type = 'Lock'"
+            )
+            while not await watcher.fetchval(blocked):
+                await asyncio.sleep(POLL)
+            # The migration holds the turns and waits for the conversations this writer holds; this
+            # insert closes the circle.
+            await writer.execute(
+                "INSERT INTO kraken_turns (conversation_id, turn_number, user_query, assistant_response, model)"
+                " VALUES ($1, 1, 'q', 'a', 'm')",
+                conversation,
+            )
+        output = (await asyncio.wait_for(migration.communicate(), 120))[0].decode()
+    finally:
+        await writer.close()
+        await watcher.close()
+    assert migration.returncode == 0, output
+    assert "revision was picked as a deadlock victim (attempt 1 of 5); rolled back, retrying" in output
+    assert [r[0] for r in await fetch(empty_db, "SELECT version_num FROM alembic_version")] == [NEXT]

@@ -253,6 +253,44 @@ def test_replace_foreign_key_finishes_an_interrupted_replacement(db: DatabaseTar
     assert constraint(db, "items", "items_parent_id_fkey_new") is None
 
 
+async def test_replacing_a_foreign_key_does_not_deadlock_with_a_writer(db: DatabaseTarget) -> None:
+    # The service's order: a parent, then its children. A writer holding a new parent while the
+    # replacement waits for it must still be able to add the children.
+    await fetch(
+        db, "ALTER TABLE items ADD CONSTRAINT items_parent_id_fkey FOREIGN KEY (parent_id) REFERENCES parents (id)"
+    )
+    kwargs = db.asyncpg_connect_kwargs()
+    writer, watcher = await asyncpg.connect(**kwargs), await asyncpg.connect(**kwargs)
+    try:
+        async with writer.transaction():
+            parent = await writer.fetchval("INSERT INTO parents DEFAULT VALUES RETURNING id")
+            replacing = asyncio.ensure_future(
+                run_ops_async(
+                    db,
+                    lambda: ops.replace_foreign_key(
+                        "items_parent_id_fkey", "items", ["parent_id"], "parents", on_delete="CASCADE"
+                    ),
+                )
+            )
+            blocked = (
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'kraken-migrate' AND wait_event_type = 'Lock'"
+            )
+            while not await watcher.fetchval(blocked):
+                assert not replacing.done()
+                await asyncio.sleep(0.01)
+            # Had the replacement locked items first, this insert would deadlock with it.
+            await writer.execute("INSERT INTO items (parent_id, n) VALUES ($1, 1)", parent)
+        await replacing
+    finally:
+        await writer.close()
+        await watcher.close()
+    definition = await fetch(
+        db, "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = 'items_parent_id_fkey'"
+    )
+    assert definition[0][0] == "FOREIGN KEY (parent_id) REFERENCES parents(id) ON DELETE CASCADE"
+
+
 async def test_helpers_refuse_a_connection_already_inside_a_transaction(db: DatabaseTarget) -> None:
     # Alembic's connection-sharing recipe with `engine.begin()`: the caller owns the transaction,
     # so a helper cannot commit part-way. It says so instead of failing obscurely.
