@@ -412,6 +412,32 @@ def replace_foreign_key(
     commit()
 
 
+# --- data ------------------------------------------------------------------------------------
+
+
+def backfill_in_batches(statement: str) -> int:
+    """Run an UPDATE/INSERT/DELETE that handles one batch, each batch in a transaction of its own,
+    until a batch touches no row; returns the rows touched.
+
+    The statement must pick only rows still to do, a bounded number of them, e.g.
+    ``UPDATE t SET x = ... WHERE id IN (SELECT id FROM t WHERE x IS NULL LIMIT 5000)``: so each
+    transaction locks a few thousand rows for a moment, and a run interrupted half-way resumes.
+    Offline it is emitted once, with a comment saying to repeat it.
+    """
+    if _offline():
+        _static("-- repeat the next statement until it reports 0 rows")
+        op.execute(statement)
+        commit()
+        return 0
+    total = 0
+    while True:
+        touched = _bind().execute(sa.text(statement)).rowcount
+        commit()
+        if not touched:
+            return total
+        total += touched
+
+
 # --- refusing to run -------------------------------------------------------------------------
 
 

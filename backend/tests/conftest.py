@@ -160,7 +160,7 @@ def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Recor
     return asyncio.run(fetch(target, query, *args))
 
 
-async def run_ops_async(target: DatabaseTarget, operations: Callable[[], None], *, lock_timeout: str = "5s") -> None:
+async def run_ops_async(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
     """Run ``operations`` (calls to backend.migration_ops) as a revision runs: on a connection of
     its own, with lock_timeout set, inside a MigrationContext whose transactions Alembic manages."""
     engine = database.create_migration_engine(target)
@@ -171,7 +171,7 @@ async def run_ops_async(target: DatabaseTarget, operations: Callable[[], None], 
         await engine.dispose()
 
 
-def _in_migration_context(connection: Connection, operations: Callable[[], None], lock_timeout: str) -> None:
+def _in_migration_context(connection: Connection, operations: Callable[[], object], lock_timeout: str) -> None:
     connection.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
     connection.commit()
     context = MigrationContext.configure(connection, opts={"transaction_per_migration": True})
@@ -179,12 +179,12 @@ def _in_migration_context(connection: Connection, operations: Callable[[], None]
         operations()
 
 
-def run_ops(target: DatabaseTarget, operations: Callable[[], None], *, lock_timeout: str = "5s") -> None:
+def run_ops(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
     """``run_ops_async`` for synchronous test code."""
     asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout))
 
 
-def offline_ops(operations: Callable[[], None]) -> str:
+def offline_ops(operations: Callable[[], object]) -> str:
     """The SQL ``operations`` emit in --sql mode: no connection exists, so nothing can be looked up."""
     buffer = io.StringIO()
     context = MigrationContext.configure(

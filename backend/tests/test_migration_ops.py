@@ -392,3 +392,25 @@ async def test_offline_violation_guard_refuses_on_a_database(db: DatabaseTarget)
         "revision 042 changed nothing: rows break rules it adds; items: n <= 100: 20 row(s);"
         " items: unique (parent_id, n): 20 row(s)"
     )
+
+
+def test_backfill_runs_batch_after_batch_each_in_its_own_transaction(db: DatabaseTarget) -> None:
+    sql(db, "ALTER TABLE items ADD COLUMN doubled integer")
+    done: list[int] = []
+    batch = "UPDATE items SET doubled = n * 2 WHERE id IN (SELECT id FROM items WHERE doubled IS NULL LIMIT 150)"
+    run_ops(db, lambda: done.append(ops.backfill_in_batches(batch)))
+    assert done == [1000]
+    assert sql(db, "SELECT count(*) FROM items WHERE doubled IS DISTINCT FROM n * 2")[0][0] == 0
+    # 7 batches, 7 transactions: each row's xmin names the transaction that wrote it.
+    assert sql(db, "SELECT count(DISTINCT xmin::text) FROM items")[0][0] == 7
+
+
+def test_offline_backfill_is_emitted_once_with_a_note() -> None:
+    batch = "UPDATE items SET doubled = n * 2 WHERE id IN (SELECT id FROM items WHERE doubled IS NULL LIMIT 150)"
+    assert statements(offline_ops(lambda: ops.backfill_in_batches(batch))) == [
+        "BEGIN",
+        f"-- repeat the next statement until it reports 0 rows\n{batch}",
+        "COMMIT",
+        "BEGIN",
+        "COMMIT",
+    ]
