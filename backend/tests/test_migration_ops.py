@@ -361,6 +361,7 @@ def test_offline_foreign_key_replacement() -> None:
     )
     assert emitted == [
         "BEGIN",
+        'LOCK TABLE "parents" IN SHARE ROW EXCLUSIVE MODE',  # the referenced table first
         'ALTER TABLE "items" ADD CONSTRAINT "items_parent_id_fkey_new" FOREIGN KEY ("parent_id")'
         ' REFERENCES "parents" ("id") ON DELETE CASCADE NOT VALID',
         "COMMIT",
@@ -368,6 +369,7 @@ def test_offline_foreign_key_replacement() -> None:
         'ALTER TABLE "items" VALIDATE CONSTRAINT "items_parent_id_fkey_new"',
         "COMMIT",
         "BEGIN",
+        'LOCK TABLE "parents" IN ACCESS EXCLUSIVE MODE',
         # squawk applies an ignore comment to the statement right below it only.
         '-- squawk-ignore ban-drop-constraint\nALTER TABLE "items" DROP CONSTRAINT IF EXISTS "items_parent_id_fkey"',
         "-- squawk-ignore renaming-object\n"
