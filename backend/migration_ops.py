@@ -119,22 +119,18 @@ class IndexInfo:
     valid: bool
 
 
+_INDEX_QUERY = sa.text(
+    "SELECT t.relname, i.indisunique, i.indisvalid AND i.indisready,"
+    " array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
+    "       LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+    "       WHERE k.n <= i.indnkeyatts ORDER BY k.n)"
+    " FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid"
+    " WHERE i.indexrelid = to_regclass(:name)"
+)
+
+
 def index_info(name: str) -> IndexInfo | None:
-    row = (
-        _bind()
-        .execute(
-            sa.text(
-                "SELECT t.relname, i.indisunique, i.indisvalid AND i.indisready,"
-                " array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
-                "       LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-                "       WHERE k.n <= i.indnkeyatts ORDER BY k.n)"
-                " FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid"
-                " WHERE i.indexrelid = to_regclass(:name)"
-            ),
-            {"name": ident(name)},
-        )
-        .first()
-    )
+    row = _bind().execute(_INDEX_QUERY, {"name": ident(name)}).first()
     if row is None:
         return None
     table, unique, valid, columns = row
@@ -152,23 +148,19 @@ class ConstraintInfo:
     on_update: str  # confupdtype
 
 
+_CONSTRAINT_QUERY = sa.text(
+    "SELECT c.contype::text, c.convalidated, nullif(c.confrelid, 0)::regclass::text,"
+    " c.confdeltype::text, c.confupdtype::text,"
+    " array(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
+    "       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.n),"
+    " array(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, n)"
+    "       JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum ORDER BY k.n)"
+    " FROM pg_constraint c WHERE c.conrelid = to_regclass(:table) AND c.conname = :name"
+)
+
+
 def constraint_info(name: str, table: str) -> ConstraintInfo | None:
-    row = (
-        _bind()
-        .execute(
-            sa.text(
-                "SELECT c.contype::text, c.convalidated, nullif(c.confrelid, 0)::regclass::text,"
-                " c.confdeltype::text, c.confupdtype::text,"
-                " array(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
-                "       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.n),"
-                " array(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, n)"
-                "       JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum ORDER BY k.n)"
-                " FROM pg_constraint c WHERE c.conrelid = to_regclass(:table) AND c.conname = :name"
-            ),
-            {"table": ident(table), "name": name},
-        )
-        .first()
-    )
+    row = _bind().execute(_CONSTRAINT_QUERY, {"table": ident(table), "name": name}).first()
     if row is None:
         return None
     kind, validated, ref_table, on_delete, on_update, columns, ref_columns = row
@@ -348,6 +340,12 @@ def drop_constraint(name: str, table: str) -> None:
 
     Dropping a unique constraint drops its index too.
     """
+    if not _offline():
+        found = constraint_info(name, table)
+        if found is None:
+            return
+        if found.kind == "f" and found.ref_table:
+            _lock_referenced_first(table, found.ref_table, "ACCESS EXCLUSIVE")
     op.execute(f"ALTER TABLE {ident(table)} DROP CONSTRAINT IF EXISTS {ident(name)}")
     commit()
 
@@ -401,10 +399,10 @@ def replace_foreign_key(
             drop_constraint(pending, table)
     add_foreign_key_not_valid(pending, table, columns, ref_table, ref_columns, on_delete=on_delete)
     validate_constraint(pending, table)
+    # Dropping a foreign key takes ACCESS EXCLUSIVE on both tables, for a catalog change only.
+    _lock_referenced_first(table, ref_table, "ACCESS EXCLUSIVE")
     # squawk warns about any dropped or renamed constraint; this one is replaced by an equal,
     # already validated key that takes over its name in the same transaction.
-    # Dropping a foreign key takes ACCESS EXCLUSIVE on both tables.
-    _lock_referenced_first(table, ref_table, "ACCESS EXCLUSIVE")
     _static("-- squawk-ignore ban-drop-constraint")
     op.execute(f"ALTER TABLE {ident(table)} DROP CONSTRAINT IF EXISTS {ident(name)}")
     _static("-- squawk-ignore renaming-object")
