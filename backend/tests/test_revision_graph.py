@@ -1,4 +1,5 @@
-"""The revisions form one line: one head, every id once, file names that match their ids.
+"""The revisions form one line (one head, every id once, file names that match their ids) and
+stay static (no application code imported).
 
 Two branches that each add the next revision (both `002_....py`, both `revision = "002"`) merge
 cleanly in git, and Alembic then only warns and silently keeps one of the two: the other one's
@@ -7,6 +8,8 @@ changes would never run. This test fails first, and says how to fix it.
 
 import ast
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,37 @@ def test_a_file_named_for_another_revision_is_caught(tmp_path: Path) -> None:
     assert revision_graph_problems(versions) == [
         f"{int(head) + 2:03d}_misnamed.py says revision = '{following}'; name the file {following}_<slug>.py"
     ]
+
+
+ALLOWED_IMPORTS = {
+    "alembic",
+    "sqlalchemy",
+    "collections",
+    "dataclasses",
+    "typing",
+    "__future__",
+    "backend.migration_ops",
+}
+
+
+def test_revisions_import_no_application_code() -> None:
+    # A revision must build the same schema forever, whatever the models say by then.
+    for path in sorted(VERSIONS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                names = [f"{base}.{alias.name}" if base == "backend" else base for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert any(name == a or name.startswith(a + ".") for a in ALLOWED_IMPORTS), (
+                    f"{path.name} imports {name}"
+                )
+
+
+def test_the_helpers_import_no_application_code() -> None:
+    code = "import sys, backend.migration_ops; print(sorted(m for m in sys.modules if m.startswith('backend')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "['backend', 'backend.migration_ops']"
