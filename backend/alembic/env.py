@@ -107,8 +107,8 @@ def _log_applied() -> Any:
 def _plain_revision() -> bool:
     """`alembic revision` without --autogenerate: env.py runs only to number the file, no database needed."""
     opts = config.cmd_opts
-    cmd: Any = getattr(opts, "cmd", None)
-    return bool(cmd) and cmd[0] is alembic_command.revision and not getattr(opts, "autogenerate", False)
+    cmd: tuple[Any, ...] = getattr(opts, "cmd", None) or (None,)
+    return cmd[0] is alembic_command.revision and not getattr(opts, "autogenerate", False)
 
 
 def run_migrations_offline() -> None:

@@ -143,8 +143,11 @@ def test_a_runner_killed_mid_revision_leaves_nothing_half_done(
         while time.monotonic() < deadline:
             if where == "client" and signal_file.exists():
                 break
+            # The runner's connections are recognisable by their application_name.
             if where == "server" and sql(
-                empty_db, "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(120)' AND state = 'active'"
+                empty_db,
+                "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(120)' AND state = 'active'"
+                " AND application_name = 'kraken-migrate'",
             ):
                 break
             time.sleep(0.05)
@@ -259,3 +262,48 @@ async def test_waiting_for_the_migration_lock_names_the_holder(empty_db: Databas
     assert f"held by pid {pid} (application_name 'deploy-pipeline'" in failed[0]
     assert "connected since" in failed[0]
     assert (await fetch(empty_db, "SELECT to_regclass('alembic_version') IS NULL"))[0][0]
+
+
+CONCURRENT_INDEX = (
+    """
+    from alembic import op
+
+    revision = "{next}"
+    down_revision = "{head}"
+    branch_labels = None
+    depends_on = None
+
+
+    def upgrade():
+        with op.get_context().autocommit_block():
+            op.execute("CREATE INDEX CONCURRENTLY ix_kraken_turns_model ON kraken_turns (model)")
+        # After leaving the transaction the runner must still hold the migration lock.
+        op.execute(
+            "CREATE TABLE kraken_lock_seen AS SELECT count(*) AS holders FROM pg_locks"
+            " WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND objid = ({key} & 4294967295)::oid AND classid = (({key} >> 32) & 4294967295)::oid"
+        )
+
+
+    def downgrade():
+        op.execute("DROP TABLE kraken_lock_seen")
+        op.execute("DROP INDEX ix_kraken_turns_model")
+""".replace("{key}", str(LOCK_KEY))
+    .replace("{next}", NEXT)
+    .replace("{head}", HEAD)
+)
+
+
+def test_the_lock_survives_a_revision_that_leaves_its_transaction(empty_db: DatabaseTarget, tmp_path: Path) -> None:
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_concurrent_index.py": CONCURRENT_INDEX})
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
+    assert result.returncode == 0, out(result)
+    assert sql(empty_db, "SELECT holders FROM kraken_lock_seen")[0][0] == 1
+    assert sql(empty_db, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_kraken_turns_model'::regclass")[0][0]
+    # Released at the end: nobody holds it now.
+    assert not sql(
+        empty_db,
+        "SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )

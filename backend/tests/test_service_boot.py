@@ -2,12 +2,14 @@
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from httpx import ASGITransport, AsyncClient
+from sqlalchemy import text
 
 from backend.config import Settings
-from backend.database import MigrationError, SchemaNotAtHead, run_migrations
+from backend.database import MigrationError, SchemaNotAtHead, create_engine, run_migrations
 from backend.db_url import DatabaseTarget
 from backend.main import create_app
 from backend.tests.conftest import HEAD, fetch
@@ -133,3 +135,36 @@ async def test_running_in_process_keeps_the_service_logging_configuration(
         assert not service_logger.disabled
     finally:
         root.removeHandler(handler)
+
+
+async def test_statement_caches_can_be_switched_off_for_pgbouncer(
+    empty_db: DatabaseTarget, settings_for: SettingsFor
+) -> None:
+    for enabled in (True, False):
+        engine = create_engine(empty_db, settings_for(empty_db, db_statement_cache=enabled))
+        try:
+            async with engine.connect() as conn:
+                assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+                raw = await conn.get_raw_connection()
+                asyncpg_conn: Any = raw.driver_connection
+                name = await conn.scalar(text("SELECT current_setting('application_name')"))
+        finally:
+            await engine.dispose()
+        # asyncpg's own cache of prepared statements (PgBouncer in transaction mode breaks it).
+        assert (asyncpg_conn._stmt_cache.get_max_size() > 0) is enabled
+        assert name == "kraken-backend"
+
+
+async def test_migrations_use_their_own_url_when_the_service_goes_through_a_pooler(
+    empty_db: DatabaseTarget, settings_for: SettingsFor
+) -> None:
+    # DATABASE_URL points at a "pooler" that cannot take session locks (here: nothing at all);
+    # MIGRATIONS_DATABASE_URL is the direct connection the migrations need.
+    direct = empty_db.url.render_as_string(hide_password=False)
+    pooled = f"postgresql://postgres@127.0.0.1:1/{empty_db.database}"
+    settings = Settings.model_validate(
+        {"DATABASE_URL": pooled, "MIGRATIONS_DATABASE_URL": direct, "db_connect_timeout": 0}
+    )
+    status = await run_migrations(settings)
+    assert status.revision == HEAD
+    assert await versions(empty_db) == [HEAD]

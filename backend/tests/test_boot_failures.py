@@ -1,0 +1,206 @@
+"""`kraken-backend` and `alembic` as real processes when the database is missing or misconfigured."""
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from backend.config import PROJECT_ROOT
+from backend.db_url import DatabaseTarget
+from backend.tests.conftest import HEAD, child_env, out, run_alembic
+
+pytestmark = pytest.mark.slow
+
+SERVICE = str(Path(sys.executable).parent / "kraken-backend")
+PASSWORD = "pw-Do-Not-Print-7"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Proxy:
+    """A TCP port that forwards to the test database once ``start()`` is called (until then: refused)."""
+
+    def __init__(self, upstream: DatabaseTarget) -> None:
+        kwargs = upstream.asyncpg_connect_kwargs()
+        host, port = kwargs["host"], int(kwargs.get("port", 5432))
+        self.family = socket.AF_UNIX if host.startswith("/") else socket.AF_INET
+        self.address: str | tuple[str, int] = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
+        self.port = free_port()
+        self.listener: socket.socket | None = None
+        self.sockets: list[socket.socket] = []
+
+    def start(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.socket(self.family)
+                self.sockets += [client, server]
+                server.connect(self.address)
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in [*self.sockets, *([self.listener] if self.listener else [])]:
+            sock.close()
+
+    def url(self, db: DatabaseTarget) -> str:
+        return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.port}/{db.database}"
+
+
+class Service:
+    """`kraken-backend` in a child process, its output collected line by line as it comes."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [SERVICE], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.process.poll() is None, "\n".join(self.lines)
+            assert time.monotonic() < deadline, "\n".join(self.lines)
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(timeout=30)
+        self.reader.join(timeout=10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def service(env: dict[str, str]) -> Iterator[Service]:
+    running = Service(env)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def get_json(port: int, path: str, deadline: float) -> dict[str, object]:
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+                return dict(json.load(response))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_serves_on_an_empty_database(empty_db: DatabaseTarget) -> None:
+    port = free_port()
+    env = child_env(empty_db, KRAKEN_PORT=str(port))
+    with service(env) as running:
+        health = get_json(port, "/health", time.monotonic() + 60)
+        ready = get_json(port, "/ready", time.monotonic() + 10)
+        output = running.stop()
+    assert health == {"status": "ok", "revision": HEAD}
+    assert ready["status"] == "ready"
+    assert "applied revision 001" in output
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in output
+
+
+def test_boots_once_the_database_comes_up_within_the_window(empty_db: DatabaseTarget) -> None:
+    proxy = Proxy(empty_db)
+    port = free_port()
+    env = child_env(None, DATABASE_URL=proxy.url(empty_db), KRAKEN_PORT=str(port), KRAKEN_DB_CONNECT_TIMEOUT="30")
+    try:
+        with service(env) as running:
+            # The database is "down" (nothing listens on the proxy's port) for two attempts.
+            running.wait_for("database not reachable (attempt 2)")
+            proxy.start()
+            health = get_json(port, "/health", time.monotonic() + 60)
+            output = running.stop()
+    finally:
+        proxy.close()
+    assert health == {"status": "ok", "revision": HEAD}
+    attempts = [line for line in output.splitlines() if "database not reachable (attempt" in line]
+    assert len(attempts) >= 2
+    assert all(f"connection refused by postgres@127.0.0.1:{proxy.port}/" in line for line in attempts)
+    assert PASSWORD not in output
+
+
+def test_gives_up_with_one_line_when_the_database_stays_down(empty_db: DatabaseTarget) -> None:
+    proxy = Proxy(empty_db)  # never started
+    env = child_env(None, DATABASE_URL=proxy.url(empty_db), KRAKEN_DB_CONNECT_TIMEOUT="2")
+    started = time.monotonic()
+    result = subprocess.run([SERVICE], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 30
+    output = out(result)
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1
+    assert "cannot start: connection refused by postgres@127.0.0.1" in errors[0]
+    assert "(waited 2 s)" in errors[0]
+    assert "Traceback" not in output
+    assert PASSWORD not in output
+
+
+def bad_urls(db: DatabaseTarget) -> list[tuple[str, str]]:
+    real = db.asyncpg_connect_kwargs()
+    host = real["host"]
+    where = f"@/{{}}?host={host}" if host.startswith("/") else f"@{host}:{real.get('port', 5432)}/{{}}"
+    return [
+        (f"mysql://root:{PASSWORD}@localhost/kraken", "unsupported scheme 'mysql://'"),
+        (f"postgresql://postgres:{PASSWORD}@localhost:port/kraken", "port that is not a number"),
+        (f"postgresql://postgres:{PASSWORD}@localhost:0/kraken", "port 0, outside 1-65535"),
+        (f"postgresql://postgres:{PASSWORD}" + where.format("no_such_database_kraken"), "does not exist"),
+        (f"postgresql://no_such_role:{PASSWORD}" + where.format(db.database), 'role "no_such_role" does not exist'),
+        (f"postgresql://postgres:{PASSWORD}@127.0.0.1:{free_port()}/kraken", "connection refused"),
+        (f"postgresql://postgres:{PASSWORD}@db.invalid/kraken", "cannot resolve the database host"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_configuration_errors_give_one_line_and_no_password(case: int, empty_db: DatabaseTarget) -> None:
+    url, fragment = bad_urls(empty_db)[case]
+    env = child_env(None, DATABASE_URL=url, KRAKEN_DB_CONNECT_TIMEOUT="0")
+
+    served = subprocess.run([SERVICE], env=env, capture_output=True, text=True, timeout=60)
+    migrated = run_alembic("upgrade", "head", target=None, DATABASE_URL=url)
+
+    for result in (served, migrated):
+        output = out(result).strip()
+        assert result.returncode != 0
+        assert len(output.splitlines()) == 1, output
+        assert fragment in output
+        assert "Traceback" not in output
+        assert PASSWORD not in output

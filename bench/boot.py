@@ -1,0 +1,153 @@
+"""What a boot at head costs: run_migrations() against a bare query and against the alembic CLI.
+
+    uv run python bench/boot.py            # on the embedded PostgreSQL
+    DATABASE_URL=postgresql://... uv run python bench/boot.py
+
+Prints, from one run against one scratch database (created here, dropped at the end):
+- median time of run_migrations() at head, of a bare asyncpg connect + SELECT version_num, and
+  of spawning `alembic upgrade head`, with the two ratios the startup issue targets;
+- how the at-head cost grows with 1, 50 and 200 revisions in the script directory (throwaway
+  revisions in a temporary copy), warm (revision graph cached, as on every call after the first)
+  and cold (graph re-read from the files, as on a replica's first call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+
+from backend.config import PROJECT_ROOT, Settings
+from backend.database import ALEMBIC_DIR, read_revisions, run_migrations
+from backend.db_url import DatabaseTarget, parse_database_url
+from backend.embedded_postgres import embedded_server, ensure_database
+
+ROUNDS = 200
+CLI_ROUNDS = 5
+SIZES = (1, 50, 200)
+
+
+async def server() -> DatabaseTarget:
+    raw = os.environ.get("DATABASE_URL", "").strip()
+    return parse_database_url(raw) if raw else await embedded_server(Settings().embedded_pgdata)
+
+
+async def median_ms(call: Callable[[], Awaitable[object]], rounds: int = ROUNDS) -> float:
+    await call()  # warm-up: imports, caches, the server's catalogue
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+def settings_for(target: DatabaseTarget) -> Settings:
+    return Settings.model_validate({"DATABASE_URL": target.url.render_as_string(hide_password=False)})
+
+
+def cli_median_ms(target: DatabaseTarget) -> float:
+    env = {**os.environ, "DATABASE_URL": target.url.render_as_string(hide_password=False)}
+    samples = []
+    for _ in range(CLI_ROUNDS):
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        samples.append((time.perf_counter() - started) * 1000)
+    return statistics.median(samples)
+
+
+def script_copy(directory: Path, revisions: int) -> Path:
+    """The migration package with throwaway revisions chained after the real head, up to N in all
+    (no throwaway one when the real ones are N or more already)."""
+    package = directory / f"alembic_{revisions}"
+    shutil.copytree(ALEMBIC_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
+    first = int(max(read_revisions().heads)) + 1
+    for number in range(first, revisions + 1):
+        (package / "versions" / f"{number:03d}_noop.py").write_text(
+            f'"""Throwaway revision {number}."""\n\nrevision = "{number:03d}"\ndown_revision = "{number - 1:03d}"\n'
+            "branch_labels = None\ndepends_on = None\n\n\ndef upgrade() -> None:\n    pass\n\n\n"
+            "def downgrade() -> None:\n    pass\n"
+        )
+    return package
+
+
+async def main() -> None:
+    base = await server()
+    run = secrets.token_hex(4)
+    names: list[str] = []
+
+    async def scratch(label: str) -> DatabaseTarget:
+        names.append(f"kraken_bench_{run}_{label}")
+        return await ensure_database(base, names[-1])
+
+    try:
+        target = await scratch("boot")
+        settings = settings_for(target)
+        await run_migrations(settings)
+        kwargs = target.asyncpg_connect_kwargs()
+
+        async def bare() -> None:
+            conn = await asyncpg.connect(**kwargs)
+            try:
+                await conn.fetch("SELECT version_num FROM alembic_version")
+            finally:
+                await conn.close()
+
+        async def at_head() -> None:
+            status = await run_migrations(settings)
+            assert status.at_head
+
+        bare_ms = await median_ms(bare)
+        boot_ms = await median_ms(at_head)
+        cli_ms = await asyncio.to_thread(cli_median_ms, target)
+        print(f"server: {target.safe}")
+        print(f"{'bare asyncpg connect + SELECT version_num':48} {bare_ms:9.2f} ms  (median of {ROUNDS})")
+        print(f"{'run_migrations() at head':48} {boot_ms:9.2f} ms  (median of {ROUNDS})")
+        print(f"{'spawn `alembic upgrade head` at head':48} {cli_ms:9.2f} ms  (median of {CLI_ROUNDS})")
+        print(f"run_migrations / bare = {boot_ms / bare_ms:.2f}x   (target <= 2.0x)")
+        print(f"CLI / run_migrations  = {cli_ms / boot_ms:.0f}x   (target >= 50x)")
+
+        print(f"\n{'revisions':>9} {'warm at head':>14} {'cold at head':>14}   (run_migrations() median, ms)")
+        with tempfile.TemporaryDirectory() as tmp:
+            for size in SIZES:
+                package = script_copy(Path(tmp), size)
+                sized = settings_for(await scratch(f"r{size}"))
+                await run_migrations(sized, script_location=package)
+
+                async def warm(package: Path = package, sized: Settings = sized) -> None:
+                    await run_migrations(sized, script_location=package)
+
+                async def cold(package: Path = package, sized: Settings = sized) -> None:
+                    read_revisions.cache_clear()
+                    await run_migrations(sized, script_location=package)
+
+                warm_ms = await median_ms(warm, 50)
+                cold_ms = await median_ms(cold, 50)
+                print(f"{max(size, len(read_revisions().graph)):>9} {warm_ms:>14.2f} {cold_ms:>14.2f}")
+    finally:
+        conn = await asyncpg.connect(**base.asyncpg_connect_kwargs())
+        try:
+            for name in names:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
