@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Integer,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
     func,
     text,
@@ -55,8 +57,14 @@ def _money() -> Mapped[Decimal]:
     return mapped_column(Numeric(10, 6), nullable=False, server_default=_ZERO)
 
 
+def _non_negative(*columns: str) -> tuple[CheckConstraint, ...]:
+    # Named "<column>", which the convention turns into PostgreSQL's own "<table>_<column>_check".
+    return tuple(CheckConstraint(f"{column} >= 0", name=column) for column in columns)
+
+
 class Conversation(Base):
     __tablename__ = "kraken_conversations"
+    __table_args__ = _non_negative("total_turns", "total_tokens", "total_cost_usd")
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     session_id: Mapped[str] = mapped_column(String, nullable=False, index=True)
@@ -64,7 +72,8 @@ class Conversation(Base):
     system_prompt_hash: Mapped[str] = mapped_column(String(16), nullable=False)
     agent_version: Mapped[str] = mapped_column(String, nullable=False)
     status: Mapped[str] = mapped_column(String, nullable=False, server_default=text("'active'"))
-    started_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, server_default=func.now())
+    # Indexed for recent-first listings (a b-tree serves ORDER BY started_at DESC too).
+    started_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, server_default=func.now(), index=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     total_turns: Mapped[int] = _counter()
     total_tokens: Mapped[int] = _counter()
@@ -73,10 +82,22 @@ class Conversation(Base):
 
 class Turn(Base):
     __tablename__ = "kraken_turns"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "turn_number"),
+        *_non_negative(
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+            "duration_ms",
+            "tool_calls_count",
+            "cache_creation_tokens",
+            "cache_read_tokens",
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     conversation_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("kraken_conversations.id"), nullable=False, index=True
+        Uuid, ForeignKey("kraken_conversations.id", ondelete="CASCADE"), nullable=False, index=True
     )
     turn_number: Mapped[int] = mapped_column(Integer, nullable=False)
     user_query: Mapped[str] = mapped_column(Text, nullable=False)
@@ -94,9 +115,12 @@ class Turn(Base):
 
 class ToolCall(Base):
     __tablename__ = "kraken_tool_calls"
+    __table_args__ = (UniqueConstraint("turn_id", "sequence_order"),)
 
     id: Mapped[uuid.UUID] = _uuid_pk()
-    turn_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("kraken_turns.id"), nullable=False, index=True)
+    turn_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("kraken_turns.id", ondelete="CASCADE"), nullable=False, index=True
+    )
     tool_name: Mapped[str] = mapped_column(String, nullable=False)
     tool_args: Mapped[Any] = mapped_column(JSONB, nullable=False)
     tool_result: Mapped[Any] = mapped_column(JSONB, nullable=False)

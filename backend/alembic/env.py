@@ -29,6 +29,7 @@ from alembic.operations import ops
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from pydantic import ValidationError
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -48,6 +49,7 @@ if config.cmd_opts is not None and config.config_file_name is not None:
 logger = logging.getLogger("backend.migrations")
 target_metadata = Base.metadata
 LOCK_NOT_AVAILABLE = "55P03"
+DEADLOCK_DETECTED = "40P01"
 
 
 def _settings() -> Settings:
@@ -82,8 +84,9 @@ def _process_revision_directives(ctx: MigrationContext, revision: Any, directive
 
 def _next_revision_id() -> str:
     """Revisions are numbered 001, 002, ... like the baseline."""
-    heads = ScriptDirectory.from_config(config).get_heads()
-    numbers = [int(head) for head in heads if head.isdigit()]
+    # All revisions, not only the heads: after `alembic merge` the head has a random id.
+    revisions = ScriptDirectory.from_config(config).walk_revisions()
+    numbers = [int(script.revision) for script in revisions if script.revision.isdigit()]
     return f"{max(numbers, default=0) + 1:03d}"
 
 
@@ -119,15 +122,37 @@ def run_migrations_offline() -> None:
         process_revision_directives=_process_revision_directives,
         as_sql=True,
     )
+    if context.is_offline_mode():
+        # The bounds an online run sets, so SQL applied by hand (psql -f) waits no longer for locks.
+        for statement in _timeout_statements(_offline_settings()):
+            context.execute(statement)
     with context.begin_transaction():
         context.run_migrations()
+
+
+def _offline_settings() -> Settings:
+    """--sql needs no database: a missing DATABASE_URL is fine, a bad timeout is still reported."""
+    settings = config.attributes.get("settings")
+    if isinstance(settings, Settings):
+        return settings
+    try:
+        return Settings()
+    except ValidationError:
+        return _settings()  # get_settings() names the bad variable in one line
+
+
+def _timeout_statements(settings: Settings) -> list[str]:
+    return [
+        f"SET lock_timeout = '{int(settings.ddl_lock_timeout * 1000)}ms'",
+        f"SET statement_timeout = '{int(settings.ddl_statement_timeout * 1000)}ms'",
+    ]
 
 
 def _set_timeouts(connection: Connection, settings: Settings) -> None:
     """Session-level bounds for DDL, set once the advisory lock is held; a revision may SET LOCAL its own."""
     began = not connection.in_transaction()
-    connection.execute(text(f"SET lock_timeout = '{int(settings.ddl_lock_timeout * 1000)}ms'"))
-    connection.execute(text(f"SET statement_timeout = '{int(settings.ddl_statement_timeout * 1000)}ms'"))
+    for statement in _timeout_statements(settings):
+        connection.execute(text(statement))
     if (connection.dialect.server_version_info or (0,)) >= (14,):
         # If the runner dies during a long statement, the server notices within a second and
         # rolls the revision back, instead of finishing it for nobody while holding the lock.
@@ -137,33 +162,38 @@ def _set_timeouts(connection: Connection, settings: Settings) -> None:
         connection.commit()
 
 
-def _is_lock_timeout(exc: BaseException) -> bool:
-    orig = exc.orig if isinstance(exc, DBAPIError) else None
-    return (
-        getattr(orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
-        or getattr(getattr(orig, "__cause__", None), "sqlstate", None) == LOCK_NOT_AVAILABLE
-    )
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
 
 
 def _run_with_retries(settings: Settings) -> None:
-    """Run pending revisions; a revision whose transaction hit lock_timeout is retried from scratch."""
+    """Run pending revisions; a revision whose transaction hit lock_timeout, or was picked as a
+    deadlock victim, is rolled back and retried from scratch."""
     attempts = settings.ddl_lock_retries + 1
     for attempt in range(1, attempts + 1):
         try:
             context.run_migrations()
             return
         except DBAPIError as exc:
-            if not _is_lock_timeout(exc):
+            state = _sqlstate(exc)
+            if state not in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED):
                 raise
             if attempt == attempts:
+                problem = (
+                    f"could not get its table lock within lock_timeout ({settings.ddl_lock_timeout:g} s)"
+                    if state == LOCK_NOT_AVAILABLE
+                    else "deadlocked with another session"
+                )
                 raise CommandError(
-                    f"a revision could not get its table lock within lock_timeout "
-                    f"({settings.ddl_lock_timeout:g} s) in {attempts} attempts; another session holds "
-                    "a conflicting lock on a table it changes. Nothing of that revision was applied."
+                    f"a revision {problem} in {attempts} attempts; another session holds a conflicting lock "
+                    "on a table it changes. Its current transaction was rolled back (a revision that commits "
+                    "part-way resumes on the next run)."
                 ) from None
             wait = min(0.5 * 2 ** (attempt - 1), 10.0)
             logger.warning(
-                "revision hit lock_timeout (attempt %d of %d); rolled back, retrying in %.1f s",
+                "revision %s (attempt %d of %d); rolled back, retrying in %.1f s",
+                "hit lock_timeout" if state == LOCK_NOT_AVAILABLE else "was picked as a deadlock victim",
                 attempt,
                 attempts,
                 wait,

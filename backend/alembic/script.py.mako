@@ -4,19 +4,23 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
-Writing it lock-safe (see backend/alembic/README.md, "Writing a revision"):
+Writing it lock-safe (backend/alembic/README.md, "Writing a revision"; 002 is the worked example):
 - Static: never import the application's models; spell the DDL out here.
-- Each revision runs in its own transaction with lock_timeout (KRAKEN_DDL_LOCK_TIMEOUT, 5 s)
-  and is retried from scratch if it cannot get a table lock in time. A statement that needs
-  longer may raise it for this revision only: op.execute("SET LOCAL lock_timeout = '10s'").
-- Indexes on live tables: CREATE INDEX CONCURRENTLY inside op.get_context().autocommit_block().
-- Backfills: in batches, never one UPDATE over a whole large table.
+- It runs with lock_timeout (KRAKEN_DDL_LOCK_TIMEOUT, 5 s) and is retried from scratch when a lock
+  does not come in time, or it may be killed half-way: make it idempotent.
+- On existing tables, use the helpers (ops.*): create_index_concurrently, add_unique_constraint,
+  add_check_not_valid / add_foreign_key_not_valid then validate_constraint, replace_foreign_key.
+- New rules over old rows: ops.refuse_violations(revision, [...]) before the first change.
+- Backfills: ops.backfill_in_batches(...), never one UPDATE over a whole large table.
+- A downgrade that drops data calls ops.refuse_data_loss(revision, ...) first.
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+
+from backend import migration_ops as ops
 ${imports if imports else ""}
 revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}

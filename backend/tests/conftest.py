@@ -9,6 +9,7 @@ the migrations, never by ``create_all``.
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import os
 import secrets
@@ -24,8 +25,10 @@ import asyncpg
 import httpx
 import pytest
 from alembic.config import Config
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
 from fastapi import FastAPI
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -37,6 +40,10 @@ from backend.main import create_app
 
 RUN_ID = secrets.token_hex(4)
 DatabaseFactory = Callable[[], DatabaseTarget]
+# The real script directory's head, and the id `alembic revision` gives the next file. (With two
+# heads, test_revision_graph fails and says how to fix it; the other tests take the highest.)
+HEAD = max(database.read_revisions().heads)
+NEXT = f"{int(HEAD) + 1:03d}"
 
 
 def url_of(target: DatabaseTarget) -> str:
@@ -156,6 +163,41 @@ async def fetch(target: DatabaseTarget, query: str, *args: object) -> list[async
 def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:
     """``fetch`` for synchronous test code."""
     return asyncio.run(fetch(target, query, *args))
+
+
+async def run_ops_async(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
+    """Run ``operations`` (calls to backend.migration_ops) as a revision runs: on a connection of
+    its own, with lock_timeout set, inside a MigrationContext whose transactions Alembic manages."""
+    engine = database.create_migration_engine(target)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_in_migration_context, operations, lock_timeout)
+    finally:
+        await engine.dispose()
+
+
+def _in_migration_context(connection: Connection, operations: Callable[[], object], lock_timeout: str) -> None:
+    connection.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
+    connection.commit()
+    context = MigrationContext.configure(connection, opts={"transaction_per_migration": True})
+    with Operations.context(context), context.begin_transaction(_per_migration=True):
+        operations()
+
+
+def run_ops(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
+    """``run_ops_async`` for synchronous test code."""
+    asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout))
+
+
+def offline_ops(operations: Callable[[], object]) -> str:
+    """The SQL ``operations`` emit in --sql mode: no connection exists, so nothing can be looked up."""
+    buffer = io.StringIO()
+    context = MigrationContext.configure(
+        dialect_name="postgresql", opts={"as_sql": True, "output_buffer": buffer, "transaction_per_migration": True}
+    )
+    with Operations.context(context), context.begin_transaction(_per_migration=True):
+        operations()
+    return buffer.getvalue()
 
 
 # pytest-alembic: its built-in tests run against a fresh database through our env.py.

@@ -15,7 +15,7 @@ import pytest
 
 from backend.config import PROJECT_ROOT
 from backend.db_url import DatabaseTarget
-from backend.tests.conftest import child_env, out, run_alembic
+from backend.tests.conftest import HEAD, child_env, out, run_alembic
 
 pytestmark = pytest.mark.slow
 
@@ -132,7 +132,7 @@ def test_serves_on_an_empty_database(empty_db: DatabaseTarget) -> None:
         health = get_json(port, "/health", time.monotonic() + 60)
         ready = get_json(port, "/ready", time.monotonic() + 10)
         output = running.stop()
-    assert health == {"status": "ok", "revision": "001"}
+    assert health == {"status": "ok", "revision": HEAD}
     assert ready["status"] == "ready"
     assert "applied revision 001" in output
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output
@@ -151,7 +151,7 @@ def test_boots_once_the_database_comes_up_within_the_window(empty_db: DatabaseTa
             output = running.stop()
     finally:
         proxy.close()
-    assert health == {"status": "ok", "revision": "001"}
+    assert health == {"status": "ok", "revision": HEAD}
     attempts = [line for line in output.splitlines() if "database not reachable (attempt" in line]
     assert len(attempts) >= 2
     assert all(f"connection refused by postgres@127.0.0.1:{proxy.port}/" in line for line in attempts)

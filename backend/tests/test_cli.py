@@ -1,19 +1,23 @@
 """The alembic commands the README promises, run as a user runs them (real processes, real database)."""
 
+import subprocess
+import sys
 from pathlib import Path
 
+from backend.config import PROJECT_ROOT
 from backend.db_url import DatabaseTarget
-from backend.tests.conftest import out, run_alembic, scratch_alembic, sql
+from backend.tests.conftest import HEAD, NEXT, out, run_alembic, scratch_alembic, sql
 
 
 def test_current_and_history(empty_db: DatabaseTarget) -> None:
     assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
     current = run_alembic("current", target=empty_db)
     assert current.returncode == 0
-    assert current.stdout.strip() == "001 (head)"
+    assert current.stdout.strip() == f"{HEAD} (head)"
     history = run_alembic("history", target=empty_db)
     assert history.returncode == 0
-    assert "<base> -> 001 (head), Baseline schema" in history.stdout
+    assert "<base> -> 001, Baseline schema" in history.stdout
+    assert f"-> {HEAD} (head), " in history.stdout
 
 
 def test_check_reports_nothing_to_generate_at_head(empty_db: DatabaseTarget) -> None:
@@ -45,28 +49,34 @@ def test_revision_is_numbered_after_the_head_and_formatted(tmp_path: Path, empty
     ini = scratch_alembic(tmp_path)
     result = run_alembic("revision", "-m", "add foo", target=empty_db, config=ini)
     assert result.returncode == 0, out(result)
-    created = tmp_path / "alembic" / "versions" / "002_add_foo.py"
+    created = tmp_path / "alembic" / "versions" / f"{NEXT}_add_foo.py"
     assert created.exists(), sorted(p.name for p in (tmp_path / "alembic" / "versions").iterdir())
     source = created.read_text()
-    assert 'revision: str = "002"' in source
-    assert 'down_revision: str | None = "001"' in source
+    assert f'revision: str = "{NEXT}"' in source
+    assert f'down_revision: str | None = "{HEAD}"' in source
     assert "def upgrade() -> None:" in source
+    # The post-write hooks ran: the file is already as ruff formats it.
+    formatted = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "--quiet", str(created)], capture_output=True, text=True
+    )
+    assert formatted.returncode == 0, formatted.stdout + formatted.stderr
 
 
 def test_autogenerate_writes_the_difference_or_nothing(tmp_path: Path, empty_db: DatabaseTarget) -> None:
     ini = scratch_alembic(tmp_path)
     versions = tmp_path / "alembic" / "versions"
+    real = PROJECT_ROOT / "backend" / "alembic" / "versions"
     assert run_alembic("upgrade", "head", target=empty_db, config=ini).returncode == 0
 
     unchanged = run_alembic("revision", "--autogenerate", "-m", "nothing", target=empty_db, config=ini)
     assert unchanged.returncode == 0, out(unchanged)
     assert "no revision file written" in out(unchanged)
-    assert sorted(p.name for p in versions.glob("*.py")) == ["001_baseline_schema.py"]
+    assert sorted(p.name for p in versions.glob("*.py")) == sorted(p.name for p in real.glob("*.py"))
 
     sql(empty_db, "DROP INDEX ix_kraken_conversations_session_id")
     changed = run_alembic("revision", "--autogenerate", "-m", "restore index", target=empty_db, config=ini)
     assert changed.returncode == 0, out(changed)
-    source = (versions / "002_restore_index.py").read_text()
+    source = (versions / f"{NEXT}_restore_index.py").read_text()
     assert "ix_kraken_conversations_session_id" in source
     assert "op.create_index" in source
 

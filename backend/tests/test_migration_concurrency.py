@@ -14,7 +14,7 @@ import pytest
 from backend.config import PROJECT_ROOT
 from backend.db_url import DatabaseTarget
 from backend.migration_lock import LOCK_KEY
-from backend.tests.conftest import child_env, fetch, out, run_alembic, scratch_alembic, sql
+from backend.tests.conftest import HEAD, NEXT, child_env, fetch, out, run_alembic, scratch_alembic, sql
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def race(script: str, count: int, db: DatabaseTarget, directory: Path) -> list[s
 
 
 def schema_at_head(db: DatabaseTarget) -> None:
-    assert [r[0] for r in sql(db, "SELECT version_num FROM alembic_version")] == ["001"]
+    assert [r[0] for r in sql(db, "SELECT version_num FROM alembic_version")] == [HEAD]
     tables = sql(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'kraken\\_%'")[0][0]
     assert tables == 3
 
@@ -81,7 +81,7 @@ def test_sixteen_replicas_booting_at_once_all_succeed(
     results = race(RUN_MIGRATIONS, 16, empty_db, tmp_path / "race")
     failures = [r.stderr for r in results if r.returncode != 0]
     assert failures == []
-    assert [r.stdout.strip() for r in results] == ["001"] * 16
+    assert [r.stdout.strip() for r in results] == [HEAD] * 16
     schema_at_head(empty_db)
 
 
@@ -93,7 +93,7 @@ def test_eight_concurrent_alembic_upgrades_all_succeed(empty_db: DatabaseTarget,
     schema_at_head(empty_db)
 
 
-SLOW_REVISION = '''
+SLOW_REVISION = f'''
     """A revision that stops half-way when asked to, for the kill test."""
     import os
     import time
@@ -101,8 +101,8 @@ SLOW_REVISION = '''
 
     from alembic import op
 
-    revision = "002"
-    down_revision = "001"
+    revision = "{NEXT}"
+    down_revision = "{HEAD}"
     branch_labels = None
     depends_on = None
 
@@ -129,7 +129,7 @@ SLOW_REVISION = '''
 def test_a_runner_killed_mid_revision_leaves_nothing_half_done(
     where: str, empty_db: DatabaseTarget, tmp_path: Path
 ) -> None:
-    ini = scratch_alembic(tmp_path, {"002_slow.py": SLOW_REVISION})
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_slow.py": SLOW_REVISION})
     signal_file = tmp_path / "mid-revision"
     runner = subprocess.Popen(
         [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head"],
@@ -158,24 +158,24 @@ def test_a_runner_killed_mid_revision_leaves_nothing_half_done(
         runner.wait(timeout=30)
     assert runner.returncode == -signal.SIGKILL
 
-    # The revision's transaction died with it: 001 is committed, nothing of 002 exists.
-    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == ["001"]
+    # The revision's transaction died with it: those before are committed, nothing of it exists.
+    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [HEAD]
     assert sql(empty_db, "SELECT to_regclass('kraken_half_done') IS NULL")[0][0]
 
     # The lock went with the session: the next run gets it at once and finishes the job.
     started = time.monotonic()
     result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="20")
     assert result.returncode == 0, out(result)
-    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == ["002"]
+    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [NEXT]
     assert sql(empty_db, "SELECT count(*) FROM kraken_half_done")[0][0] == 1
     assert time.monotonic() - started < 20
 
 
-ALTER_TURNS = """
+ALTER_TURNS = f"""
     from alembic import op
 
-    revision = "002"
-    down_revision = "001"
+    revision = "{NEXT}"
+    down_revision = "{HEAD}"
     branch_labels = None
     depends_on = None
 
@@ -193,7 +193,7 @@ async def test_a_blocked_migration_gives_up_without_stalling_the_service(
     empty_db: DatabaseTarget, tmp_path: Path
 ) -> None:
     assert (await asyncio.to_thread(run_alembic, "upgrade", "head", target=empty_db)).returncode == 0
-    ini = scratch_alembic(tmp_path, {"002_alter_turns.py": ALTER_TURNS})
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_alter_turns.py": ALTER_TURNS})
     kwargs = empty_db.asyncpg_connect_kwargs()
 
     # A long-running read holds ACCESS SHARE on kraken_turns for the whole test.
@@ -235,7 +235,7 @@ async def test_a_blocked_migration_gives_up_without_stalling_the_service(
     assert output.count("hit lock_timeout (attempt") == 2
     assert "Traceback" not in output
     # Nothing of the revision happened, and the service was never held up past the lock timeout.
-    assert [r[0] for r in await fetch(empty_db, "SELECT version_num FROM alembic_version")] == ["001"]
+    assert [r[0] for r in await fetch(empty_db, "SELECT version_num FROM alembic_version")] == [HEAD]
     assert not await fetch(
         empty_db, "SELECT 1 FROM pg_attribute WHERE attrelid = 'kraken_turns'::regclass AND attname = 'note'"
     )
@@ -264,11 +264,12 @@ async def test_waiting_for_the_migration_lock_names_the_holder(empty_db: Databas
     assert (await fetch(empty_db, "SELECT to_regclass('alembic_version') IS NULL"))[0][0]
 
 
-CONCURRENT_INDEX = """
+CONCURRENT_INDEX = (
+    """
     from alembic import op
 
-    revision = "002"
-    down_revision = "001"
+    revision = "{next}"
+    down_revision = "{head}"
     branch_labels = None
     depends_on = None
 
@@ -289,10 +290,13 @@ CONCURRENT_INDEX = """
         op.execute("DROP TABLE kraken_lock_seen")
         op.execute("DROP INDEX ix_kraken_turns_model")
 """.replace("{key}", str(LOCK_KEY))
+    .replace("{next}", NEXT)
+    .replace("{head}", HEAD)
+)
 
 
 def test_the_lock_survives_a_revision_that_leaves_its_transaction(empty_db: DatabaseTarget, tmp_path: Path) -> None:
-    ini = scratch_alembic(tmp_path, {"002_concurrent_index.py": CONCURRENT_INDEX})
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_concurrent_index.py": CONCURRENT_INDEX})
     result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
     assert result.returncode == 0, out(result)
     assert sql(empty_db, "SELECT holders FROM kraken_lock_seen")[0][0] == 1

@@ -12,7 +12,7 @@ from backend.config import Settings
 from backend.database import MigrationError, SchemaNotAtHead, create_engine, run_migrations
 from backend.db_url import DatabaseTarget
 from backend.main import create_app
-from backend.tests.conftest import fetch
+from backend.tests.conftest import HEAD, fetch
 
 SettingsFor = Callable[..., Settings]
 
@@ -35,13 +35,13 @@ async def versions(db: DatabaseTarget) -> list[str]:
 
 async def test_boot_on_an_empty_database_migrates_it(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
     health, ready = await get(settings_for(empty_db), "/health", "/ready")
-    assert health == (200, {"status": "ok", "revision": "001"})
-    assert ready == (200, {"status": "ready", "revision": "001", "head": ["001"]})
-    assert await versions(empty_db) == ["001"]
+    assert health == (200, {"status": "ok", "revision": HEAD})
+    assert ready == (200, {"status": "ready", "revision": HEAD, "head": [HEAD]})
+    assert await versions(empty_db) == [HEAD]
 
 
 async def test_check_mode_refuses_a_database_behind_head(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
-    with pytest.raises(SchemaNotAtHead, match="at revision none, code expects 001"):
+    with pytest.raises(SchemaNotAtHead, match=f"at revision none, code expects {HEAD}"):
         await get(settings_for(empty_db, migrate_on_startup="check"), "/health")
     assert (await fetch(empty_db, "SELECT to_regclass('alembic_version') IS NULL"))[0][0]
 
@@ -107,10 +107,12 @@ async def test_logs_one_line_per_revision_then_the_result_and_nothing_at_head(
     with caplog.at_level(logging.INFO):
         await run_migrations(settings)
     lines = [r.getMessage() for r in caplog.records if r.name == "backend.migrations"]
-    assert len(lines) == 2, lines
-    assert lines[0].startswith("applied revision 001 (Baseline schema")
-    assert lines[0].endswith(" ms")
-    assert lines[1].startswith("schema at revision 001")
+    *applied, result = lines
+    assert len(applied) == int(HEAD), lines
+    assert applied[0].startswith("applied revision 001 (Baseline schema")
+    assert all(line.startswith("applied revision ") for line in applied)
+    assert all(line.endswith(" ms") for line in applied)
+    assert result.startswith(f"schema at revision {HEAD}")
 
     caplog.clear()
     with caplog.at_level(logging.DEBUG):
@@ -164,5 +166,5 @@ async def test_migrations_use_their_own_url_when_the_service_goes_through_a_pool
         {"DATABASE_URL": pooled, "MIGRATIONS_DATABASE_URL": direct, "db_connect_timeout": 0}
     )
     status = await run_migrations(settings)
-    assert status.revision == "001"
-    assert await versions(empty_db) == ["001"]
+    assert status.revision == HEAD
+    assert await versions(empty_db) == [HEAD]

@@ -22,6 +22,8 @@ import sqlalchemy as sa
 from alembic import context, op
 from alembic.util import CommandError
 
+from backend.migration_ops import refuse_data_loss
+
 revision: str = "001"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -303,5 +305,8 @@ def _table_exists(conn: sa.Connection, table: str) -> bool:
 
 
 def downgrade() -> None:
+    # Dropping the tables loses every conversation: refused while they hold rows, unless the
+    # operator passes -x allow_data_loss=true.
+    refuse_data_loss(revision, [table.name for table in reversed(TABLES)])
     for table in reversed(TABLES):
         op.execute(f'DROP TABLE IF EXISTS "{table.name}"')

@@ -1,0 +1,599 @@
+"""Lock-safe schema changes for revisions: what a busy table with millions of rows needs.
+
+The service keeps reading and writing while a revision runs, so nothing here holds a lock that
+stops it for longer than a moment:
+
+- indexes are built and dropped ``CONCURRENTLY``, outside any transaction;
+- foreign keys and check constraints are added ``NOT VALID`` (a catalog change under a brief
+  lock) and validated in a later transaction, whose scan lets writes continue;
+- a unique constraint is attached to a unique index built concurrently beforehand.
+
+Every lock wait is bounded by the session's ``lock_timeout`` (env.py); a revision that hits it is
+rolled back and run again. So every helper is idempotent: on a database it looks at the catalog
+first and does only what is missing, which also finishes a revision that was interrupted
+half-way (an INVALID index left by a cancelled build is dropped and rebuilt). Each helper commits
+when done, so its locks end with it.
+
+Offline (``alembic upgrade --sql``) there is no database to look at: the helpers emit the SQL a
+database at the previous revision needs, with ``COMMIT``/``BEGIN`` where the transaction splits.
+
+Revisions import this module; it never imports the application's models, and changing what an
+existing helper emits changes every revision that uses it, so keep it backwards compatible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
+from sqlalchemy.exc import DBAPIError
+
+logger = logging.getLogger("backend.migrations")
+
+UNIQUE_VIOLATION = "23505"
+DATA_LOSS_FLAG = "-x allow_data_loss=true"
+# pg_constraint.confdeltype codes.
+_ON_DELETE = {None: "a", "NO ACTION": "a", "RESTRICT": "r", "CASCADE": "c", "SET NULL": "n", "SET DEFAULT": "d"}
+
+
+# --- small pieces ----------------------------------------------------------------------------
+
+
+def ident(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _columns(columns: Sequence[str]) -> str:
+    return ", ".join(ident(c) for c in columns)
+
+
+def literal(value: str) -> str:
+    """A quoted SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _context() -> MigrationContext:
+    return op.get_context()
+
+
+def _offline() -> bool:
+    return bool(_context().as_sql)
+
+
+def _bind() -> sa.Connection:
+    return op.get_bind()
+
+
+def _rows(query: str, **params: Any) -> list[sa.Row[Any]]:
+    return list(_bind().execute(sa.text(query), params))
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    # SQLAlchemy's asyncpg adapter keeps asyncpg's exception, which has the code, as the cause.
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+
+
+def _require_own_transactions(ctx: MigrationContext) -> None:
+    # autocommit_block() can only end a transaction Alembic began; a connection handed to env.py
+    # already inside a transaction would silently keep every lock to the end, or fail obscurely.
+    if getattr(ctx, "_in_external_transaction", False):
+        raise CommandError(
+            "this revision commits part-way (lock-safe operations need their own transactions), but the "
+            "connection handed to env.py is already inside a transaction; hand it a connection outside one"
+        )
+
+
+def commit() -> None:
+    """End the revision's current transaction here (releasing its locks) and begin a new one."""
+    ctx = _context()
+    if not ctx.as_sql:
+        _require_own_transactions(ctx)
+    with ctx.autocommit_block():
+        pass
+
+
+def _static(text: str) -> None:
+    """Raw text in the offline SQL (a comment for squawk, say); nothing online."""
+    buffer = _context().impl.output_buffer
+    if _offline() and buffer is not None:
+        # Not static_output(): squawk applies an ignore comment only to the line right below it.
+        buffer.write(text + "\n")
+
+
+# --- the catalog -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    table: str
+    columns: tuple[str | None, ...]
+    unique: bool
+    valid: bool
+
+
+_INDEX_QUERY = sa.text(
+    "SELECT t.relname, i.indisunique, i.indisvalid AND i.indisready,"
+    " array(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
+    "       LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+    "       WHERE k.n <= i.indnkeyatts ORDER BY k.n)"
+    " FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid"
+    " WHERE i.indexrelid = to_regclass(:name)"
+)
+
+
+def index_info(name: str) -> IndexInfo | None:
+    row = _bind().execute(_INDEX_QUERY, {"name": ident(name)}).first()
+    if row is None:
+        return None
+    table, unique, valid, columns = row
+    return IndexInfo(table, tuple(columns), bool(unique), bool(valid))
+
+
+@dataclass(frozen=True)
+class ConstraintInfo:
+    kind: str  # pg_constraint.contype: c(heck), f(oreign key), u(nique), p(rimary key)
+    validated: bool
+    columns: tuple[str, ...]
+    ref_table: str | None
+    ref_columns: tuple[str, ...]
+    on_delete: str  # confdeltype
+    on_update: str  # confupdtype
+
+
+_CONSTRAINT_QUERY = sa.text(
+    "SELECT c.contype::text, c.convalidated, nullif(c.confrelid, 0)::regclass::text,"
+    " c.confdeltype::text, c.confupdtype::text,"
+    " array(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(attnum, n)"
+    "       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum ORDER BY k.n),"
+    " array(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY AS k(attnum, n)"
+    "       JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.attnum ORDER BY k.n)"
+    " FROM pg_constraint c WHERE c.conrelid = to_regclass(:table) AND c.conname = :name"
+)
+
+
+def constraint_info(name: str, table: str) -> ConstraintInfo | None:
+    row = _bind().execute(_CONSTRAINT_QUERY, {"table": ident(table), "name": name}).first()
+    if row is None:
+        return None
+    kind, validated, ref_table, on_delete, on_update, columns, ref_columns = row
+    return ConstraintInfo(
+        kind, bool(validated), tuple(columns), ref_table, tuple(ref_columns), on_delete.strip(), on_update.strip()
+    )
+
+
+def _in_write_transaction() -> bool:
+    """Has the current transaction changed anything (so it holds locks worth releasing)?"""
+    return _bind().execute(sa.text("SELECT txid_current_if_assigned() IS NOT NULL")).scalar_one() is True
+
+
+# --- indexes ---------------------------------------------------------------------------------
+
+
+def create_index_concurrently(name: str, table: str, columns: Sequence[str], *, unique: bool = False) -> None:
+    """``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS``, outside the revision's transaction.
+
+    Writes continue during the build (it takes SHARE UPDATE EXCLUSIVE). A build that was cancelled
+    (lock_timeout, a killed runner) leaves an INVALID index behind, which IF NOT EXISTS alone
+    would keep forever: it is dropped and built again. A unique build that finds duplicates
+    drops what it left and says so.
+    """
+    ddl = (
+        f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {ident(name)}"
+        f" ON {ident(table)} ({_columns(columns)})"
+    )
+    ctx = _context()
+    if ctx.as_sql:
+        with ctx.autocommit_block():
+            op.execute(ddl)
+        return
+    _require_own_transactions(ctx)
+    with ctx.autocommit_block():
+        found = index_info(name)
+        if found is not None:
+            if (found.table, found.columns, found.unique) != (table, tuple(columns), unique):
+                raise CommandError(
+                    f"index {name} already exists with another definition (on {found.table} "
+                    f"({', '.join(str(c) for c in found.columns)}), unique={found.unique}); give the new index "
+                    "another name or drop the old one first"
+                )
+            if found.valid:
+                return
+            logger.warning("index %s is INVALID (an interrupted build left it); building it again", name)
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
+        try:
+            op.execute(ddl)
+        except DBAPIError as exc:
+            if _sqlstate(exc) != UNIQUE_VIOLATION:
+                raise  # a lock or statement timeout: the INVALID index is rebuilt by the next run
+            # The failed build left an INVALID index that every write would still maintain.
+            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
+            raise CommandError(
+                f"cannot build unique index {name}: {table} has rows with the same ({', '.join(columns)}); "
+                "nothing was left behind"
+            ) from None
+
+
+def drop_index_concurrently(name: str) -> None:
+    """``DROP INDEX CONCURRENTLY IF EXISTS``, outside the revision's transaction."""
+    ctx = _context()
+    if not ctx.as_sql:
+        _require_own_transactions(ctx)
+    with ctx.autocommit_block():
+        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
+
+
+# --- constraints -----------------------------------------------------------------------------
+
+
+def _on_delete_code(on_delete: str | None) -> str:
+    key = on_delete.upper() if on_delete else None
+    if key not in _ON_DELETE:
+        raise ValueError(f"unsupported ON DELETE action {on_delete!r}")
+    return _ON_DELETE[key]
+
+
+def _fk_matches(
+    found: ConstraintInfo | None,
+    columns: Sequence[str],
+    ref_table: str,
+    ref_columns: Sequence[str],
+    on_delete: str | None,
+) -> bool:
+    return (
+        found is not None
+        and found.kind == "f"
+        and found.columns == tuple(columns)
+        and found.ref_table == ref_table
+        and found.ref_columns == tuple(ref_columns)
+        and found.on_delete == _on_delete_code(on_delete)
+        and found.on_update == "a"
+    )
+
+
+def _fk_sql(columns: Sequence[str], ref_table: str, ref_columns: Sequence[str], on_delete: str | None) -> str:
+    sql = f"FOREIGN KEY ({_columns(columns)}) REFERENCES {ident(ref_table)} ({_columns(ref_columns)})"
+    if on_delete and _on_delete_code(on_delete) != "a":
+        sql += f" ON DELETE {on_delete.upper()}"
+    return sql
+
+
+def add_foreign_key_not_valid(
+    name: str,
+    table: str,
+    columns: Sequence[str],
+    ref_table: str,
+    ref_columns: Sequence[str] = ("id",),
+    *,
+    on_delete: str | None = None,
+) -> None:
+    """Add a foreign key that checks new rows at once and existing rows only at ``validate_constraint``.
+
+    Takes SHARE ROW EXCLUSIVE on both tables for a catalog change only, then commits.
+    """
+    if not _offline():
+        found = constraint_info(name, table)
+        if found is not None:
+            if _fk_matches(found, columns, ref_table, ref_columns, on_delete):
+                return
+            raise CommandError(
+                f"constraint {name} on {table} exists with another definition; replace it with replace_foreign_key()"
+            )
+    _lock_referenced_first(table, ref_table, "SHARE ROW EXCLUSIVE")
+    op.execute(
+        f"ALTER TABLE {ident(table)} ADD CONSTRAINT {ident(name)} "
+        f"{_fk_sql(columns, ref_table, ref_columns, on_delete)} NOT VALID"
+    )
+    commit()
+
+
+def _lock_referenced_first(table: str, ref_table: str, mode: str) -> None:
+    """Adding or dropping a foreign key locks both tables, the referencing one first. The service
+    writes the other way round (a conversation, then its turns): a transaction holding the parent
+    and waiting for the child, against one holding the child and waiting for the parent, is a
+    deadlock. Taking the parent first, in the service's order, avoids it."""
+    if ref_table != table:
+        op.execute(f"LOCK TABLE {ident(ref_table)} IN {mode} MODE")
+
+
+def add_check_not_valid(name: str, table: str, condition: str) -> None:
+    """Add a CHECK constraint that new rows must pass at once; existing rows wait for ``validate_constraint``.
+
+    A catalog change under a brief ACCESS EXCLUSIVE lock, then commits.
+    """
+    if not _offline():
+        found = constraint_info(name, table)
+        if found is not None:
+            if found.kind == "c":
+                return
+            raise CommandError(f"constraint {name} on {table} exists and is not a CHECK constraint")
+    op.execute(f"ALTER TABLE {ident(table)} ADD CONSTRAINT {ident(name)} CHECK ({condition}) NOT VALID")
+    commit()
+
+
+def validate_constraint(name: str, table: str) -> None:
+    """``VALIDATE CONSTRAINT`` in a transaction of its own: it scans the table under SHARE UPDATE
+    EXCLUSIVE, which lets reads and writes continue (a foreign key also takes ROW SHARE on the
+    referenced table)."""
+    if not _offline():
+        found = constraint_info(name, table)
+        if found is None:
+            raise CommandError(f"there is no constraint {name} on {table} to validate")
+        if found.validated:
+            return
+        if _in_write_transaction():
+            # Never scan while still holding the ACCESS EXCLUSIVE lock of an ADD in this transaction.
+            commit()
+    op.execute(f"ALTER TABLE {ident(table)} VALIDATE CONSTRAINT {ident(name)}")
+    commit()
+
+
+def drop_constraint(name: str, table: str) -> None:
+    """``DROP CONSTRAINT IF EXISTS`` (catalog only: a brief ACCESS EXCLUSIVE lock), then commit.
+
+    Dropping a unique constraint drops its index too.
+    """
+    if not _offline():
+        found = constraint_info(name, table)
+        if found is None:
+            return
+        if found.kind == "f" and found.ref_table:
+            _lock_referenced_first(table, found.ref_table, "ACCESS EXCLUSIVE")
+    op.execute(f"ALTER TABLE {ident(table)} DROP CONSTRAINT IF EXISTS {ident(name)}")
+    commit()
+
+
+def add_unique_constraint(name: str, table: str, columns: Sequence[str]) -> None:
+    """A UNIQUE constraint from a unique index built concurrently: the exclusive lock only attaches it.
+
+    The index gets the constraint's name, as ``ADD CONSTRAINT ... UNIQUE USING INDEX`` would
+    rename it to that anyway.
+    """
+    if not _offline():
+        found = constraint_info(name, table)
+        if found is not None:
+            if found.kind == "u" and found.columns == tuple(columns):
+                return
+            raise CommandError(f"constraint {name} on {table} exists with another definition")
+    create_index_concurrently(name, table, columns, unique=True)
+    op.execute(f"ALTER TABLE {ident(table)} ADD CONSTRAINT {ident(name)} UNIQUE USING INDEX {ident(name)}")
+    commit()
+
+
+def _pending_name(name: str) -> str:
+    # The replacement lives under this name until it takes over; PostgreSQL names have 63 bytes.
+    return f"{name[:59]}_new"
+
+
+def replace_foreign_key(
+    name: str,
+    table: str,
+    columns: Sequence[str],
+    ref_table: str,
+    ref_columns: Sequence[str] = ("id",),
+    *,
+    on_delete: str | None = None,
+) -> None:
+    """Change a foreign key (its ON DELETE action, say) and keep its name, without a window in
+    which the old rule is not enforced.
+
+    The replacement is added NOT VALID under a temporary name and validated while the old key
+    still holds; then, in one short transaction, the old key is dropped and the new one renamed.
+    """
+    pending = _pending_name(name)
+    if not _offline():
+        if _fk_matches(constraint_info(name, table), columns, ref_table, ref_columns, on_delete):
+            validate_constraint(name, table)
+            if constraint_info(pending, table) is not None:
+                drop_constraint(pending, table)  # left over by a run that went the other way
+            return
+        leftover = constraint_info(pending, table)
+        if leftover is not None and not _fk_matches(leftover, columns, ref_table, ref_columns, on_delete):
+            drop_constraint(pending, table)
+    add_foreign_key_not_valid(pending, table, columns, ref_table, ref_columns, on_delete=on_delete)
+    validate_constraint(pending, table)
+    # Dropping a foreign key takes ACCESS EXCLUSIVE on both tables, for a catalog change only.
+    _lock_referenced_first(table, ref_table, "ACCESS EXCLUSIVE")
+    # squawk warns about any dropped or renamed constraint; this one is replaced by an equal,
+    # already validated key that takes over its name in the same transaction.
+    _static("-- squawk-ignore ban-drop-constraint")
+    op.execute(f"ALTER TABLE {ident(table)} DROP CONSTRAINT IF EXISTS {ident(name)}")
+    _static("-- squawk-ignore renaming-object")
+    op.execute(f"ALTER TABLE {ident(table)} RENAME CONSTRAINT {ident(pending)} TO {ident(name)}")
+    commit()
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def backfill_in_batches(statement: str) -> int:
+    """Run an UPDATE/INSERT/DELETE that handles one batch, each batch in a transaction of its own,
+    until a batch touches no row; returns the rows touched.
+
+    The statement must pick only rows still to do, a bounded number of them, e.g.
+    ``UPDATE t SET x = ... WHERE id IN (SELECT id FROM t WHERE x IS NULL LIMIT 5000)``: so each
+    transaction locks a few thousand rows for a moment, and a run interrupted half-way resumes.
+    Offline it is emitted once, with a comment saying to repeat it.
+    """
+    if _offline():
+        _static("-- repeat the next statement until it reports 0 rows")
+        op.execute(statement)
+        commit()
+        return 0
+    total = 0
+    while True:
+        touched = _bind().execute(sa.text(statement)).rowcount
+        commit()
+        if not touched:
+            return total
+        total += touched
+
+
+# --- refusing to run -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule a revision is about to enforce, and how to find the rows that already break it."""
+
+    label: str
+    table: str
+    violation: str  # SQL condition, on the table aliased ``t``, true for a row that breaks the rule
+    show: str = "t.*"  # what the listing query selects
+    order: str = "1"
+
+    @classmethod
+    def check(cls, table: str, condition: str, show: Iterable[str] = ()) -> Rule:
+        shown = ", ".join(f"t.{ident(c)}" for c in ("id", *show))
+        return cls(f"{table}: {condition}", table, f"NOT ({condition})", shown)
+
+    @classmethod
+    def unique(cls, table: str, columns: Sequence[str]) -> Rule:
+        cols = _columns(columns)
+        tcols = ", ".join(f"t.{ident(c)}" for c in columns)
+        return cls(
+            f"{table}: unique ({', '.join(columns)})",
+            table,
+            f"({tcols}) IN (SELECT {cols} FROM {ident(table)} GROUP BY {cols} HAVING count(*) > 1)",
+            f"t.{ident('id')}, {tcols}",
+            ", ".join(str(n) for n in range(2, len(columns) + 2)),
+        )
+
+    @classmethod
+    def references(cls, table: str, column: str, ref_table: str, ref_column: str = "id") -> Rule:
+        return cls(
+            f"{table}.{column} references {ref_table}",
+            table,
+            f"t.{ident(column)} IS NOT NULL AND NOT EXISTS "
+            f"(SELECT 1 FROM {ident(ref_table)} AS r WHERE r.{ident(ref_column)} = t.{ident(column)})",
+            f"t.{ident('id')}, t.{ident(column)}",
+        )
+
+    def list_sql(self) -> str:
+        return f"SELECT {self.show} FROM {ident(self.table)} AS t WHERE {self.violation} ORDER BY {self.order}"
+
+    def count_sql(self) -> str:
+        return f"SELECT count(*) FROM {ident(self.table)} AS t WHERE {self.violation}"
+
+
+def _count_violations(rules: Sequence[Rule]) -> list[tuple[Rule, int]]:
+    """One scan per table: each rule is a FILTER of the same count."""
+    found: list[tuple[Rule, int]] = []
+    by_table: dict[str, list[Rule]] = {}
+    for rule in rules:
+        by_table.setdefault(rule.table, []).append(rule)
+    for table, table_rules in by_table.items():
+        filters = ", ".join(f"count(*) FILTER (WHERE {rule.violation})" for rule in table_rules)
+        counts = _bind().execute(sa.text(f"SELECT {filters} FROM {ident(table)} AS t")).one()
+        found += [(rule, int(n)) for rule, n in zip(table_rules, counts, strict=True) if n]
+    return found
+
+
+def refuse_violations(revision: str, rules: Sequence[Rule]) -> None:
+    """Stop the revision, before it changes anything, if existing rows break rules it adds.
+
+    A revision never changes or deletes rows to make a rule pass. The message (one line, so the
+    CLI prints one ``FAILED:`` line and the service logs all of it) counts the rows per rule and
+    gives a query that lists them. Offline, the same check is emitted as a DO block that raises.
+    """
+    if _offline():
+        _emit_violation_guard(revision, rules)
+        return
+    found = _count_violations(rules)
+    if not found:
+        return
+    total = sum(n for _, n in found)
+    details = "; ".join(f"{rule.label}: {n} row(s), list them with: {rule.list_sql()}" for rule, n in found)
+    raise CommandError(
+        f"revision {revision} changed nothing: {total} violation(s) of rules it adds. {details}. "
+        "A revision never changes or deletes rows to make a rule pass: correct or remove these rows, "
+        "then run the upgrade again."
+    )
+
+
+def _emit_violation_guard(revision: str, rules: Sequence[Rule]) -> None:
+    # No % anywhere: offline SQL is compiled with a paramstyle that would double it. The variables'
+    # names are ones no column has, as PL/pgSQL refuses a name that could be either.
+    checks = "\n".join(
+        f"    SELECT count(*) INTO guard_rows FROM {ident(rule.table)} AS t WHERE {rule.violation};\n"
+        f"    IF guard_rows > 0 THEN\n"
+        f"        guard_found := guard_found || {literal('; ' + rule.label + ': ')} || guard_rows || ' row(s)';\n"
+        "    END IF;"
+        for rule in rules
+    )
+    message = literal(f"revision {revision} changed nothing: rows break rules it adds")
+    op.execute(
+        "DO $guard$\nDECLARE\n    guard_rows bigint;\n    guard_found text := '';\nBEGIN\n"
+        f"{checks}\n"
+        f"    IF guard_found <> '' THEN\n        RAISE EXCEPTION USING MESSAGE = {message} || guard_found;\n"
+        "    END IF;\nEND\n$guard$"
+    )
+
+
+def allow_data_loss() -> bool:
+    """Whether the operator passed ``-x allow_data_loss=true``."""
+    environment = _context().environment_context
+    if environment is None:
+        return False
+    value = environment.get_x_argument(as_dictionary=True).get("allow_data_loss", "")
+    return str(value).strip().lower() == "true"
+
+
+def refuse_data_loss(
+    revision: str, tables: Sequence[str] = (), columns: Mapping[str, Sequence[str]] | None = None
+) -> None:
+    """Stop a downgrade that would drop tables holding rows (or columns holding values), unless the
+    operator passed ``-x allow_data_loss=true``. The message says how much would be lost."""
+    columns = columns or {}
+    if allow_data_loss():
+        logger.warning("downgrade of %s may drop data: -x allow_data_loss=true was given", revision)
+        return
+    if _offline():
+        _emit_data_loss_guard(revision, tables, columns)
+        return
+    losses: list[str] = []
+    rows = values = 0
+    for table in tables:
+        if _rows("SELECT to_regclass(:t)", t=ident(table))[0][0] is None:
+            continue
+        n = int(_rows(f"SELECT count(*) FROM {ident(table)}")[0][0])
+        if n:
+            losses.append(f"{table} ({n} row(s))")
+            rows += n
+    for table, names in columns.items():
+        for column in names:
+            n = int(_rows(f"SELECT count({ident(column)}) FROM {ident(table)}")[0][0])
+            if n:
+                losses.append(f"{table}.{column} ({n} value(s))")
+                values += n
+    if losses:
+        lost = " and ".join(part for part in (rows and f"{rows} row(s)", values and f"{values} value(s)") if part)
+        raise CommandError(
+            f"downgrade of {revision} would drop {', '.join(losses)}: {lost} would be lost, so nothing was "
+            f"changed. Back up what you need, then run it again with {DATA_LOSS_FLAG} before the command "
+            f"(uv run alembic {DATA_LOSS_FLAG} downgrade ...)"
+        )
+
+
+def _emit_data_loss_guard(revision: str, tables: Sequence[str], columns: Mapping[str, Sequence[str]]) -> None:
+    checks = [f"EXISTS (SELECT 1 FROM {ident(t)})" for t in tables]
+    checks += [
+        f"EXISTS (SELECT 1 FROM {ident(table)} WHERE {ident(c)} IS NOT NULL)"
+        for table, names in columns.items()
+        for c in names
+    ]
+    if not checks:
+        return
+    conditions = "\n        OR ".join(f"({c})" for c in checks)
+    message = f"downgrade of {revision} would drop data; to drop it, generate the SQL with {DATA_LOSS_FLAG}"
+    op.execute(
+        f"DO $guard$\nBEGIN\n    IF {conditions} THEN\n"
+        f"        RAISE EXCEPTION USING MESSAGE = {literal(message)};\n    END IF;\nEND\n$guard$"
+    )

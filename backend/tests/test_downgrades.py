@@ -1,0 +1,118 @@
+"""Every revision goes up, down and up again on a database with rows; downgrades that would lose
+rows refuse unless the operator says so."""
+
+import re
+
+import asyncpg
+import pytest
+from alembic.script import ScriptDirectory
+
+from backend import database
+from backend.db_url import DatabaseTarget
+from backend.tests.conftest import fetch, out, run_alembic, sql
+
+TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
+# Rows every revision so far accepts: a conversation with two turns and a tool call on each. A
+# revision that adds a column without a default extends this.
+SEED = """
+WITH c AS (
+    INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version)
+    VALUES ('stairway', 'm', 'h', 'v') RETURNING id
+), t AS (
+    INSERT INTO kraken_turns (conversation_id, turn_number, user_query, assistant_response, model)
+    SELECT id, n, 'q', 'a', 'm' FROM c, generate_series(1, 2) AS n RETURNING id
+)
+INSERT INTO kraken_tool_calls (turn_id, tool_name, tool_args, tool_result, sequence_order)
+SELECT id, 'search', '{}', '{}', 1 FROM t
+"""
+
+
+def revisions() -> list[tuple[str, str | None]]:
+    """(revision, the revision it follows), base first."""
+    script = ScriptDirectory.from_config(database.alembic_config())
+    steps = []
+    for step in reversed(list(script.walk_revisions())):
+        assert step.down_revision is None or isinstance(step.down_revision, str), "a merge revision"
+        steps.append((step.revision, step.down_revision))
+    return steps
+
+
+def rows(db: DatabaseTarget) -> dict[str, list[tuple[object, ...]]]:
+    present = [t for t in TABLES if sql(db, "SELECT to_regclass($1) IS NOT NULL", t)[0][0]]
+    return {t: sorted(tuple(map(str, r)) for r in sql(db, f"SELECT * FROM {t}")) for t in present}
+
+
+def version(db: DatabaseTarget) -> list[str]:
+    if sql(db, "SELECT to_regclass('alembic_version') IS NULL")[0][0]:
+        return []
+    return [r[0] for r in sql(db, "SELECT version_num FROM alembic_version")]
+
+
+def migrate(db: DatabaseTarget, *args: str) -> None:
+    result = run_alembic(*args, target=db)
+    assert result.returncode == 0, out(result)
+
+
+def test_stairway_up_down_up_with_rows_at_every_step(empty_db: DatabaseTarget) -> None:
+    steps = revisions()
+    assert steps[0] == ("001", None)
+    for revision, down in steps:
+        migrate(empty_db, "upgrade", revision)
+        sql(empty_db, SEED)
+        before = rows(empty_db)
+
+        result = run_alembic("downgrade", "-1", target=empty_db)
+        lost = result.returncode != 0
+        if lost:
+            # Only a downgrade that would lose rows may refuse, and then it changes nothing.
+            assert "-x allow_data_loss=true" in out(result), out(result)
+            assert (version(empty_db), rows(empty_db)) == ([revision], before)
+            migrate(empty_db, "-x", "allow_data_loss=true", "downgrade", "-1")
+        assert version(empty_db) == ([down] if down else [])
+        if not lost:
+            assert rows(empty_db) == before, f"downgrading {revision} lost rows without asking"
+
+        migrate(empty_db, "upgrade", revision)
+        assert version(empty_db) == [revision]
+        if not lost:
+            assert rows(empty_db) == before, f"upgrading to {revision} again changed rows"
+        else:
+            sql(empty_db, SEED)  # the next step starts from rows again
+
+
+def test_downgrading_001_refuses_while_the_tables_hold_rows(empty_db: DatabaseTarget) -> None:
+    migrate(empty_db, "upgrade", "001")
+    sql(empty_db, SEED)
+    before = rows(empty_db)
+
+    result = run_alembic("downgrade", "base", target=empty_db)
+    assert result.returncode != 0
+    failed = [line for line in out(result).splitlines() if line.startswith("FAILED")]
+    assert failed == [
+        "FAILED: downgrade of 001 would drop kraken_tool_calls (2 row(s)), kraken_turns (2 row(s)),"
+        " kraken_conversations (1 row(s)): 5 row(s) would be lost, so nothing was changed. Back up what you"
+        " need, then run it again with -x allow_data_loss=true before the command"
+        " (uv run alembic -x allow_data_loss=true downgrade ...)"
+    ]
+    assert version(empty_db) == ["001"]
+    assert rows(empty_db) == before
+
+
+async def test_offline_downgrade_sql_carries_the_same_refusal(empty_db: DatabaseTarget) -> None:
+    guarded = run_alembic("downgrade", "001:base", "--sql", target=None)
+    assert guarded.returncode == 0, out(guarded)
+    found = re.search(r"DO \$guard\$.*?\$guard\$", guarded.stdout, re.DOTALL)
+    assert found is not None, guarded.stdout
+    assert found.start() < guarded.stdout.index("DROP TABLE")
+
+    for table in TABLES:
+        await fetch(empty_db, f"CREATE TABLE {table} (id int)")
+    await fetch(empty_db, found.group(0))  # empty tables: nothing to lose
+    await fetch(empty_db, "INSERT INTO kraken_turns VALUES (1)")
+    with pytest.raises(asyncpg.RaiseError, match="downgrade of 001 would drop data"):
+        await fetch(empty_db, found.group(0))
+
+    allowed = run_alembic("-x", "allow_data_loss=true", "downgrade", "001:base", "--sql", target=None)
+    assert allowed.returncode == 0, out(allowed)
+    assert "$guard$" not in allowed.stdout
+    assert 'DROP TABLE IF EXISTS "kraken_turns"' in allowed.stdout
