@@ -545,38 +545,3 @@ async def test_openapi_documents_the_api_and_its_security(client):
     assert paths["/conversations/{conversation_id}/turns"]["post"]["security"] == [{"HTTPBearer": []}]
     view = paths["/conversations/{conversation_id}"]["get"]["responses"]["200"]["content"]["application/json"]
     assert view["schema"] == {"$ref": "#/components/schemas/ConversationDetail"}
-
-
-# --- with revision 002's constraints -------------------------------------------------------
-
-REVISION_002_LIKE = [
-    "ALTER TABLE kraken_turns ADD UNIQUE (conversation_id, turn_number)",
-    "ALTER TABLE kraken_tool_calls ADD UNIQUE (turn_id, sequence_order)",
-    "ALTER TABLE kraken_tool_calls DROP CONSTRAINT kraken_tool_calls_turn_id_fkey,"
-    " ADD FOREIGN KEY (turn_id) REFERENCES kraken_turns (id) ON DELETE CASCADE",
-    "ALTER TABLE kraken_turns DROP CONSTRAINT kraken_turns_conversation_id_fkey,"
-    " ADD FOREIGN KEY (conversation_id) REFERENCES kraken_conversations (id) ON DELETE CASCADE",
-    "ALTER TABLE kraken_turns ADD CHECK (input_tokens >= 0 AND output_tokens >= 0 AND cost_usd >= 0"
-    " AND duration_ms >= 0 AND tool_calls_count >= 0 AND cache_creation_tokens >= 0 AND cache_read_tokens >= 0)",
-    "ALTER TABLE kraken_conversations ADD CHECK (total_turns >= 0 AND total_tokens >= 0 AND total_cost_usd >= 0)",
-    "CREATE INDEX ON kraken_conversations (started_at)",
-]
-
-
-async def test_everything_works_the_same_with_revision_002s_constraints(client, db_connection):
-    """Revision 002 is written elsewhere; its constraints, applied here, change nothing for the API."""
-    for statement in REVISION_002_LIKE:
-        await db_connection.exec_driver_sql(statement)
-    conversation = await new_conversation(client, session_id="with-002")
-    url = f"/conversations/{conversation['id']}"
-    calls = [{"tool_name": f"t{i}", "tool_args": {}, "tool_result": i} for i in range(3)]
-    numbers = [
-        (await client.post(f"{url}/turns", json=turn_body(tool_calls=calls))).json()["turn_number"] for _ in range(3)
-    ]
-    assert numbers == [1, 2, 3]
-    assert (await client.post(f"{url}/turns", json=turn_body(input_tokens=-1))).status_code == 422  # not the CHECK
-    assert (await client.post(f"{url}/end", json={"status": "completed"})).status_code == 200
-    assert len((await client.get(url)).json()["turns"]) == 3
-    assert len((await client.get("/conversations", params={"session_id": "with-002"})).json()["items"]) == 1
-    assert (await client.delete(url)).status_code == 204
-    assert await stored_counts(db_connection, conversation["id"]) == (0, 0)
