@@ -576,8 +576,9 @@ def refuse_data_loss(
     if losses:
         lost = " and ".join(part for part in (rows and f"{rows} row(s)", values and f"{values} value(s)") if part)
         raise CommandError(
-            f"downgrade of {revision} would drop {', '.join(losses)}: {lost} would be lost, so nothing was "
-            f"changed. Back up what you need, then run it again with {DATA_LOSS_FLAG} before the command "
+            f"downgrade of {revision} would drop {', '.join(losses)}: {lost} would be lost, "
+            f"so {revision} was not reverted (revisions after it were). Back up what you need, "
+            f"then run it again with {DATA_LOSS_FLAG} before the command "
             f"(uv run alembic {DATA_LOSS_FLAG} downgrade ...)"
         )
 

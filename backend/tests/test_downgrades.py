@@ -90,8 +90,9 @@ def test_downgrading_001_refuses_while_the_tables_hold_rows(empty_db: DatabaseTa
     failed = [line for line in out(result).splitlines() if line.startswith("FAILED")]
     assert failed == [
         "FAILED: downgrade of 001 would drop kraken_tool_calls (2 row(s)), kraken_turns (2 row(s)),"
-        " kraken_conversations (1 row(s)): 5 row(s) would be lost, so nothing was changed. Back up what you"
-        " need, then run it again with -x allow_data_loss=true before the command"
+        " kraken_conversations (1 row(s)): 5 row(s) would be lost, so 001 was not reverted"
+        " (revisions after it were). Back up what you need, then run it again with -x allow_data_loss=true"
+        " before the command"
         " (uv run alembic -x allow_data_loss=true downgrade ...)"
     ]
     assert version(empty_db) == ["001"]
