@@ -107,6 +107,9 @@ def load_settings() -> Settings:
     # Parse the URLs now so a bad one fails at start, not at first use.
     settings.database_target()
     settings.migrations_target()
+    if settings.migrations_database_url is not None and settings.database_url is None:
+        # The service would serve the embedded database while migrations went elsewhere.
+        raise ConfigError("MIGRATIONS_DATABASE_URL is set but DATABASE_URL is not; set both or neither")
     if settings.env == "production" and settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set; KRAKEN_ENV=production requires a database URL")
     return settings

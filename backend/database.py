@@ -213,7 +213,8 @@ def read_revisions(script_location: Path = ALEMBIC_DIR) -> Revisions:
     for path in sorted((script_location / "versions").glob("*.py")):
         source = path.read_text(encoding="utf-8")
         rev, down = _REVISION.search(source), _DOWN.search(source)
-        if rev is None or down is None:
+        # A value spread over lines ("down_revision = (\n") is beyond this reader: ask Alembic.
+        if rev is None or down is None or down.group(1).count("(") != down.group(1).count(")"):
             script = ScriptDirectory.from_config(alembic_config(script_location=script_location))
             return Revisions({s.revision: tuple(s._all_down_revisions) for s in script.walk_revisions()})
         graph[rev.group(1)] = tuple(_QUOTED.findall(down.group(1)))

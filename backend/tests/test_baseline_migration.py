@@ -320,3 +320,18 @@ def test_orphaned_rows_block_the_missing_foreign_key(empty_db: DatabaseTarget) -
     assert "kraken_turns has 1 row(s) whose conversation_id matches no row of kraken_conversations" in out(result)
     assert count(empty_db, "kraken_turns") == 2
     assert sql(empty_db, "SELECT to_regclass('kraken_tool_calls') IS NULL")[0][0]
+
+
+def test_a_table_without_an_id_column_gets_one_and_its_primary_key(empty_db: DatabaseTarget) -> None:
+    sql(empty_db, LEGACY_DDL[0].replace("id uuid PRIMARY KEY DEFAULT gen_random_uuid(), ", ""))
+    sql(
+        empty_db,
+        "INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version)"
+        " VALUES ('s1', 'm', 'h', 'v'), ('s2', 'm', 'h', 'v')",
+    )
+    result = run_alembic("upgrade", "001", target=empty_db)
+    assert result.returncode == 0, out(result)
+    assert count(empty_db, "kraken_conversations") == 2
+    assert sql(empty_db, "SELECT count(DISTINCT id) FROM kraken_conversations")[0][0] == 2
+    assert "kraken_conversations" in primary_keys(empty_db)
+    assert_seed_schema(empty_db)

@@ -135,6 +135,7 @@ def test_serves_on_an_empty_database(empty_db: DatabaseTarget) -> None:
     assert health == {"status": "ok", "revision": HEAD}
     assert ready["status"] == "ready"
     assert "applied revision 001" in output
+    assert "Running upgrade" not in output  # alembic's own narration stays out of the service log
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output
 
 
@@ -204,3 +205,16 @@ def test_configuration_errors_give_one_line_and_no_password(case: int, empty_db:
         assert fragment in output
         assert "Traceback" not in output
         assert PASSWORD not in output
+
+
+def test_without_database_url_it_serves_from_the_embedded_server_and_says_where(tmp_path: Path) -> None:
+    pgdata = tmp_path / "pgdata"
+    port = free_port()
+    with service(child_env(None, KRAKEN_PORT=str(port), KRAKEN_EMBEDDED_PGDATA=str(pgdata))) as running:
+        health = get_json(port, "/health", time.monotonic() + 120)
+        output = running.stop()
+    assert health["status"] == "ok"
+    assert f"DATABASE_URL is not set: using embedded PostgreSQL with data in {pgdata}" in output
+    assert (pgdata / "PG_VERSION").exists()
+    # The service let go of the server it started: no postgres is left running on that directory.
+    assert not (pgdata / "postmaster.pid").exists()

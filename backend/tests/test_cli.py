@@ -86,3 +86,88 @@ def test_deploy_migrations_need_no_api_key_in_production(empty_db: DatabaseTarge
     result = run_alembic("upgrade", "head", target=empty_db, KRAKEN_ENV="production")
     assert result.returncode == 0, out(result)
     assert sql(empty_db, "SELECT count(*) FROM alembic_version")[0][0] == 1
+
+
+def test_upgrade_on_a_database_ahead_of_the_code(empty_db: DatabaseTarget) -> None:
+    # Rolling a deploy back: the pipeline's `alembic upgrade head` must not stop the rollback.
+    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
+    sql(empty_db, "UPDATE alembic_version SET version_num = '999'")
+    served = run_alembic("upgrade", "head", target=empty_db)
+    assert served.returncode == 0, out(served)
+    assert "revision 999, which this code does not know; nothing to upgrade" in out(served)
+    refused = run_alembic("upgrade", "head", target=empty_db, KRAKEN_SCHEMA_AHEAD="refuse")
+    assert refused.returncode != 0
+    assert [line for line in out(refused).splitlines() if line.startswith("FAILED")] == [
+        "FAILED: database schema is at revision 999, which this code does not know; refusing to upgrade"
+        " (KRAKEN_SCHEMA_AHEAD=refuse)"
+    ]
+    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == "999"
+
+
+FAILING = """
+    from alembic import op
+
+    revision = "{next}"
+    down_revision = "{head}"
+    branch_labels = None
+    depends_on = None
+
+
+    def upgrade():
+        op.execute("CREATE TABLE kraken_never (id int)")
+        op.execute("SELECT 1 / 0")
+
+
+    def downgrade():
+        pass
+"""
+
+
+def test_a_failing_revision_is_one_line_and_rolled_back(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_failing.py": FAILING.format(next=NEXT, head=HEAD)})
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
+    assert result.returncode != 0
+    assert "Traceback" not in out(result)
+    assert [line for line in out(result).splitlines() if line.startswith("FAILED")] == [
+        "FAILED: a revision failed: division by zero (SQLSTATE 22012)"
+    ]
+    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
+    assert sql(empty_db, "SELECT to_regclass('kraken_never') IS NULL")[0][0]
+
+
+OWN_LOCK_TIMEOUT = """
+    from alembic import op
+
+    revision = "{rev}"
+    down_revision = "{down}"
+    branch_labels = None
+    depends_on = None
+
+
+    def upgrade():
+        {set_local}
+        op.execute("CREATE TABLE IF NOT EXISTS kraken_seen (revision text, lock_timeout text)")
+        op.execute("INSERT INTO kraken_seen VALUES ('{rev}', current_setting('lock_timeout'))")
+
+
+    def downgrade():
+        pass
+"""
+
+
+def test_a_revision_may_set_its_own_lock_timeout(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+    second = f"{int(NEXT) + 1:03d}"
+    ini = scratch_alembic(
+        tmp_path,
+        {
+            f"{NEXT}_own.py": OWN_LOCK_TIMEOUT.format(
+                rev=NEXT, down=HEAD, set_local="op.execute(\"SET LOCAL lock_timeout = '42s'\")"
+            ),
+            f"{second}_default.py": OWN_LOCK_TIMEOUT.format(rev=second, down=NEXT, set_local="pass"),
+        },
+    )
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_DDL_LOCK_TIMEOUT="3")
+    assert result.returncode == 0, out(result)
+    seen = dict(sql(empty_db, "SELECT revision, lock_timeout FROM kraken_seen"))
+    # SET LOCAL lasts for that revision's transaction; the next one is back at the configured bound.
+    assert seen == {NEXT: "42s", second: "3s"}

@@ -103,3 +103,11 @@ def test_service_refuses_bad_configuration_with_one_line(env: dict[str, str], fr
     assert fragment in output
     assert "Traceback" not in output
     assert PASSWORD not in output
+
+
+def test_migrations_url_alone_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The service would serve the embedded database while migrations went to another one.
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("MIGRATIONS_DATABASE_URL", "postgresql://owner@primary:5432/kraken")
+    with pytest.raises(ConfigError, match="MIGRATIONS_DATABASE_URL is set but DATABASE_URL is not"):
+        load_settings()

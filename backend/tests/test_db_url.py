@@ -75,6 +75,7 @@ def test_ssl_root_certificate_builds_a_verifying_context(tmp_path: object) -> No
         (f"postgresql://u:{PASSWORD}@db/app?connect_timeout=soon", "connect_timeout=soon"),
         (f"postgresql://u:{PASSWORD}@db/app?frobnicate=1", "frobnicate"),
         (f"postgresql://u:{PASSWORD}@db/app?sslmode=require&sslmode=disable", "repeats"),
+        (f"postgresql://u:{PASSWORD}@x@db.example.com/app", "percent-encode '@' in the password"),
     ],
 )
 def test_bad_urls_are_refused_with_one_line_without_the_password(raw: str, fragment: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import PROJECT_ROOT
+from backend.database import read_revisions
 
 VERSIONS = PROJECT_ROOT / "backend" / "alembic" / "versions"
 
@@ -147,3 +148,19 @@ def test_the_helpers_import_no_application_code() -> None:
     code = "import sys, backend.migration_ops; print(sorted(m for m in sys.modules if m.startswith('backend')))"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "['backend', 'backend.migration_ops']"
+
+
+def test_a_merge_revision_written_over_several_lines_is_read_right(tmp_path: Path) -> None:
+    # The boot-time reader parses ids from the files' text; a tuple spread over lines must not
+    # turn a merge into a third head (which would keep /ready at 503 forever).
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    for rev, down in (("001", "None"), ("002", '"001"'), ("003", '"001"')):
+        (versions / f"{rev}_r.py").write_text(f'revision = "{rev}"\ndown_revision = {down}\n')
+    (versions / "004_merge.py").write_text('revision = "004"\ndown_revision = (\n    "002",\n    "003",\n)\n')
+    for path in versions.iterdir():
+        path.write_text(path.read_text() + "branch_labels = None\ndepends_on = None\n")
+    (tmp_path / "script.py.mako").write_text("")
+    revisions = read_revisions(tmp_path)
+    assert revisions.heads == frozenset({"004"})
+    assert revisions.graph["004"] == ("002", "003")

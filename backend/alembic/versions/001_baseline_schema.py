@@ -278,8 +278,13 @@ def _plan_adoption(
                 "so the service could not insert rows"
             )
 
-    if not existing.has_pk and "id" in existing.columns:
-        duplicates = _count(conn, f'SELECT count(*) FROM (SELECT id FROM "{name}" GROUP BY id HAVING count(*) > 1) d')
+    if not existing.has_pk:
+        # An id column added just above is filled by gen_random_uuid(): no duplicates there.
+        duplicates = (
+            0
+            if "id" not in existing.columns
+            else _count(conn, f'SELECT count(*) FROM (SELECT id FROM "{name}" GROUP BY id HAVING count(*) > 1) d')
+        )
         if duplicates:
             problems.append(f"{name}.id has {duplicates} duplicated value(s), so it cannot be the primary key")
         else:
@@ -288,9 +293,9 @@ def _plan_adoption(
     fk = table.fk
     if fk and fk.column not in existing.fks and fk.column in existing.columns:
         orphan_filter = f'"{fk.column}" IS NOT NULL'
-        if _table_exists(conn, fk.table):
+        if _column_exists(conn, fk.table, "id"):
             orphan_filter += f' AND NOT EXISTS (SELECT 1 FROM "{fk.table}" p WHERE p.id = t."{fk.column}")'
-        # A parent table that does not exist yet is created empty, so every reference is an orphan.
+        # A parent table (or id column) that does not exist yet starts empty: every reference is an orphan.
         orphans = _count(conn, f'SELECT count(*) FROM "{name}" t WHERE {orphan_filter}')
         if orphans:
             problems.append(f"{name} has {orphans} row(s) whose {fk.column} matches no row of {fk.table}")
@@ -300,8 +305,15 @@ def _plan_adoption(
             )
 
 
-def _table_exists(conn: sa.Connection, table: str) -> bool:
-    return bool(conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": f"public.{table}"}).scalar_one())
+def _column_exists(conn: sa.Connection, table: str, column: str) -> bool:
+    return bool(
+        conn.execute(
+            sa.text(
+                "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(:t) AND attname = :c AND NOT attisdropped"
+            ),
+            {"t": f"public.{table}", "c": column},
+        ).first()
+    )
 
 
 def downgrade() -> None:
