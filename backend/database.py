@@ -169,7 +169,11 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request: committed if the handler succeeds, rolled back if it raises."""
+    """One session per request: committed if the handler succeeds, rolled back if it raises.
+
+    The conversation service sends single statements straight through the session's asyncpg
+    connection (no BEGIN): each commits on its own, and joins the transaction when one is open.
+    """
     factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
     async with factory() as session:
         try:

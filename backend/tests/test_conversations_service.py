@@ -187,7 +187,16 @@ async def test_appending_to_an_unknown_or_ended_conversation_raises(session):
 
 
 async def test_delete_removes_children_without_relying_on_cascades(session, db_connection):
-    # Revision 001 has no ON DELETE CASCADE: this passes only if the service deletes every level.
+    # Put the foreign keys back as revision 001 made them, without ON DELETE CASCADE (in this
+    # test's transaction only): this passes only if the service deletes every level itself.
+    for table, column, parent in (
+        ("kraken_tool_calls", "turn_id", "kraken_turns"),
+        ("kraken_turns", "conversation_id", "kraken_conversations"),
+    ):
+        await db_connection.exec_driver_sql(
+            f"ALTER TABLE {table} DROP CONSTRAINT {table}_{column}_fkey,"
+            f" ADD CONSTRAINT {table}_{column}_fkey FOREIGN KEY ({column}) REFERENCES {parent} (id)"
+        )
     conversation_id = await _conversation(session)
     turn = await _append(session, conversation_id)
 
