@@ -34,8 +34,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
-from backend.db_errors import sqlstate
-
 logger = logging.getLogger("backend.migrations")
 
 UNIQUE_VIOLATION = "23505"
@@ -75,6 +73,12 @@ def _bind() -> sa.Connection:
 
 def _rows(query: str, **params: Any) -> list[sa.Row[Any]]:
     return list(_bind().execute(sa.text(query), params))
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    # Like backend.db_errors.sqlstate, repeated so revisions' helpers import no other backend module.
+    orig = exc.orig
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
 
 
 def _require_own_transactions(ctx: MigrationContext) -> None:
@@ -207,7 +211,7 @@ def create_index_concurrently(name: str, table: str, columns: Sequence[str], *, 
         try:
             op.execute(ddl)
         except DBAPIError as exc:
-            if sqlstate(exc) != UNIQUE_VIOLATION:
+            if _sqlstate(exc) != UNIQUE_VIOLATION:
                 raise  # a lock or statement timeout: the INVALID index is rebuilt by the next run
             # The failed build left an INVALID index that every write would still maintain.
             op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
