@@ -73,11 +73,14 @@ def cli_median_ms(target: DatabaseTarget) -> float:
 
 
 def script_copy(directory: Path, revisions: int) -> Path:
-    """The migration package with throwaway revisions chained after the real head, up to N in all
-    (no throwaway one when the real ones are N or more already)."""
+    """The migration package with exactly N revisions: the real ones up to N (they are numbered
+    001, 002, ... in one line), then throwaway ones chained after them."""
     package = directory / f"alembic_{revisions}"
     shutil.copytree(ALEMBIC_DIR, package, ignore=shutil.ignore_patterns("__pycache__"))
-    first = int(max(read_revisions().heads)) + 1
+    for path in (package / "versions").glob("*.py"):
+        if int(path.name[:3]) > revisions:
+            path.unlink()
+    first = min(int(max(read_revisions().heads)), revisions) + 1
     for number in range(first, revisions + 1):
         (package / "versions" / f"{number:03d}_noop.py").write_text(
             f'"""Throwaway revision {number}."""\n\nrevision = "{number:03d}"\ndown_revision = "{number - 1:03d}"\n'
@@ -139,7 +142,7 @@ async def main() -> None:
 
                 warm_ms = await median_ms(warm, 50)
                 cold_ms = await median_ms(cold, 50)
-                print(f"{max(size, len(read_revisions().graph)):>9} {warm_ms:>14.2f} {cold_ms:>14.2f}")
+                print(f"{len(read_revisions(package).graph):>9} {warm_ms:>14.2f} {cold_ms:>14.2f}")
     finally:
         conn = await asyncpg.connect(**base.asyncpg_connect_kwargs())
         try:
