@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 DATABASE_NAME = "kraken"
 _started: dict[Path, DatabaseTarget] = {}
 _servers: dict[Path, Any] = {}
+_databases: dict[Path, DatabaseTarget] = {}
 
 
 def release_servers() -> None:
@@ -34,6 +35,7 @@ def release_servers() -> None:
     for pgdata, server in list(_servers.items()):
         server.cleanup()
         del _servers[pgdata], _started[pgdata]
+        _databases.pop(pgdata, None)
 
 
 def _start_server(pgdata: Path) -> DatabaseTarget:
@@ -86,4 +88,8 @@ async def ensure_database(server: DatabaseTarget, name: str) -> DatabaseTarget:
 
 async def embedded_database(pgdata: Path) -> DatabaseTarget:
     """The application's database on the embedded server, created on first use."""
-    return await ensure_database(await embedded_server(pgdata), DATABASE_NAME)
+    target = _databases.get(pgdata)
+    if target is None:
+        # Boot asks twice (migrations, then the service's engine): check the catalogue once.
+        target = _databases[pgdata] = await ensure_database(await embedded_server(pgdata), DATABASE_NAME)
+    return target

@@ -146,8 +146,11 @@ OWN_LOCK_TIMEOUT = """
 
     def upgrade():
         {set_local}
-        op.execute("CREATE TABLE IF NOT EXISTS kraken_seen (revision text, lock_timeout text)")
-        op.execute("INSERT INTO kraken_seen VALUES ('{rev}', current_setting('lock_timeout'))")
+        op.execute("CREATE TABLE IF NOT EXISTS kraken_seen (revision text, lock_timeout text, statement_timeout text)")
+        op.execute(
+            "INSERT INTO kraken_seen"
+            " VALUES ('{rev}', current_setting('lock_timeout'), current_setting('statement_timeout'))"
+        )
 
 
     def downgrade():
@@ -166,8 +169,18 @@ def test_a_revision_may_set_its_own_lock_timeout(tmp_path: Path, empty_db: Datab
             f"{second}_default.py": OWN_LOCK_TIMEOUT.format(rev=second, down=NEXT, set_local="pass"),
         },
     )
-    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_DDL_LOCK_TIMEOUT="3")
+    result = run_alembic(
+        "-c",
+        str(ini),
+        "upgrade",
+        "head",
+        target=empty_db,
+        KRAKEN_DDL_LOCK_TIMEOUT="3",
+        KRAKEN_DDL_STATEMENT_TIMEOUT="90",
+    )
     assert result.returncode == 0, out(result)
     seen = dict(sql(empty_db, "SELECT revision, lock_timeout FROM kraken_seen"))
     # SET LOCAL lasts for that revision's transaction; the next one is back at the configured bound.
     assert seen == {NEXT: "42s", second: "3s"}
+    # statement_timeout is the configured bound in every revision.
+    assert {r[0] for r in sql(empty_db, "SELECT DISTINCT statement_timeout FROM kraken_seen")} == {"90s"}
