@@ -13,7 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from backend.db_url import DatabaseTarget, DatabaseUrlError, parse_database_url
+from backend.db.embedded import embedded_database
+from backend.db.url import DatabaseTarget, DatabaseUrlError, parse_database_url
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,3 +125,15 @@ def check_serving(settings: Settings) -> None:
 @cache
 def get_settings() -> Settings:
     return load_settings()
+
+
+async def resolve_target(settings: Settings, *, migrations: bool = False) -> DatabaseTarget:
+    """The configured database (the migrations' one with ``migrations``), or the embedded one when
+    DATABASE_URL is unset."""
+    target = settings.migrations_target() if migrations else settings.database_target()
+    if target is not None:
+        return target
+    try:
+        return await embedded_database(settings.embedded_pgdata)
+    except DatabaseUrlError as exc:  # the embedded server is not installed
+        raise ConfigError(str(exc)) from None

@@ -10,26 +10,27 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.api import api_router
 from backend.api.errors import install_error_handlers
 from backend.api.middleware import BodySizeLimit
-from backend.config import ConfigError, Settings, check_serving, get_settings
-from backend.database import (
+from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
+from backend.db.embedded import release_servers
+from backend.db.engine import create_engine, create_session_factory
+from backend.db.url import DatabaseTarget
+from backend.migrations.revisions import SchemaStatus
+from backend.migrations.runner import (
     DatabaseUnavailable,
     MigrationError,
     SchemaNotAtHead,
-    SchemaStatus,
     check_schema,
-    create_engine,
-    create_session_factory,
+    migrations_target,
     read_schema_status,
-    resolve_target,
     run_migrations,
 )
-from backend.embedded_postgres import release_servers
 
-logger = logging.getLogger("backend")
+logger = logging.getLogger(__name__)
 
 # What stops a boot without a traceback: each is reported as one line.
 STARTUP_ERRORS = (ConfigError, DatabaseUnavailable, MigrationError, SchemaNotAtHead)
@@ -41,8 +42,17 @@ async def prepare_schema(settings: Settings) -> SchemaStatus:
         return await run_migrations(settings)
     if settings.migrate_on_startup == "check":
         return await check_schema(settings)
-    target = await resolve_target(settings, migrations=True)
-    return await read_schema_status(target, wait=settings.db_connect_timeout)
+    return await read_schema_status(await migrations_target(settings), wait=settings.db_connect_timeout)
+
+
+def create_service_engine(target: DatabaseTarget, settings: Settings) -> AsyncEngine:
+    """The engine requests use, sized and configured by the settings."""
+    return create_engine(
+        target,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        statement_cache=settings.db_statement_cache,
+    )
 
 
 @asynccontextmanager
@@ -52,7 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # `kraken-backend` prepares the schema before serving (to fail with one line); other servers
     # (`uvicorn backend.main:app`) get it done here.
     status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
-    engine = create_engine(await resolve_target(settings), settings)
+    engine = create_service_engine(await resolve_target(settings), settings)
     app.state.settings = settings
     app.state.schema_status = status
     app.state.engine = engine
@@ -94,7 +104,7 @@ async def _serve(settings: Settings) -> int:
 def main() -> None:
     """Entry point of `uv run kraken-backend`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # backend.migrations logs each applied revision once; alembic's own INFO lines would repeat it.
+    # backend.migrations.runner logs each applied revision once; alembic's own INFO lines would repeat it.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         settings = get_settings()

@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     Numeric,
     String,
+    Table,
     Text,
     UniqueConstraint,
     Uuid,
@@ -41,8 +42,21 @@ NAMING_CONVENTION = {
 _ZERO = text("0")
 
 
+# Column.info flag: the column holds a count or an amount, so the table checks it is >= 0.
+NON_NEGATIVE = "non_negative"
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)  # maps the class: its table exists from here on
+        table = cls.__table__
+        assert isinstance(table, Table)
+        for column in table.columns:
+            if column.info.get(NON_NEGATIVE):
+                # Named "<column>", which the convention turns into PostgreSQL's own "<table>_<column>_check".
+                table.append_constraint(CheckConstraint(f"{column.name} >= 0", name=column.name))
 
 
 def _uuid_pk() -> Mapped[uuid.UUID]:
@@ -50,21 +64,15 @@ def _uuid_pk() -> Mapped[uuid.UUID]:
 
 
 def _counter() -> Mapped[int]:
-    return mapped_column(Integer, nullable=False, server_default=_ZERO)
+    return mapped_column(Integer, nullable=False, server_default=_ZERO, info={NON_NEGATIVE: True})
 
 
 def _money() -> Mapped[Decimal]:
-    return mapped_column(Numeric(10, 6), nullable=False, server_default=_ZERO)
-
-
-def _non_negative(*columns: str) -> tuple[CheckConstraint, ...]:
-    # Named "<column>", which the convention turns into PostgreSQL's own "<table>_<column>_check".
-    return tuple(CheckConstraint(f"{column} >= 0", name=column) for column in columns)
+    return mapped_column(Numeric(10, 6), nullable=False, server_default=_ZERO, info={NON_NEGATIVE: True})
 
 
 class Conversation(Base):
     __tablename__ = "kraken_conversations"
-    __table_args__ = _non_negative("total_turns", "total_tokens", "total_cost_usd")
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     session_id: Mapped[str] = mapped_column(String, nullable=False, index=True)
@@ -82,18 +90,7 @@ class Conversation(Base):
 
 class Turn(Base):
     __tablename__ = "kraken_turns"
-    __table_args__ = (
-        UniqueConstraint("conversation_id", "turn_number"),
-        *_non_negative(
-            "input_tokens",
-            "output_tokens",
-            "cost_usd",
-            "duration_ms",
-            "tool_calls_count",
-            "cache_creation_tokens",
-            "cache_read_tokens",
-        ),
-    )
+    __table_args__ = (UniqueConstraint("conversation_id", "turn_number"),)
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     conversation_id: Mapped[uuid.UUID] = mapped_column(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -25,12 +24,13 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import asyncpg
-
 from backend.config import PROJECT_ROOT, Settings
-from backend.database import ALEMBIC_DIR, read_revisions, run_migrations
-from backend.db_url import DatabaseTarget, parse_database_url
-from backend.embedded_postgres import embedded_server, ensure_database
+from backend.db.admin import scratch_database
+from backend.db.embedded import embedded_server
+from backend.db.engine import connect
+from backend.db.url import DatabaseTarget, parse_database_url
+from backend.migrations.revisions import ALEMBIC_DIR, read_revisions
+from backend.migrations.runner import run_migrations
 
 ROUNDS = 200
 CLI_ROUNDS = 5
@@ -92,21 +92,12 @@ def script_copy(directory: Path, revisions: int) -> Path:
 
 async def main() -> None:
     base = await server()
-    run = secrets.token_hex(4)
-    names: list[str] = []
-
-    async def scratch(label: str) -> DatabaseTarget:
-        names.append(f"kraken_bench_{run}_{label}")
-        return await ensure_database(base, names[-1])
-
-    try:
-        target = await scratch("boot")
+    async with scratch_database(base, "kraken_bench_boot") as target:
         settings = settings_for(target)
         await run_migrations(settings)
-        kwargs = target.asyncpg_connect_kwargs()
 
         async def bare() -> None:
-            conn = await asyncpg.connect(**kwargs)
+            conn = await connect(target)
             try:
                 await conn.fetch("SELECT version_num FROM alembic_version")
             finally:
@@ -119,18 +110,19 @@ async def main() -> None:
         bare_ms = await median_ms(bare)
         boot_ms = await median_ms(at_head)
         cli_ms = await asyncio.to_thread(cli_median_ms, target)
-        print(f"server: {target.safe}")
-        print(f"{'bare asyncpg connect + SELECT version_num':48} {bare_ms:9.2f} ms  (median of {ROUNDS})")
-        print(f"{'run_migrations() at head':48} {boot_ms:9.2f} ms  (median of {ROUNDS})")
-        print(f"{'spawn `alembic upgrade head` at head':48} {cli_ms:9.2f} ms  (median of {CLI_ROUNDS})")
-        print(f"run_migrations / bare = {boot_ms / bare_ms:.2f}x   (target <= 2.0x)")
-        print(f"CLI / run_migrations  = {cli_ms / boot_ms:.0f}x   (target >= 50x)")
+    print(f"server: {target.safe}")
+    print(f"{'bare asyncpg connect + SELECT version_num':48} {bare_ms:9.2f} ms  (median of {ROUNDS})")
+    print(f"{'run_migrations() at head':48} {boot_ms:9.2f} ms  (median of {ROUNDS})")
+    print(f"{'spawn `alembic upgrade head` at head':48} {cli_ms:9.2f} ms  (median of {CLI_ROUNDS})")
+    print(f"run_migrations / bare = {boot_ms / bare_ms:.2f}x   (target <= 2.0x)")
+    print(f"CLI / run_migrations  = {cli_ms / boot_ms:.0f}x   (target >= 50x)")
 
-        print(f"\n{'revisions':>9} {'warm at head':>14} {'cold at head':>14}   (run_migrations() median, ms)")
-        with tempfile.TemporaryDirectory() as tmp:
-            for size in SIZES:
-                package = script_copy(Path(tmp), size)
-                sized = settings_for(await scratch(f"r{size}"))
+    print(f"\n{'revisions':>9} {'warm at head':>14} {'cold at head':>14}   (run_migrations() median, ms)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in SIZES:
+            package = script_copy(Path(tmp), size)
+            async with scratch_database(base, f"kraken_bench_r{size}") as sized_db:
+                sized = settings_for(sized_db)
                 await run_migrations(sized, script_location=package)
 
                 async def warm(package: Path = package, sized: Settings = sized) -> None:
@@ -142,14 +134,7 @@ async def main() -> None:
 
                 warm_ms = await median_ms(warm, 50)
                 cold_ms = await median_ms(cold, 50)
-                print(f"{len(read_revisions(package).graph):>9} {warm_ms:>14.2f} {cold_ms:>14.2f}")
-    finally:
-        conn = await asyncpg.connect(**base.asyncpg_connect_kwargs())
-        try:
-            for name in names:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+            print(f"{len(read_revisions(package).graph):>9} {warm_ms:>14.2f} {cold_ms:>14.2f}")
 
 
 if __name__ == "__main__":

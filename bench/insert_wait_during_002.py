@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import secrets
 import statistics
 import sys
 import time
@@ -23,8 +22,10 @@ import time
 import asyncpg
 
 from backend.config import PROJECT_ROOT, Settings
-from backend.db_url import DatabaseTarget
-from backend.embedded_postgres import embedded_server, ensure_database
+from backend.db.admin import scratch_database
+from backend.db.embedded import embedded_server
+from backend.db.engine import connect
+from backend.db.url import DatabaseTarget
 
 WRITE = """
 WITH c AS (
@@ -53,7 +54,7 @@ async def alembic(db: DatabaseTarget, *args: str) -> tuple[int, str]:
 
 
 async def fill(db: DatabaseTarget, conversations: int, turns: int) -> None:
-    conn = await asyncpg.connect(**db.asyncpg_connect_kwargs())
+    conn = await connect(db)
     try:
         await conn.execute(
             "INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, total_turns)"
@@ -75,8 +76,8 @@ async def fill(db: DatabaseTarget, conversations: int, turns: int) -> None:
 
 
 async def measure(db: DatabaseTarget, lock_timeout: float) -> None:
-    live = await asyncpg.connect(**db.asyncpg_connect_kwargs())
-    watcher = await asyncpg.connect(**db.asyncpg_connect_kwargs())
+    live = await connect(db)
+    watcher = await connect(db)
     await live.execute(f"SET lock_timeout = '{int(lock_timeout * 1000)}ms'")
     waits: list[tuple[float, float]] = []
     building: list[float] = []
@@ -129,9 +130,7 @@ async def main() -> None:
 
     settings = Settings()
     server = settings.database_target() or await embedded_server(settings.embedded_pgdata)
-    name = f"kraken_bench_{secrets.token_hex(4)}"
-    db = await ensure_database(server, name)
-    try:
+    async with scratch_database(server, "kraken_bench") as db:
         code, output = await alembic(db, "upgrade", "001")
         if code != 0:
             raise SystemExit(output)
@@ -142,12 +141,6 @@ async def main() -> None:
             f"written in {time.monotonic() - started:.0f} s"
         )
         await measure(db, settings.ddl_lock_timeout)
-    finally:
-        conn = await asyncpg.connect(**server.asyncpg_connect_kwargs())
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
 
 
 if __name__ == "__main__":

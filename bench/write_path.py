@@ -43,16 +43,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.config import PROJECT_ROOT, Settings, load_settings
 from backend.conversations import service
 from backend.conversations.schemas import ConversationCreate, TurnCreate, dumps
-from backend.database import create_engine, create_session_factory, run_migrations
-from backend.db_url import DatabaseTarget
-from backend.embedded_postgres import embedded_server, ensure_database
+from backend.db.admin import scratch_database
+from backend.db.embedded import embedded_server
+from backend.db.engine import create_session_factory
+from backend.db.url import DatabaseTarget
+from backend.main import create_service_engine
+from backend.migrations.runner import run_migrations
 from backend.models import Conversation, ToolCall, Turn
 
 API_KEY = "bench-" + secrets.token_hex(8)
@@ -467,32 +469,17 @@ async def http_figures(
 # --- the run -------------------------------------------------------------------------------
 
 
-async def scratch_database(settings: Settings) -> tuple[DatabaseTarget, DatabaseTarget]:
-    """(server maintenance target, a new scratch database on it)."""
-    server = settings.database_target() or await embedded_server(settings.embedded_pgdata)
-    name = f"kraken_bench_{secrets.token_hex(4)}"
-    return server, await ensure_database(server, name)
-
-
-async def drop_database(server: DatabaseTarget, name: str) -> None:
-    conn = await asyncpg.connect(**server.asyncpg_connect_kwargs())
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 async def main(args: argparse.Namespace) -> None:
     settings = load_settings()
-    server, scratch = await scratch_database(settings)
+    server = settings.database_target() or await embedded_server(settings.embedded_pgdata)
     print(f"server: {'DATABASE_URL ' + server.safe if settings.database_target() else 'embedded PostgreSQL'}")
-    print(f"scratch database: {scratch.database}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
-    try:
+    async with scratch_database(server, "kraken_bench") as scratch:
+        print(f"scratch database: {scratch.database}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
         bench_settings = Settings.model_validate(
             {"DATABASE_URL": scratch.url.render_as_string(hide_password=False), "db_pool_size": POOL}
         )
         await run_migrations(bench_settings)
-        engine = create_engine(scratch, bench_settings)
+        engine = create_service_engine(scratch, bench_settings)
         sessions = create_session_factory(engine)
         try:
             turn = TurnCreate.model_validate(turn_payload(tool_calls=3))
@@ -517,8 +504,6 @@ async def main(args: argparse.Namespace) -> None:
                 f"server {server_ms:.2f} ms, load generator {client_ms:.2f} ms)\n"
                 f"  GET /conversations/{{id}} (50 x 5): median {http_view:.1f} ms"
             )
-    finally:
-        await drop_database(server, scratch.database)
 
 
 def report_writes(figures: Figures, args: argparse.Namespace) -> None:

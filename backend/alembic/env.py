@@ -1,14 +1,13 @@
-"""Alembic environment: async (asyncpg), online and offline, serialized by an advisory lock.
+"""Alembic environment: async (asyncpg), online and offline. Wiring only: the policy it applies
+(lock, timeouts, retries, numbering, the "database ahead of the code" rule) lives in
+``backend.migrations.runner``, where the service and the tests use it too.
 
 Started from Alembic's async template. Additions:
 - the URL comes from backend.config, the same settings code the service uses (DATABASE_URL,
   MIGRATIONS_DATABASE_URL, or the embedded PostgreSQL when neither is set);
 - a connection handed in through ``config.attributes["connection"]`` (sync ``Connection`` or
   ``AsyncConnection``) is used instead of opening one: Alembic's connection-sharing recipe;
-- every online run holds the migration advisory lock (backend.migration_lock) before it reads
-  the version table, sets lock_timeout/statement_timeout after that, and retries a revision
-  whose transaction hit the lock timeout;
-- one log line per applied revision with its duration;
+- every online run goes through ``runner.migrate_locked()``;
 - ``revision`` numbers files 00N after the head, and an autogenerate that finds nothing
   writes no file;
 - logging is configured from alembic.ini only when run from the alembic CLI, so running
@@ -18,27 +17,24 @@ Started from Alembic's async template. Additions:
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from logging.config import fileConfig
+from pathlib import Path
 from typing import Any
 
 from alembic import command as alembic_command
 from alembic import context
 from alembic.operations import ops
-from alembic.runtime.migration import MigrationContext, MigrationInfo
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from pydantic import ValidationError
-from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util.concurrency import in_greenlet
 
-from backend import database
 from backend.config import ConfigError, Settings, get_settings
-from backend.db_errors import describe, first_line, is_connection_error, sqlstate
-from backend.migration_lock import MigrationLockTimeout, migration_lock, sleep
+from backend.migrations import runner
+from backend.migrations.revisions import next_revision_id
 from backend.models import Base
 
 config = context.config
@@ -46,16 +42,25 @@ config = context.config
 if config.cmd_opts is not None and config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-logger = logging.getLogger("backend.migrations")
 target_metadata = Base.metadata
-LOCK_NOT_AVAILABLE = "55P03"
-DEADLOCK_DETECTED = "40P01"
 
 
-def _settings() -> Settings:
+def _command() -> Any:
+    """The alembic command function being run (None in-process, where cmd_opts is unset)."""
+    cmd: tuple[Any, ...] = getattr(config.cmd_opts, "cmd", None) or (None,)
+    return cmd[0]
+
+
+def _settings(*, offline: bool = False) -> Settings:
+    """The caller's settings, else the environment's; a mistake in them is one FAILED line."""
     settings = config.attributes.get("settings")
     if isinstance(settings, Settings):
         return settings
+    if offline:
+        try:
+            return Settings()  # --sql needs no database: a missing DATABASE_URL is fine
+        except ValidationError:
+            pass  # a bad timeout is still reported, by get_settings() in one line
     try:
         return get_settings()
     except ConfigError as exc:
@@ -79,38 +84,14 @@ def _process_revision_directives(ctx: MigrationContext, revision: Any, directive
             print("No changes in schema detected: no revision file written.")  # noqa: T201
             return
     if cmd_opts is None or not getattr(cmd_opts, "rev_id", None):
-        script.rev_id = _next_revision_id()
-
-
-def _next_revision_id() -> str:
-    """Revisions are numbered 001, 002, ... like the baseline."""
-    # All revisions, not only the heads: after `alembic merge` the head has a random id.
-    revisions = ScriptDirectory.from_config(config).walk_revisions()
-    numbers = [int(script.revision) for script in revisions if script.revision.isdigit()]
-    return f"{max(numbers, default=0) + 1:03d}"
-
-
-def _log_applied() -> Any:
-    started = time.monotonic()
-
-    def on_version_apply(*, ctx: MigrationContext, step: MigrationInfo, heads: set[str], run_args: Any) -> None:
-        nonlocal started
-        now = time.monotonic()
-        doc = getattr(step.up_revision, "doc", "")
-        verb = "applied" if step.is_upgrade else "reverted"
-        logger.info("%s revision %s (%s) in %.0f ms", verb, step.up_revision_id, doc, (now - started) * 1000)
-        started = now
-
-    return on_version_apply
+        script.rev_id = next_revision_id(ScriptDirectory.from_config(config))
 
 
 def _plain_revision() -> bool:
     """`alembic revision` without --autogenerate, or `merge`: env.py runs only to number the file."""
-    opts = config.cmd_opts
-    cmd: tuple[Any, ...] = getattr(opts, "cmd", None) or (None,)
-    if cmd[0] is alembic_command.merge:
+    if _command() is alembic_command.merge:
         return True
-    return cmd[0] is alembic_command.revision and not getattr(opts, "autogenerate", False)
+    return _command() is alembic_command.revision and not getattr(config.cmd_opts, "autogenerate", False)
 
 
 def run_migrations_offline() -> None:
@@ -126,123 +107,33 @@ def run_migrations_offline() -> None:
     )
     if context.is_offline_mode():
         # The bounds an online run sets, so SQL applied by hand (psql -f) waits no longer for locks.
-        for statement in _timeout_statements(_offline_settings()):
+        for statement in runner.timeout_statements(_settings(offline=True)):
             context.execute(statement)
     with context.begin_transaction():
         context.run_migrations()
 
 
-def _offline_settings() -> Settings:
-    """--sql needs no database: a missing DATABASE_URL is fine, a bad timeout is still reported."""
-    settings = config.attributes.get("settings")
-    if isinstance(settings, Settings):
-        return settings
-    try:
-        return Settings()
-    except ValidationError:
-        return _settings()  # get_settings() names the bad variable in one line
-
-
-def _timeout_statements(settings: Settings) -> list[str]:
-    return [
-        f"SET lock_timeout = '{int(settings.ddl_lock_timeout * 1000)}ms'",
-        f"SET statement_timeout = '{int(settings.ddl_statement_timeout * 1000)}ms'",
-    ]
-
-
-def _set_timeouts(connection: Connection, settings: Settings) -> None:
-    """Session-level bounds for DDL, set once the advisory lock is held; a revision may SET LOCAL its own."""
-    began = not connection.in_transaction()
-    for statement in _timeout_statements(settings):
-        connection.execute(text(statement))
-    if (connection.dialect.server_version_info or (0,)) >= (14,):
-        # If the runner dies during a long statement, the server notices within a second and
-        # rolls the revision back, instead of finishing it for nobody while holding the lock.
-        connection.execute(text("SET client_connection_check_interval = '1s'"))
-    if began:
-        # Leave no transaction open, so Alembic manages one per revision (and autocommit blocks work).
-        connection.commit()
-
-
-def _run_with_retries(settings: Settings) -> None:
-    """Run pending revisions; a revision whose transaction hit lock_timeout, or was picked as a
-    deadlock victim, is rolled back and retried from scratch."""
-    attempts = settings.ddl_lock_retries + 1
-    for attempt in range(1, attempts + 1):
-        try:
-            context.run_migrations()
-            return
-        except DBAPIError as exc:
-            state = sqlstate(exc)
-            if state not in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED):
-                raise
-            if attempt == attempts:
-                problem = (
-                    f"could not get its table lock within lock_timeout ({settings.ddl_lock_timeout:g} s)"
-                    if state == LOCK_NOT_AVAILABLE
-                    else "deadlocked with another session"
-                )
-                raise CommandError(
-                    f"a revision {problem} in {attempts} attempts; another session holds a conflicting lock "
-                    "on a table it changes. Its current transaction was rolled back (a revision that commits "
-                    "part-way resumes on the next run)."
-                ) from None
-            wait = min(0.5 * 2 ** (attempt - 1), 10.0)
-            logger.warning(
-                "revision %s (attempt %d of %d); rolled back, retrying in %.1f s",
-                "hit lock_timeout" if state == LOCK_NOT_AVAILABLE else "was picked as a deadlock victim",
-                attempt,
-                attempts,
-                wait,
-            )
-            sleep(wait)
-
-
 def do_run_migrations(connection: Connection) -> None:
-    settings = _settings()
-    try:
-        with migration_lock(connection.engine, settings.migration_lock_timeout):
-            _set_timeouts(connection, settings)
-            context.configure(
-                connection=connection,
-                target_metadata=target_metadata,
-                compare_type=True,
-                transaction_per_migration=True,
-                include_name=_include_name,
-                process_revision_directives=_process_revision_directives,
-                on_version_apply=_log_applied(),
-            )
-            if _upgrading_past_unknown_revision(settings):
-                return
-            _run_with_retries(settings)
-    except MigrationLockTimeout as exc:
-        raise CommandError(str(exc)) from None
-    except DBAPIError as exc:
-        if is_connection_error(exc):
-            raise
-        # A revision's SQL failed (permission denied, statement_timeout, ...): its transaction is
-        # rolled back; say what failed in one line instead of a traceback.
-        raise CommandError(f"a revision failed: {first_line(exc)} (SQLSTATE {sqlstate(exc)})") from None
+    def configure() -> MigrationContext:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            compare_type=True,
+            transaction_per_migration=True,
+            include_name=_include_name,
+            process_revision_directives=_process_revision_directives,
+            on_version_apply=runner.log_applied(),
+        )
+        return context.get_context()
 
-
-def _upgrading_past_unknown_revision(settings: Settings) -> bool:
-    """`alembic upgrade` on a database ahead of this code (a deploy rolled back): apply KRAKEN_SCHEMA_AHEAD.
-
-    With 'serve' the upgrade is a no-op with a warning, so the rollback's deploy can restart the
-    service (which serves the newer schema the same way); with 'refuse' it fails in one line.
-    """
-    cmd: tuple[Any, ...] = getattr(config.cmd_opts, "cmd", None) or (None,)
-    if cmd[0] is not alembic_command.upgrade:
-        return False
-    known = {script.revision for script in context.script.walk_revisions()}
-    unknown = sorted(set(context.get_context().get_current_heads()) - known)
-    if not unknown:
-        return False
-    message = f"database schema is at revision {','.join(unknown)}, which this code does not know"
-    if settings.schema_ahead == "refuse":
-        raise CommandError(f"{message}; refusing to upgrade (KRAKEN_SCHEMA_AHEAD=refuse)")
-    logger.warning("%s; nothing to upgrade (KRAKEN_SCHEMA_AHEAD=serve)", message)
-    return True
+    runner.migrate_locked(
+        connection,
+        _settings(),
+        configure=configure,
+        run=context.run_migrations,
+        upgrading=_command() is alembic_command.upgrade,
+        script_location=Path(context.script.dir),
+    )
 
 
 def _run_on_async_connection(connection: AsyncConnection) -> None:
@@ -262,21 +153,10 @@ async def run_async_migrations(engine: AsyncEngine | None = None) -> None:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)
         return
-    settings = _settings()
     try:
-        target = await database.resolve_target(settings, migrations=True)
-    except ConfigError as exc:
+        await runner.run_on_connection(await runner.migrations_target(_settings()), do_run_migrations)
+    except (ConfigError, runner.DatabaseUnavailable) as exc:
         raise CommandError(str(exc)) from None
-    engine = database.create_migration_engine(target)
-    try:
-        async with engine.connect() as connection:
-            await connection.run_sync(do_run_migrations)
-    except (OSError, DBAPIError) as exc:
-        if not is_connection_error(exc):
-            raise
-        raise CommandError(describe(exc, target)) from None
-    finally:
-        await engine.dispose()
 
 
 def run_migrations_online() -> None:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from backend.api.deps import ConversationId, RequireApiKey, SettingsDep
+from backend.api.deps import ConversationId, RequireApiKey, SessionDep, SettingsDep
 from backend.api.errors import documented
 from backend.conversations import service
 from backend.conversations.schemas import (
@@ -19,7 +19,6 @@ from backend.conversations.schemas import (
     TurnCreate,
     TurnPublic,
 )
-from backend.database import SessionDep
 
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 

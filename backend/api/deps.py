@@ -1,7 +1,7 @@
-"""What routes depend on besides the session: settings, the API key check, conversation ids.
+"""What routes depend on: the request's database session, settings, the API key check, conversation ids.
 
-All ``async def`` although none awaits: FastAPI runs plain ``def`` dependencies in a worker
-thread, a hand-off that costs more than any of them.
+All ``async def``, also those that do not await: FastAPI runs plain ``def`` dependencies in a
+worker thread, a hand-off that costs more than any of them.
 """
 
 from __future__ import annotations
@@ -9,13 +9,37 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.api.errors import api_error
 from backend.config import Settings
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request: committed if the handler succeeds, rolled back if it raises.
+
+    The conversation service sends single statements straight through the session's asyncpg
+    connection (no BEGIN): each commits on its own, and joins the transaction when one is open.
+    """
+    factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
+    async with factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+# scope="function": commit before the response is sent. With FastAPI's default ("request") the
+# client could get 201 for a write that is not committed yet (or never will be), and a next
+# request could miss it.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 async def get_app_settings(request: Request) -> Settings:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend.conversations.service import (
+from backend.conversations.errors import (
     ConversationEnded,
     ConversationError,
     ConversationNotFound,

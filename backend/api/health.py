@@ -11,8 +11,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.config import Settings
-from backend.database import SchemaStatus, read_revisions
-from backend.db_errors import sqlstate
+from backend.db.errors import sqlstate
+from backend.migrations.revisions import SchemaStatus, read_revisions
 
 router = APIRouter(tags=["health"])
 UNDEFINED_TABLE = "42P01"

@@ -6,11 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from backend.api.deps import RequireApiKey
+from backend.api.deps import RequireApiKey, SessionDep
 from backend.api.errors import documented
 from backend.conversations import service
 from backend.conversations.schemas import UsageQuery, UsageReport
-from backend.database import SessionDep
 
 router = APIRouter(tags=["usage"])
 

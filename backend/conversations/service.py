@@ -2,12 +2,11 @@
 
 Style: hand-written SQL, one statement per operation wherever possible: a turn with its tool calls
 and the conversation's totals is one statement (data-modifying CTEs), the shared view one query.
-Such a statement is atomic on its own, so it is sent as one asyncpg statement on the request
-session's connection (``Statement``): no BEGIN and COMMIT round trips around it, and inside the
-caller's transaction when one is open (tests roll theirs back). ``bench/write_path.py`` compares
-this with the same SQL through SQLAlchemy ``text()``, and with one statement per row. The only
-multi-statement operation, delete, runs in the session's transaction. Functions never commit: the
-session dependency commits on success and rolls back on error.
+Such a statement is atomic on its own, so it goes out through ``backend.db.statements``: one
+asyncpg statement on the request session's connection, no BEGIN and COMMIT round trips around it,
+inside the caller's transaction when one is open (tests roll theirs back). ``bench/write_path.py``
+compares this with the same SQL through SQLAlchemy ``text()``, and with one statement per row.
+The only multi-statement operation, delete, runs its two statements in one transaction.
 
 They are correct with or without revision 002 (unique turn and sequence numbers, cascading
 deletes, CHECKs): turn numbers come from the locked conversation row, deletes remove children
@@ -18,16 +17,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
 import asyncpg
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend.conversations.errors import (
+    ConversationEnded,
+    ConversationNotFound,
+    InvalidCursor,
+    TotalsFull,
+    TurnRejected,
+)
 from backend.conversations.schemas import (
     MAX_TOTAL_COST_USD,
     MAX_TOTAL_TOKENS,
@@ -44,86 +47,7 @@ from backend.conversations.schemas import (
     UsageReport,
     dumps,
 )
-
-# --- domain errors (mapped to HTTP in backend/api/errors.py) --------------------------------
-
-
-class ConversationError(Exception):
-    """A request this service refuses; the message is for the client."""
-
-
-class ConversationNotFound(ConversationError):
-    def __init__(self) -> None:
-        super().__init__("no conversation with this id")
-
-
-class ConversationEnded(ConversationError):
-    def __init__(self, status: str) -> None:
-        super().__init__(f"the conversation has ended (status {status}); it takes no more turns")
-
-
-class TotalsFull(ConversationError):
-    """Adding the turn would take a conversation total past what its column holds."""
-
-    def __init__(self, total: str, limit: object) -> None:
-        super().__init__(f"adding this turn would take the conversation's {total} past {limit}")
-        self.total = total
-
-
-class TurnRejected(ConversationError):
-    """The database refused part of the turn (a constraint); nothing of it was stored."""
-
-    def __init__(self, constraint: str | None) -> None:
-        super().__init__(f"the database refused the turn (constraint {constraint or 'unknown'}); nothing was stored")
-        self.constraint = constraint
-
-
-class InvalidCursor(ConversationError):
-    def __init__(self) -> None:
-        super().__init__("not a cursor this service issued; pass next_cursor from the previous page")
-
-
-# --- running single statements -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Statement:
-    """SQL written with ``:name`` parameters, sent to asyncpg with ``$n`` ones."""
-
-    named: str  # as written; ``text(named)`` runs it through SQLAlchemy (the benchmark does)
-    sql: str
-    names: tuple[str, ...]
-
-    @classmethod
-    def of(cls, named: str) -> Statement:
-        names: list[str] = []
-
-        def number(match: re.Match[str]) -> str:
-            if match[1] not in names:
-                names.append(match[1])
-            return f"${names.index(match[1]) + 1}"
-
-        return cls(named, re.sub(r"(?<![:\w]):([a-z_]+)", number, named), tuple(names))
-
-    def args(self, params: dict[str, Any]) -> list[Any]:
-        return [params[name] for name in self.names]
-
-
-async def _driver(session: AsyncSession) -> asyncpg.Connection:
-    """The asyncpg connection under the session: checked out (and pinged) by the pool as usual."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver: asyncpg.Connection = raw.driver_connection
-    return driver
-
-
-async def fetch_one(session: AsyncSession, statement: Statement, **params: Any) -> asyncpg.Record | None:
-    return await (await _driver(session)).fetchrow(statement.sql, *statement.args(params))
-
-
-async def fetch_all(session: AsyncSession, statement: Statement, **params: Any) -> list[asyncpg.Record]:
-    return list(await (await _driver(session)).fetch(statement.sql, *statement.args(params)))
-
+from backend.db.statements import Statement, execute, fetch_all, fetch_one, transaction
 
 # --- SQL -----------------------------------------------------------------------------------
 
@@ -245,8 +169,8 @@ LIST_AFTER = Statement.of(
 
 # Locks the conversation first: appends then wait, so the delete below (a new statement, with a
 # new snapshot) sees every turn there will ever be and leaves no child row behind.
-LOCK = text("SELECT 1 FROM kraken_conversations WHERE id = :id FOR UPDATE")
-DELETE = text("""
+LOCK = Statement.of("SELECT 1 FROM kraken_conversations WHERE id = :id FOR UPDATE")
+DELETE = Statement.of("""
 WITH turns AS (
     DELETE FROM kraken_turns WHERE conversation_id = :id RETURNING id
 ), tool_calls AS (
@@ -430,6 +354,7 @@ async def usage(session: AsyncSession, start: datetime, end: datetime, group_by:
 
 async def delete_conversation(session: AsyncSession, conversation_id: uuid.UUID) -> None:
     """Remove the conversation, its turns and their tool calls (two statements, one transaction)."""
-    if (await session.execute(LOCK, {"id": conversation_id})).first() is None:
-        raise ConversationNotFound()
-    await session.execute(DELETE, {"id": conversation_id})
+    async with transaction(session):
+        if await fetch_one(session, LOCK, id=conversation_id) is None:
+            raise ConversationNotFound()
+        await execute(session, DELETE, id=conversation_id)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from backend.config import PROJECT_ROOT
-from backend.db_url import DatabaseTarget
-from backend.tests.conftest import HEAD, child_env, out, run_alembic
+from backend.db.url import DatabaseTarget
+from backend.tests.helpers import HEAD, child_env, out, run_alembic
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from backend.config import ConfigError, check_serving, load_settings
-from backend.tests.conftest import child_env
+from backend.tests.helpers import child_env
 
 PASSWORD = "hunter2-very-secret"
 

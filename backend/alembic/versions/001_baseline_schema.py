@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic import context, op
 from alembic.util import CommandError
 
-from backend.migration_ops import refuse_data_loss
+from backend.migrations.ops import refuse_data_loss
 
 revision: str = "001"
 down_revision: str | None = None

@@ -22,8 +22,8 @@ Static on purpose: it never imports the application's models.
 
 from collections.abc import Sequence
 
-from backend import migration_ops as ops
-from backend.migration_ops import Rule
+from backend.migrations import ops
+from backend.migrations.ops import Rule
 
 revision: str = "002"
 down_revision: str | None = "001"

@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 
 from backend.config import PROJECT_ROOT
-from backend.db_url import DatabaseTarget
-from backend.migration_lock import LOCK_KEY
-from backend.tests.conftest import HEAD, NEXT, child_env, fetch, out, run_alembic, scratch_alembic, sql
+from backend.db.url import DatabaseTarget
+from backend.migrations.lock import LOCK_KEY
+from backend.tests.helpers import HEAD, NEXT, child_env, fetch, out, run_alembic, scratch_alembic, sql
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ while not (here / "go").exists():
 RUN_MIGRATIONS = BARRIER.format(
     body="""
 import asyncio
-from backend.database import run_migrations
+from backend.migrations.runner import run_migrations
 print(asyncio.run(run_migrations()).revision)
 """
 )

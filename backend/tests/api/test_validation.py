@@ -14,8 +14,7 @@ from backend.conversations.schemas import (
     MAX_TOOL_ARGS_BYTES,
     MAX_TOOL_CALLS,
 )
-from backend.tests.conftest import CONVERSATION, new_conversation, rows, turn_body
-from backend.tests.test_conversations_api import stored_counts
+from backend.tests.helpers import CONVERSATION, new_conversation, rows, stored_counts, turn_body
 
 
 def nested(depth: int) -> Any:

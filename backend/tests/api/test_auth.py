@@ -2,8 +2,7 @@
 
 import pytest
 
-from backend.tests.conftest import API_KEY, CONVERSATION, new_conversation, turn_body
-from backend.tests.test_conversations_api import stored_counts
+from backend.tests.helpers import API_KEY, CONVERSATION, new_conversation, stored_counts, turn_body
 
 PROTECTED = [
     pytest.param("POST", "/conversations", CONVERSATION, 201, id="create"),

@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 from backend.config import PROJECT_ROOT
-from backend.db_url import DatabaseTarget
-from backend.tests.conftest import HEAD, NEXT, out, run_alembic, scratch_alembic, sql
+from backend.db.url import DatabaseTarget
+from backend.tests.helpers import HEAD, NEXT, out, run_alembic, scratch_alembic, sql
 
 
 def test_current_and_history(empty_db: DatabaseTarget) -> None:
@@ -18,6 +18,19 @@ def test_current_and_history(empty_db: DatabaseTarget) -> None:
     assert history.returncode == 0
     assert "<base> -> 001, Baseline schema" in history.stdout
     assert f"-> {HEAD} (head), " in history.stdout
+
+
+def test_commands_work_from_backend_as_from_the_root(empty_db: DatabaseTarget) -> None:
+    # The seed's docs and deploy script run them from backend/ (`cd backend && uv run alembic ...`).
+    backend = PROJECT_ROOT / "backend"
+    upgraded = run_alembic("upgrade", "head", target=empty_db, cwd=backend)
+    assert upgraded.returncode == 0, out(upgraded)
+    assert "Running upgrade  -> 001" in out(upgraded)
+    current = run_alembic("current", target=empty_db, cwd=backend)
+    assert current.stdout.strip() == f"{HEAD} (head)"
+    offline = [run_alembic("upgrade", "base:001", "--sql", target=None, cwd=cwd) for cwd in (PROJECT_ROOT, backend)]
+    assert offline[0].returncode == offline[1].returncode == 0
+    assert offline[0].stdout == offline[1].stdout
 
 
 def test_check_reports_nothing_to_generate_at_head(empty_db: DatabaseTarget) -> None:

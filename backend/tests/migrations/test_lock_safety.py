@@ -13,11 +13,20 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from backend import migration_ops as ops
 from backend.config import PROJECT_ROOT, Settings
-from backend.db_url import DatabaseTarget
-from backend.tests.conftest import HEAD, NEXT, child_env, fetch, out, run_alembic, run_ops_async, scratch_alembic
-from backend.tests.test_revision_002 import assert_schema_002
+from backend.db.url import DatabaseTarget
+from backend.migrations import ops
+from backend.tests.helpers import (
+    HEAD,
+    NEXT,
+    assert_schema_002,
+    child_env,
+    fetch,
+    out,
+    run_alembic,
+    run_ops_async,
+    scratch_alembic,
+)
 
 pytestmark = pytest.mark.slow
 

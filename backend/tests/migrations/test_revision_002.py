@@ -4,69 +4,14 @@ finishing a run that was interrupted, and a downgrade back to exactly the 001 sc
 import asyncpg
 import pytest
 
-from backend.db_url import DatabaseTarget
-from backend.tests.conftest import out, run_alembic, sql
+from backend.db.url import DatabaseTarget
+from backend.tests.helpers import assert_schema_002, constraints, indexes, out, run_alembic, sql
 
 C1, C2, C3 = (f"00000000-0000-0000-0000-0000000000c{i}" for i in (1, 2, 3))
 T1, T2, T3, T4 = (f"00000000-0000-0000-0000-0000000000a{i}" for i in (1, 2, 3, 4))
 K1, K2, K3 = (f"00000000-0000-0000-0000-0000000000b{i}" for i in (1, 2, 3))
 
-# Everything 002 leaves on the three tables, spelled out from the issue, not read from the revision.
-EXPECTED_CONSTRAINTS = {
-    ("kraken_conversations", "kraken_conversations_pkey"): "PRIMARY KEY (id)",
-    ("kraken_conversations", "kraken_conversations_total_turns_check"): "CHECK ((total_turns >= 0))",
-    ("kraken_conversations", "kraken_conversations_total_tokens_check"): "CHECK ((total_tokens >= 0))",
-    ("kraken_conversations", "kraken_conversations_total_cost_usd_check"): "CHECK ((total_cost_usd >= (0)::numeric))",
-    ("kraken_turns", "kraken_turns_pkey"): "PRIMARY KEY (id)",
-    ("kraken_turns", "kraken_turns_conversation_id_fkey"): (
-        "FOREIGN KEY (conversation_id) REFERENCES kraken_conversations(id) ON DELETE CASCADE"
-    ),
-    ("kraken_turns", "kraken_turns_conversation_id_turn_number_key"): "UNIQUE (conversation_id, turn_number)",
-    ("kraken_turns", "kraken_turns_input_tokens_check"): "CHECK ((input_tokens >= 0))",
-    ("kraken_turns", "kraken_turns_output_tokens_check"): "CHECK ((output_tokens >= 0))",
-    ("kraken_turns", "kraken_turns_cost_usd_check"): "CHECK ((cost_usd >= (0)::numeric))",
-    ("kraken_turns", "kraken_turns_duration_ms_check"): "CHECK ((duration_ms >= 0))",
-    ("kraken_turns", "kraken_turns_tool_calls_count_check"): "CHECK ((tool_calls_count >= 0))",
-    ("kraken_turns", "kraken_turns_cache_creation_tokens_check"): "CHECK ((cache_creation_tokens >= 0))",
-    ("kraken_turns", "kraken_turns_cache_read_tokens_check"): "CHECK ((cache_read_tokens >= 0))",
-    ("kraken_tool_calls", "kraken_tool_calls_pkey"): "PRIMARY KEY (id)",
-    ("kraken_tool_calls", "kraken_tool_calls_turn_id_fkey"): (
-        "FOREIGN KEY (turn_id) REFERENCES kraken_turns(id) ON DELETE CASCADE"
-    ),
-    ("kraken_tool_calls", "kraken_tool_calls_turn_id_sequence_order_key"): "UNIQUE (turn_id, sequence_order)",
-}
-EXPECTED_INDEXES = {
-    "kraken_conversations_pkey": "(id)",
-    "ix_kraken_conversations_session_id": "(session_id)",
-    "ix_kraken_conversations_started_at": "(started_at)",
-    "kraken_turns_pkey": "(id)",
-    "ix_kraken_turns_conversation_id": "(conversation_id)",
-    "kraken_turns_conversation_id_turn_number_key": "(conversation_id, turn_number)",
-    "kraken_tool_calls_pkey": "(id)",
-    "ix_kraken_tool_calls_turn_id": "(turn_id)",
-    "kraken_tool_calls_turn_id_sequence_order_key": "(turn_id, sequence_order)",
-}
 TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
-
-
-def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:
-    rows = sql(
-        db,
-        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint"
-        # PostgreSQL 18 records NOT NULL as constraints too (contype n); columns cover those.
-        " WHERE conrelid::regclass::text LIKE 'kraken\\_%' AND contype <> 'n'",
-    )
-    return {(r[0], r[1]): (r[2], r[3]) for r in rows}
-
-
-def indexes(db: DatabaseTarget) -> dict[str, tuple[str, bool]]:
-    """index -> (its key columns, valid)"""
-    rows = sql(
-        db,
-        "SELECT indexrelid::regclass::text, substring(pg_get_indexdef(indexrelid) from '\\(.*\\)$'),"
-        " indisvalid AND indisready FROM pg_index WHERE indrelid::regclass::text LIKE 'kraken\\_%'",
-    )
-    return {r[0]: (r[1], r[2]) for r in rows}
 
 
 def schema(db: DatabaseTarget) -> tuple[object, ...]:
@@ -136,13 +81,6 @@ def at_001_with(db: DatabaseTarget, statements: list[str]) -> None:
     migrate(db, "upgrade", "001")
     for statement in statements:
         sql(db, statement)
-
-
-def assert_schema_002(db: DatabaseTarget) -> None:
-    found = constraints(db)
-    assert {key: definition for key, (definition, _) in found.items()} == EXPECTED_CONSTRAINTS
-    assert all(validated for _, validated in found.values())
-    assert indexes(db) == {name: (columns, True) for name, columns in EXPECTED_INDEXES.items()}
 
 
 def test_upgrade_keeps_every_row_and_downgrade_restores_the_001_schema(empty_db: DatabaseTarget) -> None:

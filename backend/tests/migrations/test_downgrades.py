@@ -7,9 +7,9 @@ import asyncpg
 import pytest
 from alembic.script import ScriptDirectory
 
-from backend import database
-from backend.db_url import DatabaseTarget
-from backend.tests.conftest import fetch, out, run_alembic, sql
+from backend.db.url import DatabaseTarget
+from backend.migrations.revisions import alembic_config
+from backend.tests.helpers import fetch, out, run_alembic, sql
 
 TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
 # Rows every revision so far accepts: a conversation with two turns and a tool call on each. A
@@ -29,7 +29,7 @@ SELECT id, 'search', '{}', '{}', 1 FROM t
 
 def revisions() -> list[tuple[str, str | None]]:
     """(revision, the revision it follows), base first."""
-    script = ScriptDirectory.from_config(database.alembic_config())
+    script = ScriptDirectory.from_config(alembic_config())
     steps = []
     for step in reversed(list(script.walk_revisions())):
         assert step.down_revision is None or isinstance(step.down_revision, str), "a merge revision"

@@ -4,7 +4,7 @@ import ssl
 
 import pytest
 
-from backend.db_url import DatabaseUrlError, parse_database_url
+from backend.db.url import DatabaseUrlError, parse_database_url
 
 PASSWORD = "s3cr3t-Pa55"
 

@@ -7,7 +7,7 @@ import socket
 import asyncpg
 from sqlalchemy.exc import DBAPIError
 
-from backend.db_url import DatabaseTarget
+from backend.db.url import DatabaseTarget
 
 # Errors that say the configuration is wrong: waiting will not fix them.
 _FATAL = (

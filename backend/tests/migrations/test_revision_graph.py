@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 
 from backend.config import PROJECT_ROOT
-from backend.database import read_revisions
+from backend.migrations.revisions import alembic_config, read_revisions
 
 VERSIONS = PROJECT_ROOT / "backend" / "alembic" / "versions"
 
@@ -123,7 +124,7 @@ ALLOWED_IMPORTS = {
     "dataclasses",
     "typing",
     "__future__",
-    "backend.migration_ops",
+    "backend.migrations.ops",
 }
 
 
@@ -135,7 +136,7 @@ def test_revisions_import_no_application_code() -> None:
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
-                names = [f"{base}.{alias.name}" if base == "backend" else base for alias in node.names]
+                names = [f"{base}.{alias.name}" if base.startswith("backend") else base for alias in node.names]
             else:
                 continue
             for name in names:
@@ -145,9 +146,9 @@ def test_revisions_import_no_application_code() -> None:
 
 
 def test_the_helpers_import_no_application_code() -> None:
-    code = "import sys, backend.migration_ops; print(sorted(m for m in sys.modules if m.startswith('backend')))"
+    code = "import sys, backend.migrations.ops; print(sorted(m for m in sys.modules if m.startswith('backend')))"
     result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "['backend', 'backend.migration_ops']"
+    assert result.stdout.strip() == "['backend', 'backend.migrations', 'backend.migrations.ops']"
 
 
 def test_a_merge_revision_written_over_several_lines_is_read_right(tmp_path: Path) -> None:
@@ -164,3 +165,21 @@ def test_a_merge_revision_written_over_several_lines_is_read_right(tmp_path: Pat
     revisions = read_revisions(tmp_path)
     assert revisions.heads == frozenset({"004"})
     assert revisions.graph["004"] == ("002", "003")
+
+
+def test_depends_on_is_not_an_edge_of_the_graph(tmp_path: Path) -> None:
+    # 003 depends on 002 without following it: Alembic's heads are 002 and 003 (depends_on only
+    # orders them). The multi-line down_revision sends the reader to its fallback through Alembic.
+    versions = tmp_path / "versions"
+    versions.mkdir()
+    for rev, down, depends in (("001", "None", "None"), ("002", '"001"', "None"), ("003", '(\n    "001",\n)', '"002"')):
+        (versions / f"{rev}_r.py").write_text(
+            f'revision = "{rev}"\ndown_revision = {down}\nbranch_labels = None\ndepends_on = {depends}\n'
+        )
+    (tmp_path / "script.py.mako").write_text("")
+    alembic_heads = ScriptDirectory.from_config(alembic_config(tmp_path)).get_heads()
+
+    revisions = read_revisions(tmp_path)
+
+    assert revisions.heads == frozenset(alembic_heads) == frozenset({"002", "003"})
+    assert revisions.graph["003"] == ("001",)

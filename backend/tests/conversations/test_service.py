@@ -11,8 +11,7 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from backend import database
-from backend.conversations import service
+from backend.conversations import errors, service
 from backend.conversations.schemas import (
     ConversationCreate,
     ConversationDetail,
@@ -21,8 +20,10 @@ from backend.conversations.schemas import (
     TurnPublic,
     dumps,
 )
-from backend.database import create_engine, create_session_factory
-from backend.tests.conftest import CONVERSATION, rows, turn_body
+from backend.db import engine as db_engine
+from backend.db.engine import create_session_factory
+from backend.main import create_service_engine
+from backend.tests.helpers import CONVERSATION, rows, turn_body
 
 # --- store_tool_result ---------------------------------------------------------------------
 
@@ -73,7 +74,7 @@ def test_a_cursor_round_trips_its_position():
 
 @pytest.mark.parametrize("cursor", ["", "x", "!!!", "bm9fc2VwYXJhdG9y", "YXxi", "MjAyNS0wMS0wMXxub3QtYS11dWlk", "/w"])
 def test_a_cursor_the_service_did_not_issue_is_refused(cursor):
-    with pytest.raises(service.InvalidCursor):
+    with pytest.raises(errors.InvalidCursor):
         service.decode_cursor(cursor)
 
 
@@ -133,8 +134,8 @@ async def test_a_turn_with_its_tool_calls_and_totals_is_one_statement(session, s
 
 async def test_the_service_path_sends_one_statement_and_no_begin_or_commit(live_db, settings_for, monkeypatch):
     """In production a turn is one round trip (plus the pool's check of a connection idle a while)."""
-    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the check has its own tests
-    engine = create_engine(live_db, settings_for(live_db))
+    monkeypatch.setattr(db_engine, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the check has its own tests
+    engine = create_service_engine(live_db, settings_for(live_db))
     sent: list[str] = []
     event.listen(
         engine.sync_engine,
@@ -178,11 +179,11 @@ async def test_the_shared_view_is_one_statement_with_exactly_the_schema_fields(s
 
 async def test_appending_to_an_unknown_or_ended_conversation_raises(session):
     turn = TurnCreate.model_validate(turn_body())
-    with pytest.raises(service.ConversationNotFound):
+    with pytest.raises(errors.ConversationNotFound):
         await service.append_turn(session, uuid.uuid4(), turn, tool_result_max_bytes=10240)
     conversation_id = await _conversation(session)
     await service.end_conversation(session, conversation_id, "error")
-    with pytest.raises(service.ConversationEnded, match="status error"):
+    with pytest.raises(errors.ConversationEnded, match="status error"):
         await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)
 
 
@@ -204,7 +205,7 @@ async def test_delete_removes_children_without_relying_on_cascades(session, db_c
 
     assert await rows(db_connection, "SELECT 1 FROM kraken_tool_calls WHERE turn_id = :id", id=turn.id) == []
     assert await rows(db_connection, "SELECT 1 FROM kraken_turns WHERE id = :id", id=turn.id) == []
-    with pytest.raises(service.ConversationNotFound):
+    with pytest.raises(errors.ConversationNotFound):
         await service.delete_conversation(session, conversation_id)
 
 

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backend.conversations.schemas import MAX_DURATION_MS, MAX_TOKENS
-from backend.tests.conftest import new_conversation
+from backend.tests.helpers import new_conversation
 
 # Any Unicode PostgreSQL can store: everything but NUL and (excluded by the codec) unpaired surrogates.
 storable = st.characters(codec="utf-8", exclude_characters="\x00")

@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from backend import database
-from backend.database import create_engine
+from backend.db import engine as db_engine
+from backend.main import create_service_engine
 
 
 def _driver(conn: AsyncConnection) -> asyncpg.Connection:
@@ -20,7 +20,7 @@ def _driver(conn: AsyncConnection) -> asyncpg.Connection:
 
 
 async def test_a_connection_the_server_closed_while_idle_in_the_pool_is_replaced(live_db, settings_for):
-    engine = create_engine(live_db, settings_for(live_db, db_pool_size=1, db_max_overflow=0))
+    engine = create_service_engine(live_db, settings_for(live_db, db_pool_size=1, db_max_overflow=0))
     try:
         async with engine.connect() as conn:
             victim = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
@@ -44,8 +44,8 @@ async def test_a_connection_the_server_closed_while_idle_in_the_pool_is_replaced
 
 @pytest.mark.parametrize(("window", "pinged"), [(0.0, True), (3600.0, False)], ids=["idle", "just-returned"])
 async def test_only_connections_idle_past_the_window_are_pinged(live_db, settings_for, monkeypatch, window, pinged):
-    monkeypatch.setattr(database, "PING_AFTER_IDLE_SECONDS", window)
-    engine = create_engine(live_db, settings_for(live_db, db_pool_size=1, db_max_overflow=0))
+    monkeypatch.setattr(db_engine, "PING_AFTER_IDLE_SECONDS", window)
+    engine = create_service_engine(live_db, settings_for(live_db, db_pool_size=1, db_max_overflow=0))
     sent: list[str] = []
 
     def log(query: Any) -> None:  # a function: asyncpg holds loggers weakly when they are methods

@@ -6,27 +6,15 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.conversations.schemas import dumps
-from backend.tests.conftest import CONVERSATION, new_conversation, rows, turn_body
+from backend.tests.helpers import CONVERSATION, new_conversation, rows, stored_counts, turn_body
 
 TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def parse_ts(value: str) -> datetime:
     return datetime.strptime(value, TS_FORMAT)
-
-
-async def stored_counts(connection: AsyncConnection, conversation_id: str) -> tuple[int, int]:
-    """(turns, tool calls) stored for a conversation."""
-    [row] = await rows(
-        connection,
-        "SELECT count(DISTINCT t.id) AS turns, count(tc.id) AS calls FROM kraken_turns t"
-        " LEFT JOIN kraken_tool_calls tc ON tc.turn_id = t.id WHERE t.conversation_id = :id",
-        id=conversation_id,
-    )
-    return row.turns, row.calls
 
 
 # --- POST /conversations -------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 import pytest
 
-from backend.db_url import DatabaseTarget
-from backend.tests.conftest import out, run_alembic, sql
+from backend.db.url import DatabaseTarget
+from backend.tests.helpers import out, run_alembic, sql
 
 V, TS, M = "character varying", "timestamp without time zone", "numeric(10,6)"
 # (type, nullable, default) per column, spelled out from the design notes, not from the revision.

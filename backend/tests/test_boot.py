@@ -9,10 +9,10 @@ from httpx import ASGITransport, AsyncClient
 from sqlalchemy import text
 
 from backend.config import Settings
-from backend.database import MigrationError, SchemaNotAtHead, create_engine, run_migrations
-from backend.db_url import DatabaseTarget
-from backend.main import create_app
-from backend.tests.conftest import HEAD, fetch
+from backend.db.url import DatabaseTarget
+from backend.main import create_app, create_service_engine
+from backend.migrations.runner import MigrationError, SchemaNotAtHead, run_migrations
+from backend.tests.helpers import HEAD, fetch
 
 SettingsFor = Callable[..., Settings]
 
@@ -106,7 +106,7 @@ async def test_logs_one_line_per_revision_then_the_result_and_nothing_at_head(
     settings = settings_for(empty_db)
     with caplog.at_level(logging.INFO):
         await run_migrations(settings)
-    lines = [r.getMessage() for r in caplog.records if r.name == "backend.migrations"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "backend.migrations.runner"]
     *applied, result = lines
     assert len(applied) == int(HEAD), lines
     assert applied[0].startswith("applied revision 001 (Baseline schema")
@@ -141,7 +141,7 @@ async def test_statement_caches_can_be_switched_off_for_pgbouncer(
     empty_db: DatabaseTarget, settings_for: SettingsFor
 ) -> None:
     for enabled in (True, False):
-        engine = create_engine(empty_db, settings_for(empty_db, db_statement_cache=enabled))
+        engine = create_service_engine(empty_db, settings_for(empty_db, db_statement_cache=enabled))
         try:
             async with engine.connect() as conn:
                 assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1

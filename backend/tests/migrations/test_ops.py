@@ -1,4 +1,4 @@
-"""The lock-safe helpers of backend/migration_ops.py, each on a real database: what they build, that
+"""The lock-safe helpers of backend/migrations/ops.py, each on a real database: what they build, that
 they finish an interrupted run, that a second run changes nothing, and the SQL they emit offline."""
 
 import asyncio
@@ -10,9 +10,9 @@ from alembic import op
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
-from backend import migration_ops as ops
-from backend.db_url import DatabaseTarget
-from backend.tests.conftest import fetch, offline_ops, run_ops, run_ops_async, sql
+from backend.db.url import DatabaseTarget
+from backend.migrations import ops
+from backend.tests.helpers import fetch, offline_ops, run_ops, run_ops_async, sql
 
 TABLES = [
     "CREATE TABLE parents (id uuid PRIMARY KEY DEFAULT gen_random_uuid())",
@@ -298,7 +298,7 @@ async def test_helpers_refuse_a_connection_already_inside_a_transaction(db: Data
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import Connection
 
-    from backend.database import create_migration_engine
+    from backend.db.engine import create_migration_engine
 
     def inside_callers_transaction(connection: Connection) -> None:
         context = MigrationContext.configure(connection, opts={"transaction_per_migration": True})

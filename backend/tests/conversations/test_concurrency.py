@@ -12,10 +12,10 @@ from starlette.types import Message
 
 from backend.conversations import service
 from backend.conversations.schemas import TurnCreate
-from backend.database import create_engine, create_session_factory
-from backend.db_url import DatabaseTarget
-from backend.main import create_app
-from backend.tests.conftest import API_KEY, CONVERSATION, new_conversation, turn_body
+from backend.db.engine import create_session_factory
+from backend.db.url import DatabaseTarget
+from backend.main import create_app, create_service_engine
+from backend.tests.helpers import API_KEY, CONVERSATION, new_conversation, turn_body
 
 
 async def fetch(target: DatabaseTarget, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -84,7 +84,7 @@ async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(liv
     """The append commits while the delete waits for it: the delete must still leave no turn behind."""
     conversation = await new_conversation(live_client)
     conversation_id = uuid.UUID(conversation["id"])
-    engine = create_engine(live_db, settings_for(live_db))
+    engine = create_service_engine(live_db, settings_for(live_db))
     try:
         async with create_session_factory(engine)() as in_flight:
             # An open transaction, which the append's statement joins: its row lock is held until

@@ -1,0 +1,53 @@
+"""Creating and dropping databases on a server: the embedded server's first boot, test runs and
+benchmarks' scratch databases all use these."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from backend.db.engine import connect
+from backend.db.url import DatabaseTarget
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def create_database(server: DatabaseTarget, name: str) -> DatabaseTarget:
+    """Create database ``name`` on ``server`` unless it exists; safe when processes race."""
+    conn = await connect(server)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(f"CREATE DATABASE {_quoted(name)}")
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                pass  # another process created it between our check and our CREATE
+    finally:
+        await conn.close()
+    return server.with_database(name)
+
+
+async def drop_databases(server: DatabaseTarget, names: Iterable[str]) -> None:
+    """Drop each database, disconnecting whoever still uses it."""
+    conn = await connect(server)
+    try:
+        for name in names:
+            await conn.execute(f"DROP DATABASE IF EXISTS {_quoted(name)} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def scratch_database(server: DatabaseTarget, prefix: str) -> AsyncIterator[DatabaseTarget]:
+    """A new database ``<prefix>_<random hex>`` on ``server`` for the block, dropped after it."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    target = await create_database(server, name)
+    try:
+        yield target
+    finally:
+        await drop_databases(server, [name])

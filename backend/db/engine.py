@@ -1,0 +1,99 @@
+"""Engines and bare connections: the service's pooled engine, the migration engine, sessions.
+
+Every connection this service opens gets here, so each is recognisable in ``pg_stat_activity``
+by its ``application_name`` and honours the same URL options.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
+from sqlalchemy.util import await_
+
+from backend.db.url import DatabaseTarget
+
+SERVICE_APPLICATION_NAME = "kraken-backend"
+MIGRATION_APPLICATION_NAME = "kraken-migrate"
+
+
+def connect_args(target: DatabaseTarget, application_name: str, statement_cache: bool = True) -> dict[str, Any]:
+    """asyncpg ``connect()`` arguments beyond the URL's: the application name, the statement cache."""
+    args = dict(target.connect_args)
+    # A name given in the URL wins; otherwise holders of locks are recognisable in pg_stat_activity.
+    args["server_settings"] = {"application_name": application_name, **args.get("server_settings", {})}
+    if not statement_cache:
+        args["statement_cache_size"] = 0
+    return args
+
+
+async def connect(target: DatabaseTarget, application_name: str = MIGRATION_APPLICATION_NAME) -> asyncpg.Connection:
+    """One bare asyncpg connection, bypassing SQLAlchemy: for one-query paths and administration."""
+    connection: asyncpg.Connection = await asyncpg.connect(
+        **{**target.asyncpg_connect_kwargs(), **connect_args(target, application_name)}
+    )
+    return connection
+
+
+def create_engine(target: DatabaseTarget, *, pool_size: int, max_overflow: int, statement_cache: bool) -> AsyncEngine:
+    """The service's engine: a bounded pool, connections checked before use."""
+    url = target.url
+    if not statement_cache:
+        # Behind a transaction-pooling proxy neither asyncpg's nor SQLAlchemy's cache may prepare.
+        url = url.update_query_dict({"prepared_statement_cache_size": "0"})
+    engine = create_async_engine(
+        url,
+        connect_args=connect_args(target, SERVICE_APPLICATION_NAME, statement_cache),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_recycle=1800,
+    )
+    event.listen(engine.sync_engine, "checkin", _stamp_checkin)
+    event.listen(engine.sync_engine, "checkout", _check_on_checkout)
+    return engine
+
+
+# A connection back in the pool for less than this is not pinged on checkout (HikariCP's "alive
+# bypass window"): it answered a moment ago. One the server closed meanwhile is still caught,
+# without a round trip: asyncpg marks a connection closed when its socket closes.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def _stamp_checkin(dbapi_connection: Any, connection_record: Any) -> None:
+    connection_record.info["checked_in"] = time.monotonic()
+
+
+def _check_on_checkout(dbapi_connection: Any, connection_record: Any, connection_proxy: Any) -> None:
+    """Make sure a connection leaving the pool is alive; a dead one is replaced (the pool retries).
+
+    Instead of ``pool_pre_ping``, which on asyncpg sends BEGIN, ``;`` and ROLLBACK on every
+    checkout: as many round trips as the rest of a typical request. Here a connection idle for a
+    while gets one simple-protocol query, as safe behind PgBouncer's transaction pooling (nothing
+    is prepared); ``;`` would do, but asyncpg cannot read the empty command tag it returns.
+    """
+    driver = dbapi_connection.driver_connection
+    if driver.is_closed():
+        raise DisconnectionError("connection closed while in the pool")
+    checked_in = connection_record.info.get("checked_in")  # None: just opened
+    if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS:
+        return
+    try:
+        await_(driver.execute("SELECT 1"))
+    except Exception as exc:
+        raise DisconnectionError(f"connection failed its check: {type(exc).__name__}") from exc
+
+
+def create_migration_engine(target: DatabaseTarget) -> AsyncEngine:
+    """A pool-less engine: migrations open two connections (lock + work) and close them after."""
+    return create_async_engine(
+        target.url, connect_args=connect_args(target, MIGRATION_APPLICATION_NAME), poolclass=NullPool
+    )
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,266 @@
+"""What tests share besides fixtures: running the CLI as a user would, one-off SQL, running
+revision helpers, the API's test data, and the schema revision 002 leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from backend.config import PROJECT_ROOT
+from backend.db.engine import connect, create_migration_engine
+from backend.db.url import DatabaseTarget
+from backend.migrations.revisions import read_revisions
+
+RUN_ID = secrets.token_hex(4)
+# The real script directory's head, and the id `alembic revision` gives the next file. (With two
+# heads, test_revision_graph fails and says how to fix it; the other tests take the highest.)
+HEAD = max(read_revisions().heads)
+NEXT = f"{int(HEAD) + 1:03d}"
+
+
+def url_of(target: DatabaseTarget) -> str:
+    """The URL as a string a child process can take as DATABASE_URL."""
+    return target.url.render_as_string(hide_password=False)
+
+
+def child_env(target: DatabaseTarget | None, **extra: str) -> dict[str, str]:
+    """Environment for a subprocess that should use ``target`` (or no database at all)."""
+    env = {k: v for k, v in os.environ.items() if k != "MIGRATIONS_DATABASE_URL" and not k.startswith("KRAKEN_")}
+    env.pop("DATABASE_URL", None)
+    if target is not None:
+        env["DATABASE_URL"] = url_of(target)
+    env.update(extra)
+    return env
+
+
+def run_alembic(
+    *args: str, target: DatabaseTarget | None, config: Path | None = None, cwd: Path = PROJECT_ROOT, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the alembic CLI as a user would, from the repository root (or ``cwd``)."""
+    command = [sys.executable, "-m", "alembic"]
+    if config is not None:
+        command += ["-c", str(config)]
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env=child_env(target, **extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def out(result: subprocess.CompletedProcess[str]) -> str:
+    """Everything a command printed (alembic prints FAILED lines on stdout, logs on stderr)."""
+    return result.stdout + result.stderr
+
+
+def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None) -> Path:
+    """A copy of the migration package in ``directory``, plus extra revision files; returns its ini.
+
+    For tests that add revisions (slow ones, lock-hungry ones) without touching the real package.
+    """
+    package = directory / "alembic"
+    shutil.copytree(
+        PROJECT_ROOT / "backend" / "alembic", package, ignore=shutil.ignore_patterns("__pycache__", "README.md")
+    )
+    for filename, source in (revisions or {}).items():
+        (package / "versions" / filename).write_text(textwrap.dedent(source))
+    ini = (PROJECT_ROOT / "alembic.ini").read_text()
+    ini = ini.replace("script_location = backend:alembic", f"script_location = {package}")
+    path = directory / "alembic.ini"
+    path.write_text(ini)
+    return path
+
+
+async def fetch(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:
+    """Run one statement on ``target`` on its own connection."""
+    conn = await connect(target)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:
+    """``fetch`` for synchronous test code."""
+    return asyncio.run(fetch(target, query, *args))
+
+
+async def run_ops_async(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
+    """Run ``operations`` (calls to backend.migrations.ops) as a revision runs: on a connection of
+    its own, with lock_timeout set, inside a MigrationContext whose transactions Alembic manages."""
+    engine = create_migration_engine(target)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(_in_migration_context, operations, lock_timeout)
+    finally:
+        await engine.dispose()
+
+
+def _in_migration_context(connection: Connection, operations: Callable[[], object], lock_timeout: str) -> None:
+    connection.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
+    connection.commit()
+    context = MigrationContext.configure(connection, opts={"transaction_per_migration": True})
+    with Operations.context(context), context.begin_transaction(_per_migration=True):
+        operations()
+
+
+def run_ops(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
+    """``run_ops_async`` for synchronous test code."""
+    asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout))
+
+
+def offline_ops(operations: Callable[[], object]) -> str:
+    """The SQL ``operations`` emit in --sql mode: no connection exists, so nothing can be looked up."""
+    buffer = io.StringIO()
+    context = MigrationContext.configure(
+        dialect_name="postgresql", opts={"as_sql": True, "output_buffer": buffer, "transaction_per_migration": True}
+    )
+    with Operations.context(context), context.begin_transaction(_per_migration=True):
+        operations()
+    return buffer.getvalue()
+
+
+# pytest-alembic: its built-in tests run against a fresh database through our env.py.
+
+
+# --- the conversation API ------------------------------------------------------------------
+
+API_KEY = "test-api-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+CONVERSATION = {
+    "session_id": "session-1",
+    "model": "claude-test",
+    "system_prompt_hash": "0123456789abcdef",
+    "agent_version": "1.2.3",
+}
+
+
+def turn_body(**overrides: Any) -> dict[str, Any]:
+    """A valid turn; keyword arguments replace fields."""
+    body: dict[str, Any] = {
+        "user_query": "What is the weather in Paris?",
+        "assistant_response": "Sunny, 21 degrees.",
+        "model": "claude-test",
+        "input_tokens": 120,
+        "output_tokens": 30,
+        "cache_creation_tokens": 5,
+        "cache_read_tokens": 7,
+        "cost_usd": 0.001234,
+        "duration_ms": 850,
+        "tool_calls": [
+            {"tool_name": "weather", "tool_args": {"city": "Paris"}, "tool_result": {"temp_c": 21, "sky": "sunny"}},
+            {"tool_name": "clock", "tool_args": {}, "tool_result": "12:00"},
+        ],
+    }
+    body.update(overrides)
+    return body
+
+
+async def new_conversation(client: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
+    response = await client.post("/conversations", json={**CONVERSATION, **overrides})
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+async def rows(connection: AsyncConnection, query: str, **params: Any) -> list[Any]:
+    """Rows of ``query`` on the test's connection (sees the test's uncommitted writes); [] for a write."""
+    result = await connection.execute(text(query), params)
+    return list(result.all()) if result.returns_rows else []
+
+
+async def stored_counts(connection: AsyncConnection, conversation_id: str) -> tuple[int, int]:
+    """(turns, tool calls) stored for a conversation."""
+    [row] = await rows(
+        connection,
+        "SELECT count(DISTINCT t.id) AS turns, count(tc.id) AS calls FROM kraken_turns t"
+        " LEFT JOIN kraken_tool_calls tc ON tc.turn_id = t.id WHERE t.conversation_id = :id",
+        id=conversation_id,
+    )
+    return row.turns, row.calls
+
+
+# --- the schema revision 002 leaves --------------------------------------------------------
+
+# Everything 002 leaves on the three tables, spelled out from the issue, not read from the revision.
+EXPECTED_CONSTRAINTS = {
+    ("kraken_conversations", "kraken_conversations_pkey"): "PRIMARY KEY (id)",
+    ("kraken_conversations", "kraken_conversations_total_turns_check"): "CHECK ((total_turns >= 0))",
+    ("kraken_conversations", "kraken_conversations_total_tokens_check"): "CHECK ((total_tokens >= 0))",
+    ("kraken_conversations", "kraken_conversations_total_cost_usd_check"): "CHECK ((total_cost_usd >= (0)::numeric))",
+    ("kraken_turns", "kraken_turns_pkey"): "PRIMARY KEY (id)",
+    ("kraken_turns", "kraken_turns_conversation_id_fkey"): (
+        "FOREIGN KEY (conversation_id) REFERENCES kraken_conversations(id) ON DELETE CASCADE"
+    ),
+    ("kraken_turns", "kraken_turns_conversation_id_turn_number_key"): "UNIQUE (conversation_id, turn_number)",
+    ("kraken_turns", "kraken_turns_input_tokens_check"): "CHECK ((input_tokens >= 0))",
+    ("kraken_turns", "kraken_turns_output_tokens_check"): "CHECK ((output_tokens >= 0))",
+    ("kraken_turns", "kraken_turns_cost_usd_check"): "CHECK ((cost_usd >= (0)::numeric))",
+    ("kraken_turns", "kraken_turns_duration_ms_check"): "CHECK ((duration_ms >= 0))",
+    ("kraken_turns", "kraken_turns_tool_calls_count_check"): "CHECK ((tool_calls_count >= 0))",
+    ("kraken_turns", "kraken_turns_cache_creation_tokens_check"): "CHECK ((cache_creation_tokens >= 0))",
+    ("kraken_turns", "kraken_turns_cache_read_tokens_check"): "CHECK ((cache_read_tokens >= 0))",
+    ("kraken_tool_calls", "kraken_tool_calls_pkey"): "PRIMARY KEY (id)",
+    ("kraken_tool_calls", "kraken_tool_calls_turn_id_fkey"): (
+        "FOREIGN KEY (turn_id) REFERENCES kraken_turns(id) ON DELETE CASCADE"
+    ),
+    ("kraken_tool_calls", "kraken_tool_calls_turn_id_sequence_order_key"): "UNIQUE (turn_id, sequence_order)",
+}
+EXPECTED_INDEXES = {
+    "kraken_conversations_pkey": "(id)",
+    "ix_kraken_conversations_session_id": "(session_id)",
+    "ix_kraken_conversations_started_at": "(started_at)",
+    "kraken_turns_pkey": "(id)",
+    "ix_kraken_turns_conversation_id": "(conversation_id)",
+    "kraken_turns_conversation_id_turn_number_key": "(conversation_id, turn_number)",
+    "kraken_tool_calls_pkey": "(id)",
+    "ix_kraken_tool_calls_turn_id": "(turn_id)",
+    "kraken_tool_calls_turn_id_sequence_order_key": "(turn_id, sequence_order)",
+}
+
+
+def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:
+    rows = sql(
+        db,
+        "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint"
+        # PostgreSQL 18 records NOT NULL as constraints too (contype n); columns cover those.
+        " WHERE conrelid::regclass::text LIKE 'kraken\\_%' AND contype <> 'n'",
+    )
+    return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+
+def indexes(db: DatabaseTarget) -> dict[str, tuple[str, bool]]:
+    """index -> (its key columns, valid)"""
+    rows = sql(
+        db,
+        "SELECT indexrelid::regclass::text, substring(pg_get_indexdef(indexrelid) from '\\(.*\\)$'),"
+        " indisvalid AND indisready FROM pg_index WHERE indrelid::regclass::text LIKE 'kraken\\_%'",
+    )
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def assert_schema_002(db: DatabaseTarget) -> None:
+    found = constraints(db)
+    assert {key: definition for key, (definition, _) in found.items()} == EXPECTED_CONSTRAINTS
+    assert all(validated for _, validated in found.values())
+    assert indexes(db) == {name: (columns, True) for name, columns in EXPECTED_INDEXES.items()}
