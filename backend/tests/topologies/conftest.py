@@ -1,0 +1,52 @@
+"""Fixtures that start real PostgreSQL topologies (TLS-only server, synchronous replication pair,
+PgBouncer) from the rigs in ``backend.tests.rigs``; all stopped and deleted at teardown."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from backend.tests.rigs.cluster import Cluster, postgres_bindir, postgres_has_ssl, postgres_version, running_cluster
+from backend.tests.rigs.pgbouncer import PgBouncer, pgbouncer, pgbouncer_bin, pgbouncer_version
+from backend.tests.rigs.replication import ReplicationPair, replication_pair
+from backend.tests.rigs.tls import TlsServer, tls_cluster
+
+
+def pytest_report_header() -> list[str]:
+    bouncer = pgbouncer_bin()
+    bouncer_text = ".".join(map(str, pgbouncer_version(bouncer))) if bouncer else "not installed"
+    ssl = "with SSL" if postgres_has_ssl() else "without SSL"
+    return [f"rigs: PostgreSQL {postgres_version()} ({ssl}) from {postgres_bindir()}; pgbouncer {bouncer_text}"]
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A plain server: trust over the Unix socket and 127.0.0.1, no TLS."""
+    with running_cluster("plain") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tls_server() -> Iterator[TlsServer]:
+    """A server that takes TCP clients over TLS only, with generated certificates."""
+    if not postgres_has_ssl():
+        pytest.skip(f"the PostgreSQL server in {postgres_bindir()} was built without SSL support")
+    with tls_cluster() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def bouncer(pg_cluster: Cluster) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction pooling mode in front of ``pg_cluster``."""
+    if pgbouncer_bin() is None:
+        pytest.skip("pgbouncer is not installed (Debian/Ubuntu: apt-get install -y pgbouncer)")
+    with pgbouncer(pg_cluster) as running:
+        yield running
+
+
+@pytest.fixture
+def replication() -> Iterator[ReplicationPair]:
+    """A fresh primary + synchronous hot standby for each test (tests crash and promote them)."""
+    with replication_pair() as pair:
+        yield pair
