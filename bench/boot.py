@@ -53,11 +53,11 @@ async def median_ms(call: Callable[[], Awaitable[object]], rounds: int = ROUNDS)
 
 
 def settings_for(target: DatabaseTarget) -> Settings:
-    return Settings.model_validate({"DATABASE_URL": target.url.render_as_string(hide_password=False)})
+    return Settings.model_validate({"DATABASE_URL": target.dsn})
 
 
 def cli_median_ms(target: DatabaseTarget) -> float:
-    env = {**os.environ, "DATABASE_URL": target.url.render_as_string(hide_password=False)}
+    env = {**os.environ, "DATABASE_URL": target.dsn}
     samples = []
     for _ in range(CLI_ROUNDS):
         started = time.perf_counter()

@@ -43,7 +43,7 @@ POLL = 0.005
 
 async def alembic(db: DatabaseTarget, *args: str) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items() if k != "MIGRATIONS_DATABASE_URL"}
-    env["DATABASE_URL"] = db.url.render_as_string(hide_password=False)
+    env["DATABASE_URL"] = db.dsn
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "alembic", *args,
         cwd=PROJECT_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -340,7 +340,7 @@ def _cpu_seconds(pid: int) -> float:
 def start_server(target: DatabaseTarget, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_") and k != "MIGRATIONS_DATABASE_URL"}
     env.update(
-        DATABASE_URL=target.url.render_as_string(hide_password=False),
+        DATABASE_URL=target.dsn,
         KRAKEN_API_KEY=API_KEY,
         KRAKEN_MIGRATE_ON_STARTUP="check",
         KRAKEN_DB_POOL_SIZE=str(POOL),
@@ -475,9 +475,7 @@ async def main(args: argparse.Namespace) -> None:
     print(f"server: {'DATABASE_URL ' + server.safe if settings.database_target() else 'embedded PostgreSQL'}")
     async with scratch_database(server, "kraken_bench") as scratch:
         print(f"scratch database: {scratch.database}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
-        bench_settings = Settings.model_validate(
-            {"DATABASE_URL": scratch.url.render_as_string(hide_password=False), "db_pool_size": POOL}
-        )
+        bench_settings = Settings.model_validate({"DATABASE_URL": scratch.dsn, "db_pool_size": POOL})
         await run_migrations(bench_settings)
         engine = create_service_engine(scratch, bench_settings)
         sessions = create_session_factory(engine)

@@ -153,9 +153,11 @@ async def run_async_migrations(engine: AsyncEngine | None = None) -> None:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)
         return
+    settings = _settings()
     try:
-        await runner.run_on_connection(await runner.migrations_target(_settings()), do_run_migrations)
-    except (ConfigError, runner.DatabaseUnavailable) as exc:
+        target = await runner.migrations_target(settings)
+        await runner.run_on_connection(target, do_run_migrations, statement_cache=settings.db_statement_cache)
+    except (ConfigError, runner.DatabaseUnavailable, runner.MigrationError) as exc:
         raise CommandError(str(exc)) from None
 
 

@@ -9,13 +9,17 @@ can be megabytes, or a NaN that JSON cannot carry).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend.conversations.errors import (
@@ -26,6 +30,9 @@ from backend.conversations.errors import (
     TotalsFull,
     TurnRejected,
 )
+from backend.db.errors import Fault, request_fault
+
+logger = logging.getLogger(__name__)
 
 
 class ErrorItem(BaseModel):
@@ -93,10 +100,61 @@ async def _domain_error(request: Request, exc: Exception) -> ErrorResponse:
     return ErrorResponse({"detail": [{"loc": list(loc), "msg": str(exc), "type": type_}]}, status_code=status_code)
 
 
+# Database fault -> (status, seconds for Retry-After, type, message). A write that met one may
+# still have been committed just before the connection went: retry it with its Idempotency-Key.
+DATABASE_FAULTS: dict[Fault, tuple[int, int, str, str]] = {
+    "unavailable": (503, 2, "database_unavailable", "the database is unavailable; retry later"),
+    "busy": (503, 1, "database_busy", "no database connection was free in time; retry later"),
+    "timeout": (504, 1, "database_timeout", "the database did not answer in time (KRAKEN_DB_STATEMENT_TIMEOUT)"),
+    "conflict": (503, 1, "database_conflict", "the database aborted this request to resolve a conflict; retry it"),
+    "pooler": (503, 30, "database_misconfigured", "the service cannot use its database as configured; retry later"),
+}
+DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    DBAPIError,
+    PoolTimeout,
+    OSError,
+)
+
+
+class FaultLog:
+    """What this app has already said about database faults, so each is told once, not per request."""
+
+    def __init__(self) -> None:
+        self.told_about_the_pooler = False
+
+    def record(self, fault: Fault) -> None:
+        if fault == "pooler" and not self.told_about_the_pooler:
+            self.told_about_the_pooler = True
+            logger.error(
+                "prepared statements fail: DATABASE_URL goes through a transaction-pooling proxy (PgBouncer?); "
+                "set KRAKEN_DB_STATEMENT_CACHE=false"
+            )
+
+
+async def _database_error(request: Request, exc: Exception) -> ErrorResponse:
+    fault = request_fault(exc)
+    if fault is None:
+        raise exc  # not an expected fault: the server error handler answers it
+    faults: FaultLog = request.app.state.fault_log
+    faults.record(fault)
+    status_code, retry_after, type_, msg = DATABASE_FAULTS[fault]
+    return ErrorResponse(
+        {"detail": [{"loc": [], "msg": msg, "type": type_}]},
+        status_code=status_code,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.state.fault_log = FaultLog()
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ConversationError, _domain_error)
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, _database_error)
 
 
 def documented(*status_codes: int) -> dict[int | str, dict[str, Any]]:

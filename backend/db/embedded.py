@@ -12,8 +12,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
 from backend.db.admin import create_database
 from backend.db.url import DatabaseTarget, DatabaseUrlError, parse_database_url
 
@@ -56,7 +54,7 @@ def _start_server(pgdata: Path) -> DatabaseTarget:
     _servers[pgdata] = server
     uri: str = server.get_uri()
     # get_uri() gives libpq form (postgresql://postgres:@/postgres?host=<socket dir>).
-    return parse_database_url(make_url(uri).render_as_string(hide_password=False), variable="embedded URL")
+    return parse_database_url(uri, variable="embedded URL")
 
 
 async def embedded_server(pgdata: Path) -> DatabaseTarget:

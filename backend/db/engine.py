@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import asyncpg
-from sqlalchemy import event
+from sqlalchemy import URL, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -18,37 +18,54 @@ from sqlalchemy.util import await_
 
 from backend.db.url import DatabaseTarget
 
+ASYNC_DRIVER = "postgresql+asyncpg"
 SERVICE_APPLICATION_NAME = "kraken-backend"
 MIGRATION_APPLICATION_NAME = "kraken-migrate"
 
 
-def connect_args(target: DatabaseTarget, application_name: str, statement_cache: bool = True) -> dict[str, Any]:
-    """asyncpg ``connect()`` arguments beyond the URL's: the application name, the statement cache."""
-    args = dict(target.connect_args)
-    # A name given in the URL wins; otherwise holders of locks are recognisable in pg_stat_activity.
-    args["server_settings"] = {"application_name": application_name, **args.get("server_settings", {})}
+def connect_kwargs(target: DatabaseTarget, application_name: str, statement_cache: bool = True) -> dict[str, Any]:
+    """``asyncpg.connect()`` arguments for ``target``: every connection this service opens, pooled or
+    bare, is made from these, so a URL means the same everywhere."""
+    kwargs: dict[str, Any] = {
+        "dsn": target.asyncpg_dsn(),
+        # A name given in the URL wins; otherwise holders of locks are recognisable in pg_stat_activity.
+        "server_settings": {"application_name": target.application_name or application_name},
+    }
+    if target.connect_timeout is not None:
+        kwargs["timeout"] = target.connect_timeout
     if not statement_cache:
-        args["statement_cache_size"] = 0
-    return args
+        # Behind a transaction-pooling proxy (PgBouncer) a prepared statement lives on whichever
+        # server connection the proxy lent for that transaction.
+        kwargs["statement_cache_size"] = 0
+    return kwargs
 
 
-async def connect(target: DatabaseTarget, application_name: str = MIGRATION_APPLICATION_NAME) -> asyncpg.Connection:
-    """One bare asyncpg connection, bypassing SQLAlchemy: for one-query paths and administration."""
-    connection: asyncpg.Connection = await asyncpg.connect(
-        **{**target.asyncpg_connect_kwargs(), **connect_args(target, application_name)}
-    )
+async def connect(
+    target: DatabaseTarget, application_name: str = MIGRATION_APPLICATION_NAME, *, statement_cache: bool = False
+) -> asyncpg.Connection:
+    """One bare asyncpg connection, bypassing SQLAlchemy: for one-query paths and administration.
+
+    No statement cache by default: a connection used for a query or two gains nothing from one,
+    and without it works behind a transaction-pooling proxy too.
+    """
+    connection: asyncpg.Connection = await asyncpg.connect(**connect_kwargs(target, application_name, statement_cache))
     return connection
+
+
+def _engine(target: DatabaseTarget, application_name: str, statement_cache: bool, **options: Any) -> AsyncEngine:
+    # The URL names only the dialect: where to connect is all in connect_kwargs (SQLAlchemy's URL
+    # cannot hold libpq's host lists).
+    query = {} if statement_cache else {"prepared_statement_cache_size": "0"}  # SQLAlchemy's own cache
+    url = URL.create(ASYNC_DRIVER, query=query)
+    return create_async_engine(url, connect_args=connect_kwargs(target, application_name, statement_cache), **options)
 
 
 def create_engine(target: DatabaseTarget, *, pool_size: int, max_overflow: int, statement_cache: bool) -> AsyncEngine:
     """The service's engine: a bounded pool, connections checked before use."""
-    url = target.url
-    if not statement_cache:
-        # Behind a transaction-pooling proxy neither asyncpg's nor SQLAlchemy's cache may prepare.
-        url = url.update_query_dict({"prepared_statement_cache_size": "0"})
-    engine = create_async_engine(
-        url,
-        connect_args=connect_args(target, SERVICE_APPLICATION_NAME, statement_cache),
+    engine = _engine(
+        target,
+        SERVICE_APPLICATION_NAME,
+        statement_cache,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_recycle=1800,
@@ -88,11 +105,9 @@ def _check_on_checkout(dbapi_connection: Any, connection_record: Any, connection
         raise DisconnectionError(f"connection failed its check: {type(exc).__name__}") from exc
 
 
-def create_migration_engine(target: DatabaseTarget) -> AsyncEngine:
+def create_migration_engine(target: DatabaseTarget, *, statement_cache: bool = True) -> AsyncEngine:
     """A pool-less engine: migrations open two connections (lock + work) and close them after."""
-    return create_async_engine(
-        target.url, connect_args=connect_args(target, MIGRATION_APPLICATION_NAME), poolclass=NullPool
-    )
+    return _engine(target, MIGRATION_APPLICATION_NAME, statement_cache, poolclass=NullPool)
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

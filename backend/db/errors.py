@@ -1,11 +1,15 @@
-"""One-line descriptions of database connection failures, and which of them are worth a retry."""
+"""Database failures: one-line descriptions, which are worth a retry, and which a request may meet
+as an expected fault (the server is away, busy or slow) rather than a bug."""
 
 from __future__ import annotations
 
 import socket
+import ssl
+from typing import Literal
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from backend.db.url import DatabaseTarget
 
@@ -14,13 +18,30 @@ _FATAL = (
     asyncpg.InvalidCatalogNameError,
     asyncpg.InvalidPasswordError,
     asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.ClientConfigurationError,  # a certificate or password file asyncpg cannot use
+    ssl.SSLError,  # the server's certificate does not verify, or TLS cannot be agreed
+    socket.gaierror,
 )
-# The server exists but is not accepting connections yet (starting up, shutting down, full).
+# The server exists but is not accepting connections yet (starting up, shutting down, full), or
+# none of the hosts is what target_session_attrs asks for (a standby is being promoted).
 _TRANSIENT = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.ConnectionDoesNotExistError,
+    asyncpg.TargetServerAttributeNotMatched,
 )
+# What each target_session_attrs value asks of a server, for "no server in ... is <this>".
+_ATTRS = {
+    "primary": "a primary",
+    "read-write": "a primary that accepts writes",
+    "standby": "a standby",
+    "read-only": "read-only",
+}
+
+
+# A prepared statement missing from, or already on, the server connection: what a statement cache
+# meets behind a transaction-pooling proxy, which lends a different server connection per transaction.
+PREPARED_STATEMENT_STATES = ("26000", "42P05")
 
 
 def _root(exc: BaseException) -> BaseException:
@@ -44,6 +65,11 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(root).__name__
 
 
+def is_pooler_symptom(exc: BaseException) -> bool:
+    """The error a statement cache gets behind a transaction-pooling proxy (PgBouncer pool_mode=transaction)."""
+    return sqlstate(exc) in PREPARED_STATEMENT_STATES
+
+
 def is_connection_error(exc: BaseException) -> bool:
     root = _root(exc)
     return isinstance(root, (OSError, TimeoutError, *_FATAL, *_TRANSIENT)) or (
@@ -52,15 +78,24 @@ def is_connection_error(exc: BaseException) -> bool:
 
 
 def is_retriable(exc: BaseException) -> bool:
-    """True for failures a database that is still starting would cause."""
+    """True for failures a database that is still starting (or failing over) would cause."""
     root = _root(exc)
-    return isinstance(root, (OSError, TimeoutError, *_TRANSIENT)) and not isinstance(root, socket.gaierror)
+    return isinstance(root, (OSError, TimeoutError, *_TRANSIENT)) and not isinstance(root, _FATAL)
 
 
 def describe(exc: BaseException, target: DatabaseTarget) -> str:
     """What went wrong, in one line, naming the server but never the password."""
     root = _root(exc)
     where = target.safe
+    if isinstance(root, asyncpg.TargetServerAttributeNotMatched):
+        attrs = target.option("target_session_attrs") or "any"
+        return f"no server in {where} is {_ATTRS.get(attrs, attrs)} (target_session_attrs={attrs})"
+    if isinstance(root, ssl.SSLCertVerificationError):
+        return f"the TLS certificate of {where} does not verify: {root.verify_message} ({_sslmode(target)})"
+    if isinstance(root, ssl.SSLError):
+        return f"TLS with {where} failed: {root.reason or root} ({_sslmode(target)})"
+    if isinstance(root, asyncpg.ClientConfigurationError):
+        return f"cannot connect to {where}: {first_line(root)}"
     if isinstance(root, socket.gaierror):
         return f"cannot resolve the database host in {where}"
     if isinstance(root, ConnectionRefusedError):
@@ -72,5 +107,51 @@ def describe(exc: BaseException, target: DatabaseTarget) -> str:
     if isinstance(root, asyncpg.PostgresError):
         return f"{first_line(root)} ({where})"
     if isinstance(root, OSError):
-        return f"cannot connect to {where}: {root.strerror or type(root).__name__}"
+        return f"cannot connect to {where}: {root.strerror or first_line(root)}"
     return f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''} ({where})"
+
+
+def _sslmode(target: DatabaseTarget) -> str:
+    return f"sslmode={target.option('sslmode') or 'prefer'}"
+
+
+# --- faults a request can meet ----------------------------------------------------------------
+
+Fault = Literal["unavailable", "busy", "timeout", "conflict", "pooler"]
+
+# SQLSTATEs of expected faults (PostgreSQL's appendix A), by what the client should make of them.
+_FAULT_STATES: dict[str, Fault] = {
+    "57P01": "unavailable",  # admin_shutdown: the server is stopping, or the session was terminated
+    "57P02": "unavailable",  # crash_shutdown
+    "57P03": "unavailable",  # cannot_connect_now: starting up, shutting down, in recovery
+    "08000": "unavailable",  # connection_exception and its subclasses
+    "08003": "unavailable",
+    "08006": "unavailable",
+    "08001": "unavailable",
+    "08004": "unavailable",
+    "25006": "unavailable",  # read_only_sql_transaction: a write reached a standby (fail-over under way)
+    "53300": "busy",  # too_many_connections
+    "57014": "timeout",  # query_canceled: statement_timeout
+    "40001": "conflict",  # serialization_failure
+    "40P01": "conflict",  # deadlock_detected
+    "26000": "pooler",  # see PREPARED_STATEMENT_STATES
+    "42P05": "pooler",
+}
+
+
+def request_fault(exc: BaseException) -> Fault | None:
+    """What kind of expected database fault ``exc`` is, or None for anything else (a bug).
+
+    unavailable: the server cannot be reached or is going away; busy: no connection to be had in
+    time (pool checkout, the server's connection limit); timeout: a statement ran past
+    statement_timeout; conflict: a deadlock or serialization failure, worth a retry; pooler: a
+    statement cache behind a transaction-pooling proxy (a misconfiguration).
+    """
+    if isinstance(exc, PoolTimeout):
+        return "busy"
+    state = sqlstate(exc)
+    if state in _FAULT_STATES:
+        return _FAULT_STATES[state]
+    if is_connection_error(exc) or isinstance(_root(exc), asyncpg.InterfaceError) and "closed" in str(_root(exc)):
+        return "unavailable"
+    return None

@@ -17,7 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util.concurrency import await_, in_greenlet
+
+from backend.db.errors import is_pooler_symptom
 
 # A fixed 64-bit key derived from the project's name, so no other application collides with it.
 LOCK_KEY = int.from_bytes(hashlib.sha256(b"kraken-backend migrations").digest()[:8], "big", signed=True)
@@ -25,6 +28,18 @@ LOCK_KEY = int.from_bytes(hashlib.sha256(b"kraken-backend migrations").digest()[
 
 class MigrationLockTimeout(Exception):
     """Waited too long for another runner; the message names who holds the lock."""
+
+
+class TransactionPooler(Exception):
+    """The migration connections go through a transaction-pooling proxy: the lock would serialize nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "migrations need a direct connection to PostgreSQL, and theirs goes through a transaction-pooling "
+            "proxy (PgBouncer pool_mode=transaction?): two of its sessions shared one server connection, so the "
+            "migration lock would serialize nothing and its timeouts would not hold; point MIGRATIONS_DATABASE_URL "
+            "at the server itself (DATABASE_URL may stay on the proxy)"
+        )
 
 
 def sleep(seconds: float) -> None:
@@ -56,11 +71,46 @@ def _holder(conn: Connection) -> str:
     )
 
 
+def _backend_pid(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def through_transaction_pooler(lock: Connection, work: Connection) -> bool:
+    """Do these two client connections really have a server session each, for as long as they live?
+
+    Connected directly, or through a session-pooling proxy, each keeps one server backend for life
+    and no two share one. A transaction-pooling proxy lends a backend per transaction: ``lock``
+    (autocommit) gives its backend back after each statement, and the transaction ``work`` then
+    opens takes the most recently returned one (PgBouncer reuses them last-in, first-out), so
+    ``work`` lands on ``lock``'s backend, and ``lock``'s next statement on another. A statement
+    cache there fails on a prepared statement its backend does not have: that tells it too.
+    """
+    began = not work.in_transaction()
+    try:
+        first = _backend_pid(lock)
+        working = _backend_pid(work)  # inside a transaction: pins work's backend until the rollback
+        again = _backend_pid(lock)
+    except DBAPIError as exc:
+        if is_pooler_symptom(exc):
+            return True
+        raise
+    finally:
+        if began:
+            work.rollback()
+    return working == first or again != first
+
+
 @contextmanager
-def migration_lock(engine: Engine, timeout: float) -> Iterator[None]:
-    """Hold the migration lock for the block, polling pg_try_advisory_lock for up to ``timeout`` s."""
+def migration_lock(engine: Engine, timeout: float, *, work: Connection | None = None) -> Iterator[None]:
+    """Hold the migration lock for the block, polling pg_try_advisory_lock for up to ``timeout`` s.
+
+    With ``work`` (the connection revisions run on), first make sure the two connections are not
+    behind a transaction-pooling proxy, where a session lock means nothing.
+    """
     with engine.connect() as raw:
         conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+        if work is not None and through_transaction_pooler(conn, work):
+            raise TransactionPooler()
         deadline = time.monotonic() + timeout
         wait = 0.05
         while not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar_one():

@@ -28,9 +28,9 @@ from sqlalchemy.exc import DBAPIError
 
 from backend.config import Settings, get_settings, resolve_target
 from backend.db.engine import connect, create_migration_engine
-from backend.db.errors import describe, first_line, is_connection_error, is_retriable, sqlstate
+from backend.db.errors import describe, first_line, is_connection_error, is_pooler_symptom, is_retriable, sqlstate
 from backend.db.url import DatabaseTarget
-from backend.migrations.lock import MigrationLockTimeout, migration_lock, sleep
+from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock, sleep
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_config, read_revisions
 
 logger = logging.getLogger(__name__)
@@ -125,17 +125,26 @@ def schema_ahead(status: SchemaStatus, settings: Settings, *, action: Literal["s
 
 
 async def migrations_target(settings: Settings) -> DatabaseTarget:
-    return await resolve_target(settings, migrations=True)
+    """Where migrations connect: a server that accepts writes. Whatever the URL asks of
+    target_session_attrs (libpq's default is any), DDL never goes to a standby."""
+    target = await resolve_target(settings, migrations=True)
+    if target.option("target_session_attrs") == "primary":
+        return target
+    return target.with_options(target_session_attrs="read-write")
 
 
-async def run_on_connection(target: DatabaseTarget, work: Callable[[Connection], None]) -> None:
+async def run_on_connection(
+    target: DatabaseTarget, work: Callable[[Connection], None], *, statement_cache: bool = True
+) -> None:
     """Run ``work`` (Alembic, through env.py) on a migration connection of its own; an unreachable
-    database becomes DatabaseUnavailable."""
-    engine = create_migration_engine(target)
+    database becomes DatabaseUnavailable, one behind a transaction pooler MigrationError."""
+    engine = create_migration_engine(target, statement_cache=statement_cache)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(work)
     except (OSError, DBAPIError) as exc:
+        if is_pooler_symptom(exc):
+            raise MigrationError(str(TransactionPooler())) from None
         if not is_connection_error(exc):
             raise
         raise DatabaseUnavailable(describe(exc, target)) from None
@@ -162,7 +171,7 @@ async def run_migrations(settings: Settings | None = None, *, script_location: P
 
     started = time.monotonic()
     try:
-        await run_on_connection(target, upgrade)
+        await run_on_connection(target, upgrade, statement_cache=settings.db_statement_cache)
     except CommandError as exc:
         raise MigrationError(str(exc).splitlines()[0]) from None
     status = await read_schema_status(target, script_location=script_location)
@@ -275,7 +284,7 @@ def migrate_locked(
     Failures become a ``CommandError`` of one line (Alembic prints ``FAILED: <line>``).
     """
     try:
-        with migration_lock(connection.engine, settings.migration_lock_timeout):
+        with migration_lock(connection.engine, settings.migration_lock_timeout, work=connection):
             _set_session_bounds(connection, settings)
             ctx = configure()
             if upgrading:
@@ -284,9 +293,11 @@ def migrate_locked(
                     schema_ahead(status, settings, action="upgrade")
                     return
             run_with_retries(run, settings)
-    except (MigrationLockTimeout, MigrationError) as exc:
+    except (MigrationLockTimeout, TransactionPooler, MigrationError) as exc:
         raise CommandError(str(exc)) from None
     except DBAPIError as exc:
+        if is_pooler_symptom(exc):
+            raise CommandError(str(TransactionPooler())) from None
         if is_connection_error(exc):
             raise
         # A revision's SQL failed (permission denied, statement_timeout, ...): its transaction is

@@ -17,8 +17,7 @@ import httpx
 import pytest
 from alembic.config import Config
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
 from backend.config import Settings
 from backend.db.admin import create_database, drop_databases
@@ -63,15 +62,23 @@ def empty_db(database_factory: DatabaseFactory) -> DatabaseTarget:
     return database_factory()
 
 
+def settings_of(target: DatabaseTarget, **overrides: object) -> Settings:
+    """Settings pointing at a test database, independent of the environment the tests run in, but
+    for a run through a pooler: DATABASE_URL at the proxy, MIGRATIONS_DATABASE_URL at the server
+    itself (its database is the test's), and KRAKEN_DB_STATEMENT_CACHE as the run sets it."""
+    values: dict[str, object] = {"DATABASE_URL": url_of(target)}
+    direct = os.environ.get("MIGRATIONS_DATABASE_URL", "").strip()
+    if direct:
+        values["MIGRATIONS_DATABASE_URL"] = url_of(parse_database_url(direct).with_database(target.database))
+    if os.environ.get("KRAKEN_DB_STATEMENT_CACHE"):
+        values["db_statement_cache"] = os.environ["KRAKEN_DB_STATEMENT_CACHE"]
+    return Settings.model_validate({**values, **overrides})
+
+
 @pytest.fixture
 def settings_for() -> Callable[..., Settings]:
-    """Settings pointing at a test database, independent of the environment the tests run in."""
-
-    def make(target: DatabaseTarget, **overrides: object) -> Settings:
-        values: dict[str, object] = {"DATABASE_URL": url_of(target), **overrides}
-        return Settings.model_validate(values)
-
-    return make
+    """``settings_of`` as a fixture."""
+    return settings_of
 
 
 # pytest-alembic: its built-in tests run against a fresh database through our env.py.
@@ -92,7 +99,7 @@ def alembic_engine(empty_db: DatabaseTarget) -> AsyncEngine:
 
 def _migrated(database_factory: DatabaseFactory) -> DatabaseTarget:
     target = database_factory()
-    asyncio.run(run_migrations(Settings.model_validate({"DATABASE_URL": url_of(target)})))
+    asyncio.run(run_migrations(settings_of(target)))
     return target
 
 
@@ -111,7 +118,7 @@ def live_db(database_factory: DatabaseFactory) -> DatabaseTarget:
 @pytest.fixture
 async def db_connection(migrated_db: DatabaseTarget) -> AsyncIterator[AsyncConnection]:
     """One connection in an outer transaction, rolled back at the end of the test."""
-    engine = create_async_engine(migrated_db.url, connect_args=migrated_db.connect_args, poolclass=NullPool)
+    engine = create_migration_engine(migrated_db, statement_cache=settings_of(migrated_db).db_statement_cache)
     try:
         async with engine.connect() as connection:
             transaction = await connection.begin()

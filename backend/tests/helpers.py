@@ -4,19 +4,26 @@ revision helpers, the API's test data, and the schema revision 002 leaves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, text
@@ -36,7 +43,7 @@ NEXT = f"{int(HEAD) + 1:03d}"
 
 def url_of(target: DatabaseTarget) -> str:
     """The URL as a string a child process can take as DATABASE_URL."""
-    return target.url.render_as_string(hide_password=False)
+    return target.dsn
 
 
 def child_env(target: DatabaseTarget | None, **extra: str) -> dict[str, str]:
@@ -64,6 +71,12 @@ def run_alembic(
         text=True,
         timeout=120,
     )
+
+
+def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    """Print past pytest's capture, so CI logs show the measurement."""
+    with capsys.disabled():
+        print(f"\n    {text}")  # noqa: T201
 
 
 def out(result: subprocess.CompletedProcess[str]) -> str:
@@ -139,6 +152,70 @@ def offline_ops(operations: Callable[[], object]) -> str:
 
 
 # pytest-alembic: its built-in tests run against a fresh database through our env.py.
+
+
+# --- the service as a process -------------------------------------------------------------------
+
+SERVICE = str(Path(sys.executable).parent / "kraken-backend")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Service:
+    """`kraken-backend` in a child process, its output collected line by line as it comes."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [SERVICE], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert self.process.poll() is None, "\n".join(self.lines)
+            assert time.monotonic() < deadline, "\n".join(self.lines)
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(timeout=30)
+        self.reader.join(timeout=10)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def service(env: dict[str, str]) -> Iterator[Service]:
+    running = Service(env)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def get_json(port: int, path: str, deadline: float) -> dict[str, object]:
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+                return dict(json.load(response))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # --- the conversation API ------------------------------------------------------------------

@@ -160,7 +160,7 @@ async def test_migrations_use_their_own_url_when_the_service_goes_through_a_pool
 ) -> None:
     # DATABASE_URL points at a "pooler" that cannot take session locks (here: nothing at all);
     # MIGRATIONS_DATABASE_URL is the direct connection the migrations need.
-    direct = empty_db.url.render_as_string(hide_password=False)
+    direct = empty_db.dsn
     pooled = f"postgresql://postgres@127.0.0.1:1/{empty_db.database}"
     settings = Settings.model_validate(
         {"DATABASE_URL": pooled, "MIGRATIONS_DATABASE_URL": direct, "db_connect_timeout": 0}

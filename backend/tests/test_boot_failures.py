@@ -1,40 +1,27 @@
 """`kraken-backend` and `alembic` as real processes when the database is missing or misconfigured."""
 
 import contextlib
-import json
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from backend.config import PROJECT_ROOT
 from backend.db.url import DatabaseTarget
-from backend.tests.helpers import HEAD, child_env, out, run_alembic
+from backend.tests.helpers import HEAD, SERVICE, child_env, free_port, get_json, out, run_alembic, service
 
 pytestmark = pytest.mark.slow
 
-SERVICE = str(Path(sys.executable).parent / "kraken-backend")
 PASSWORD = "pw-Do-Not-Print-7"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Proxy:
     """A TCP port that forwards to the test database once ``start()`` is called (until then: refused)."""
 
     def __init__(self, upstream: DatabaseTarget) -> None:
-        kwargs = upstream.asyncpg_connect_kwargs()
-        host, port = kwargs["host"], int(kwargs.get("port", 5432))
+        host, port = upstream.hosts[0].name, upstream.hosts[0].port or 5432
         self.family = socket.AF_UNIX if host.startswith("/") else socket.AF_INET
         self.address: str | tuple[str, int] = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port)
         self.port = free_port()
@@ -70,59 +57,6 @@ class Proxy:
 
     def url(self, db: DatabaseTarget) -> str:
         return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{self.port}/{db.database}"
-
-
-class Service:
-    """`kraken-backend` in a child process, its output collected line by line as it comes."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(
-            [SERVICE], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            assert self.process.poll() is None, "\n".join(self.lines)
-            assert time.monotonic() < deadline, "\n".join(self.lines)
-            time.sleep(0.05)
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(timeout=30)
-        self.reader.join(timeout=10)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        return "\n".join(self.lines)
-
-
-@contextlib.contextmanager
-def service(env: dict[str, str]) -> Iterator[Service]:
-    running = Service(env)
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-def get_json(port: int, path: str, deadline: float) -> dict[str, object]:
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-                return dict(json.load(response))
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def test_serves_on_an_empty_database(empty_db: DatabaseTarget) -> None:
@@ -176,9 +110,8 @@ def test_gives_up_with_one_line_when_the_database_stays_down(empty_db: DatabaseT
 
 
 def bad_urls(db: DatabaseTarget) -> list[tuple[str, str]]:
-    real = db.asyncpg_connect_kwargs()
-    host = real["host"]
-    where = f"@/{{}}?host={host}" if host.startswith("/") else f"@{host}:{real.get('port', 5432)}/{{}}"
+    host = db.hosts[0]
+    where = f"@/{{}}?host={host.name}" if host.is_socket else f"@{host.name}:{host.port or 5432}/{{}}"
     return [
         (f"mysql://root:{PASSWORD}@localhost/kraken", "unsupported scheme 'mysql://'"),
         (f"postgresql://postgres:{PASSWORD}@localhost:port/kraken", "port that is not a number"),

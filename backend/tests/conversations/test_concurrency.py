@@ -12,14 +12,14 @@ from starlette.types import Message
 
 from backend.conversations import service
 from backend.conversations.schemas import TurnCreate
-from backend.db.engine import create_session_factory
+from backend.db.engine import connect, create_session_factory
 from backend.db.url import DatabaseTarget
 from backend.main import create_app, create_service_engine
 from backend.tests.helpers import API_KEY, CONVERSATION, new_conversation, turn_body
 
 
 async def fetch(target: DatabaseTarget, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(**target.asyncpg_connect_kwargs())
+    conn = await connect(target)
     try:
         return list(await conn.fetch(query, *args))
     finally:
@@ -108,7 +108,7 @@ async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(liv
 
 async def _until_a_query_waits_for_a_lock(target: DatabaseTarget) -> None:
     query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    conn = await asyncpg.connect(**target.asyncpg_connect_kwargs())
+    conn = await connect(target)
     try:
         async with asyncio.timeout(60):  # a safety net, not a measurement
             while not await conn.fetchval(query):
@@ -142,7 +142,7 @@ async def test_a_write_is_committed_before_its_response_is_sent(live_db, setting
     messages: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
     seen_by_another_connection: list[int] = []
     status: list[int] = []
-    observer = await asyncpg.connect(**live_db.asyncpg_connect_kwargs())
+    observer = await connect(live_db)
 
     async def receive() -> Message:
         return messages.pop(0) if messages else {"type": "http.disconnect"}

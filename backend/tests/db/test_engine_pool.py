@@ -9,6 +9,7 @@ from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.db import engine as db_engine
+from backend.db.engine import connect
 from backend.main import create_service_engine
 
 
@@ -26,7 +27,7 @@ async def test_a_connection_the_server_closed_while_idle_in_the_pool_is_replaced
             victim = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
             driver = _driver(conn)
         # The server ends it, as a restart, a failover or an idle timeout would.
-        admin = await asyncpg.connect(**live_db.asyncpg_connect_kwargs())
+        admin = await connect(live_db)
         try:
             assert await admin.fetchval("SELECT pg_terminate_backend($1)", victim) is True
         finally:

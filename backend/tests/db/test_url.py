@@ -1,63 +1,106 @@
-"""DATABASE_URL rewriting: table-driven over good and bad URLs (no database needed)."""
+"""DATABASE_URL read with libpq's rules: table-driven over good and bad URLs (no database needed).
 
-import ssl
+What asyncpg then does with each option is shown on real servers in backend/tests/topologies.
+"""
+
+from pathlib import Path
 
 import pytest
 
-from backend.db.url import DatabaseUrlError, parse_database_url
+from backend.db.engine import connect_kwargs
+from backend.db.url import DatabaseUrlError, Host, parse_database_url
 
 PASSWORD = "s3cr3t-Pa55"
 
 
 @pytest.mark.parametrize(
-    ("raw", "expected"),
+    ("raw", "dsn"),
     [
-        ("postgresql://u:pw@db:5432/app", "postgresql+asyncpg://u:pw@db:5432/app"),
-        ("postgres://u:pw@db/app", "postgresql+asyncpg://u:pw@db/app"),
-        ("postgresql+asyncpg://u:pw@db:6543/app", "postgresql+asyncpg://u:pw@db:6543/app"),
-        ("POSTGRESQL://u@db/app", "postgresql+asyncpg://u@db/app"),
-        ("  postgresql://u@db/app\n", "postgresql+asyncpg://u@db/app"),
-        (
-            "postgresql://u@/app?host=/var/run/postgresql",
-            "postgresql+asyncpg://u@/app?host=%2Fvar%2Frun%2Fpostgresql",
-        ),
-        ("postgresql://u:p%40ss@db/app", "postgresql+asyncpg://u:p%40ss@db/app"),
-        ("postgresql://u@db/app?command_timeout=5", "postgresql+asyncpg://u@db/app?command_timeout=5"),
+        ("postgresql://u:pw@db:5432/app", "postgresql://u:pw@db:5432/app"),
+        ("postgres://u:pw@db/app", "postgresql://u:pw@db/app"),
+        ("postgresql+asyncpg://u:pw@db:6543/app", "postgresql://u:pw@db:6543/app"),
+        ("POSTGRESQL://u@db/app", "postgresql://u@db/app"),
+        ("  postgresql://u@db/app\n", "postgresql://u@db/app"),
+        ("postgresql://u@/app?host=/var/run/postgresql", "postgresql://u@/app?host=/var/run/postgresql"),
+        ("postgresql://u:p%40ss@db/app", "postgresql://u:p%40ss@db/app"),
+        ("postgresql://u@[::1]:5433/app", "postgresql://u@[::1]:5433/app"),
+        ("postgresql://db/app?user=u&password=pw&dbname=other", "postgresql://u:pw@db/app"),
+        ("postgresql://u@db/app?ssl=require&timeout=4", "postgresql://u@db/app?sslmode=require&connect_timeout=4"),
     ],
 )
-def test_accepted_urls_are_rewritten_to_asyncpg(raw: str, expected: str) -> None:
-    target = parse_database_url(raw)
-    assert target.url.render_as_string(hide_password=False) == expected
+def test_accepted_urls_are_kept_in_libpq_form(raw: str, dsn: str) -> None:
+    assert parse_database_url(raw).dsn == dsn
+    assert parse_database_url(dsn).dsn == dsn  # what a child process is given reads back the same
 
 
 @pytest.mark.parametrize(
-    ("query", "connect_args"),
+    "raw",
     [
-        ("sslmode=require", {"ssl": "require"}),
-        ("sslmode=disable", {"ssl": "disable"}),
-        ("sslmode=verify-full", {"ssl": "verify-full"}),
-        ("connect_timeout=7", {"timeout": 7.0}),
-        ("application_name=worker", {"server_settings": {"application_name": "worker"}}),
-        (
-            "sslmode=prefer&connect_timeout=2&application_name=x",
-            {"ssl": "prefer", "timeout": 2.0, "server_settings": {"application_name": "x"}},
-        ),
+        "postgresql://u:pw@a:5432,b:5433/app",  # libpq: hosts in the authority
+        "postgresql://u:pw@/app?host=a,b&port=5432,5433",  # libpq: host and port lists
+        "postgresql://u:pw@/app?host=a:5432&host=b:5433",  # SQLAlchemy's multi-host form
     ],
 )
-def test_libpq_options_are_translated_for_asyncpg(query: str, connect_args: dict[str, object]) -> None:
+def test_host_lists_in_every_form_keep_each_hosts_port(raw: str) -> None:
+    target = parse_database_url(raw)
+    assert target.hosts == (Host("a", 5432), Host("b", 5433))
+    assert target.safe == "u@a:5432,b:5433/app"
+    assert target.asyncpg_dsn() == "postgresql://u:pw@a:5432,b:5433/app"
+
+
+def test_one_port_applies_to_every_host() -> None:
+    target = parse_database_url("postgresql://u@/app?host=a,b,c&port=6432")
+    assert target.hosts == (Host("a", 6432), Host("b", 6432), Host("c", 6432))
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "sslmode=disable",
+        "sslmode=allow",
+        "sslmode=prefer",
+        "sslmode=require",
+        "sslmode=verify-ca",
+        "sslmode=verify-full",
+        "target_session_attrs=any",
+        "target_session_attrs=primary",
+        "target_session_attrs=standby",
+        "target_session_attrs=prefer-standby",
+        "target_session_attrs=read-write",
+        "target_session_attrs=read-only",
+        "sslpassword=x",
+        "ssl_min_protocol_version=TLSv1.2",
+        "ssl_max_protocol_version=TLSv1.3",
+    ],
+)
+def test_libpq_options_go_to_asyncpg_as_given(query: str) -> None:
+    # asyncpg's DSN parser implements these with libpq's meaning: no translation of ours.
     target = parse_database_url(f"postgresql://u@db/app?{query}")
-    assert target.connect_args == connect_args
-    # asyncpg would reject the libpq names as unexpected keyword arguments.
-    assert not set(target.url.query) & {"sslmode", "connect_timeout", "application_name"}
+    assert target.asyncpg_dsn() == f"postgresql://u@db/app?{query}"
+    assert connect_kwargs(target, "kraken-backend")["dsn"] == target.asyncpg_dsn()
 
 
-def test_ssl_root_certificate_builds_a_verifying_context(tmp_path: object) -> None:
-    cafile = ssl.get_default_verify_paths().cafile or ssl.get_default_verify_paths().openssl_cafile
-    target = parse_database_url(f"postgresql://u@db/app?sslmode=verify-full&sslrootcert={cafile}")
-    context = target.connect_args["ssl"]
-    assert isinstance(context, ssl.SSLContext)
-    assert context.check_hostname is True
-    assert context.verify_mode == ssl.CERT_REQUIRED
+def test_certificate_and_password_files_go_to_asyncpg(tmp_path: Path) -> None:
+    files = {name: tmp_path / name for name in ("sslrootcert", "sslcert", "sslkey", "sslcrl", "passfile")}
+    for path in files.values():
+        path.write_text("")
+    query = "&".join(f"{name}={path}" for name, path in files.items())
+    target = parse_database_url(f"postgresql://u@db/app?sslmode=verify-full&{query}")
+    assert dict(target.options) == {"sslmode": "verify-full", **{name: str(path) for name, path in files.items()}}
+    assert target.asyncpg_dsn() == f"postgresql://u@db/app?sslmode=verify-full&{query}"
+
+
+def test_connect_timeout_and_application_name_become_connect_arguments() -> None:
+    target = parse_database_url("postgresql://u@db/app?connect_timeout=7&application_name=worker")
+    kwargs = connect_kwargs(target, "kraken-backend")
+    assert kwargs == {"dsn": "postgresql://u@db/app", "timeout": 7.0, "server_settings": {"application_name": "worker"}}
+    # Without one in the URL, connections carry the service's own name.
+    plain = connect_kwargs(parse_database_url("postgresql://u@db/app"), "kraken-backend", statement_cache=False)
+    assert plain == {
+        "dsn": "postgresql://u@db/app",
+        "server_settings": {"application_name": "kraken-backend"},
+        "statement_cache_size": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -69,12 +112,21 @@ def test_ssl_root_certificate_builds_a_verifying_context(tmp_path: object) -> No
         ("", "is empty"),
         (f"postgresql://u:{PASSWORD}@db:notaport/app", "port that is not a number"),
         (f"postgresql://u:{PASSWORD}@db:70000/app", "port 70000, outside 1-65535"),
+        (f"postgresql://u:{PASSWORD}@a:5432,b:0/app", "port 0, outside 1-65535"),
         (f"postgresql://u:{PASSWORD}@db:5432", "names no database"),
         (f"postgresql://u:{PASSWORD}@/app", "names no host"),
-        (f"postgresql://u:{PASSWORD}@db/app?sslmode=sometimes", "sslmode=sometimes"),
+        (f"postgresql://u:{PASSWORD}@a,,b/app", "names no host"),
+        (f"postgresql://u:{PASSWORD}@db/app?sslmode=sometimes", "sslmode=sometimes; expected one of disable, allow"),
+        (f"postgresql://u:{PASSWORD}@db/app?target_session_attrs=rw", "target_session_attrs=rw; expected one of any"),
         (f"postgresql://u:{PASSWORD}@db/app?connect_timeout=soon", "connect_timeout=soon"),
-        (f"postgresql://u:{PASSWORD}@db/app?frobnicate=1", "frobnicate"),
-        (f"postgresql://u:{PASSWORD}@db/app?sslmode=require&sslmode=disable", "repeats"),
+        (f"postgresql://u:{PASSWORD}@db/app?connect_timeout=0", "connect_timeout=0; it must be positive"),
+        (f"postgresql://u:{PASSWORD}@db/app?frobnicate=1", "frobnicate that this service does not support"),
+        (f"postgresql://u:{PASSWORD}@db/app?options=-c%20x%3Dy", "options that this service does not support"),
+        (f"postgresql://u:{PASSWORD}@db/app?sslmode=require&sslmode=disable", "repeats the query option sslmode"),
+        (f"postgresql://u:{PASSWORD}@db/app?sslrootcert=/nonexistent/ca.pem", "sslrootcert=/nonexistent/ca.pem"),
+        (f"postgresql://u:{PASSWORD}@/app?host=a,b&port=1,2,3", "lists 2 host(s) but 3 port(s)"),
+        (f"postgresql://u:{PASSWORD}@a/app?host=b", "both before the database and as host="),
+        (f"postgresql://u:{PASSWORD}@/app?host=a:1&port=2", "ports both in its host list and as port="),
         (f"postgresql://u:{PASSWORD}@x@db.example.com/app", "percent-encode '@' in the password"),
     ],
 )
@@ -89,14 +141,14 @@ def test_bad_urls_are_refused_with_one_line_without_the_password(raw: str, fragm
 
 
 def test_safe_form_never_shows_the_password() -> None:
-    target = parse_database_url(f"postgresql://kraken:{PASSWORD}@db.internal:5433/app")
-    assert target.safe == "kraken@db.internal:5433/app"
-    assert PASSWORD not in repr(target.safe)
+    target = parse_database_url(f"postgresql://kraken:{PASSWORD}@db.internal:5433,db2.internal/app")
+    assert target.safe == "kraken@db.internal:5433,db2.internal/app"
+    assert PASSWORD not in target.safe
+    assert PASSWORD not in repr(target)
 
 
 def test_socket_urls_connect_through_the_socket_directory() -> None:
     target = parse_database_url("postgresql://postgres@/kraken?host=/tmp/pg")
-    kwargs = target.asyncpg_connect_kwargs()
-    assert kwargs["host"] == "/tmp/pg"
-    assert kwargs["database"] == "kraken"
+    assert target.hosts == (Host("/tmp/pg"),)
+    assert target.asyncpg_dsn() == "postgresql://postgres@/kraken?host=/tmp/pg"
     assert target.safe == "postgres@/tmp/pg/kraken"

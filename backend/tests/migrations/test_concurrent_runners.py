@@ -8,10 +8,10 @@ import sys
 import time
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from backend.config import PROJECT_ROOT
+from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations.lock import LOCK_KEY
 from backend.tests.helpers import HEAD, NEXT, child_env, fetch, out, run_alembic, scratch_alembic, sql
@@ -194,15 +194,14 @@ async def test_a_blocked_migration_gives_up_without_stalling_the_service(
 ) -> None:
     assert (await asyncio.to_thread(run_alembic, "upgrade", "head", target=empty_db)).returncode == 0
     ini = scratch_alembic(tmp_path, {f"{NEXT}_alter_turns.py": ALTER_TURNS})
-    kwargs = empty_db.asyncpg_connect_kwargs()
 
     # A long-running read holds ACCESS SHARE on kraken_turns for the whole test.
-    reader = await asyncpg.connect(**kwargs)
+    reader = await connect(empty_db)
     reader_tx = reader.transaction()
     await reader_tx.start()
     await reader.fetch("SELECT * FROM kraken_turns")
 
-    service = await asyncpg.connect(**kwargs)
+    service = await connect(empty_db)
     waits: list[float] = []
     migration = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head",
@@ -244,9 +243,7 @@ async def test_a_blocked_migration_gives_up_without_stalling_the_service(
 
 
 async def test_waiting_for_the_migration_lock_names_the_holder(empty_db: DatabaseTarget) -> None:
-    holder = await asyncpg.connect(
-        **empty_db.asyncpg_connect_kwargs(), server_settings={"application_name": "deploy-pipeline"}
-    )
+    holder = await connect(empty_db, "deploy-pipeline")
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         pid = holder.get_server_pid()

@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from backend.config import PROJECT_ROOT, Settings
+from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
 from backend.tests.helpers import (
@@ -23,6 +24,7 @@ from backend.tests.helpers import (
     child_env,
     fetch,
     out,
+    report,
     run_alembic,
     run_ops_async,
     scratch_alembic,
@@ -34,19 +36,13 @@ LOCK_TIMEOUT = float(Settings.model_fields["ddl_lock_timeout"].default)  # KRAKE
 POLL = 0.005
 
 
-def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
-    """Print past pytest's capture, so CI logs show the measurement."""
-    with capsys.disabled():
-        print(f"\n    {text}")  # noqa: T201
-
-
 async def migrate(db: DatabaseTarget, *args: str) -> None:
     result = await asyncio.to_thread(run_alembic, *args, target=db)
     assert result.returncode == 0, out(result)
 
 
 async def writer(db: DatabaseTarget) -> asyncpg.Connection:
-    conn = await asyncpg.connect(**db.asyncpg_connect_kwargs())
+    conn = await connect(db)
     await conn.execute(f"SET lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
     return conn
 
@@ -66,13 +62,12 @@ async def test_writes_continue_while_an_index_is_built_concurrently(
 ) -> None:
     await fetch(empty_db, "CREATE TABLE items (id bigserial PRIMARY KEY, n integer NOT NULL, note text NOT NULL)")
     await fetch(empty_db, "INSERT INTO items (n, note) SELECT g % 1000, md5(g::text) FROM generate_series(1, 200000) g")
-    kwargs = empty_db.asyncpg_connect_kwargs()
     # A writer whose transaction stays open: the concurrent build must wait for it to finish.
-    holder = await asyncpg.connect(**kwargs)
+    holder = await connect(empty_db)
     held = holder.transaction()
     await held.start()
     await holder.execute("INSERT INTO items (n, note) VALUES (0, 'held')")
-    live, watcher = await writer(empty_db), await asyncpg.connect(**kwargs)
+    live, watcher = await writer(empty_db), await connect(empty_db)
     waits: list[tuple[float, float]] = []
 
     async def insert() -> None:
@@ -145,7 +140,7 @@ async def test_writes_continue_while_002_runs(empty_db: DatabaseTarget, capsys: 
     await migrate(empty_db, "upgrade", "001")
     for statement in SEED_002:
         await fetch(empty_db, statement)
-    live, watcher = await writer(empty_db), await asyncpg.connect(**empty_db.asyncpg_connect_kwargs())
+    live, watcher = await writer(empty_db), await connect(empty_db)
     waits: list[tuple[float, float]] = []
     building: list[float] = []  # moments at which a concurrent index build was running
 
@@ -188,7 +183,7 @@ async def test_writes_continue_while_002_runs(empty_db: DatabaseTarget, capsys: 
 async def test_a_build_cancelled_by_lock_timeout_is_retried_and_rebuilt(empty_db: DatabaseTarget) -> None:
     await migrate(empty_db, "upgrade", "001")
     await fetch(empty_db, SEED_002[0].replace("20000", "1"))
-    holder = await asyncpg.connect(**empty_db.asyncpg_connect_kwargs())
+    holder = await connect(empty_db)
     held = holder.transaction()
     await held.start()
     await holder.execute(SEED_002[1].replace("generate_series(1, 5)", "generate_series(1, 1)"))
@@ -248,8 +243,7 @@ async def test_a_revision_picked_as_deadlock_victim_is_retried(empty_db: Databas
             """
         },
     )
-    kwargs = empty_db.asyncpg_connect_kwargs()
-    writer, watcher = await asyncpg.connect(**kwargs), await asyncpg.connect(**kwargs)
+    writer, watcher = await connect(empty_db), await connect(empty_db)
     # Whichever session checks for a deadlock first is the victim; the writer checks last.
     await writer.execute("SET deadlock_timeout = '30s'")
     migration = await asyncio.create_subprocess_exec(

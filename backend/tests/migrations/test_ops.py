@@ -10,6 +10,7 @@ from alembic import op
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
+from backend.db.engine import connect, create_migration_engine
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
 from backend.tests.helpers import fetch, offline_ops, run_ops, run_ops_async, sql
@@ -76,7 +77,7 @@ def test_index_is_built_concurrently_once(db: DatabaseTarget) -> None:
 async def test_an_invalid_index_left_by_an_interrupted_build_is_rebuilt(db: DatabaseTarget) -> None:
     # A writer's open transaction makes the build wait; lock_timeout cancels it half-way, and
     # PostgreSQL leaves the INVALID index of the cancelled build behind.
-    writer = await asyncpg.connect(**db.asyncpg_connect_kwargs())
+    writer = await connect(db)
     try:
         async with writer.transaction():
             await writer.execute("INSERT INTO items (parent_id, n) SELECT id, 0 FROM parents LIMIT 1")
@@ -259,8 +260,7 @@ async def test_replacing_a_foreign_key_does_not_deadlock_with_a_writer(db: Datab
     await fetch(
         db, "ALTER TABLE items ADD CONSTRAINT items_parent_id_fkey FOREIGN KEY (parent_id) REFERENCES parents (id)"
     )
-    kwargs = db.asyncpg_connect_kwargs()
-    writer, watcher = await asyncpg.connect(**kwargs), await asyncpg.connect(**kwargs)
+    writer, watcher = await connect(db), await connect(db)
     try:
         async with writer.transaction():
             parent = await writer.fetchval("INSERT INTO parents DEFAULT VALUES RETURNING id")
@@ -297,8 +297,6 @@ async def test_helpers_refuse_a_connection_already_inside_a_transaction(db: Data
     from alembic.operations import Operations
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import Connection
-
-    from backend.db.engine import create_migration_engine
 
     def inside_callers_transaction(connection: Connection) -> None:
         context = MigrationContext.configure(connection, opts={"transaction_per_migration": True})

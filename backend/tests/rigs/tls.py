@@ -161,6 +161,7 @@ class TlsServer:
         sslmode: str = "verify-full",
         *,
         user: str = "postgres",
+        database: str = "postgres",
         host: str = SERVER_NAME,
         password: str | None = None,
         client_cert: bool = False,
@@ -174,7 +175,9 @@ class TlsServer:
         if client_cert:
             query["sslcert"] = self.certs.client_cert
             query["sslkey"] = self.certs.client_key
-        return format_url([(host, self.port)], user=user, password=password, query={"sslmode": sslmode, **query})
+        return format_url(
+            [(host, self.port)], user=user, database=database, password=password, query={"sslmode": sslmode, **query}
+        )
 
 
 def tls_hba(cert_user: str, password_user: str, addresses: tuple[str, ...]) -> list[str]:

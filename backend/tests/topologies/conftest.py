@@ -3,6 +3,7 @@ PgBouncer) from the rigs in ``backend.tests.rigs``; all stopped and deleted at t
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +12,27 @@ from backend.tests.rigs.cluster import Cluster, postgres_bindir, postgres_has_ss
 from backend.tests.rigs.pgbouncer import PgBouncer, pgbouncer, pgbouncer_bin, pgbouncer_version
 from backend.tests.rigs.replication import ReplicationPair, replication_pair
 from backend.tests.rigs.tls import TlsServer, tls_cluster
+
+# The rig each test module proves the service on, for the one line per rig the run ends with.
+RIGS = {"test_tls.py": "TLS-only server", "test_failover.py": "primary + standby", "test_pgbouncer.py": "PgBouncer"}
+_outcomes: dict[str, Counter[str]] = {}
+_skips: dict[str, str] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    rig = RIGS.get(report.nodeid.split("::")[0].rsplit("/", 1)[-1])
+    if rig is None or not (report.when == "call" or report.outcome != "passed"):
+        return
+    _outcomes.setdefault(rig, Counter())[report.outcome] += 1
+    if report.skipped and isinstance(report.longrepr, tuple):
+        _skips[rig] = str(report.longrepr[2])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for rig, counts in _outcomes.items():
+        outcome = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        reason = f" ({_skips[rig]})" if rig in _skips else ""
+        terminalreporter.write_line(f"rig {rig}: {outcome}{reason}")
 
 
 def pytest_report_header() -> list[str]:
