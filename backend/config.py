@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.db.embedded import embedded_database
 from backend.db.url import DatabaseTarget, DatabaseUrlError, parse_database_url
+from backend.logs import LogFormat
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,7 @@ class Settings(BaseSettings):
     env: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    log_format: LogFormat = "text"
 
     # Unprefixed names: these are the conventional variables deployments already set.
     database_url: SecretStr | None = Field(default=None, validation_alias="DATABASE_URL")
@@ -47,6 +49,11 @@ class Settings(BaseSettings):
     # Service engine.
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
+    # Seconds a request waits for a pooled connection before it answers 503 (the pool is busy).
+    db_pool_timeout: float = Field(default=5.0, gt=0)
+    # Seconds one request statement may run before it is cancelled and the request answers 504;
+    # 0: no limit. Turns are written in milliseconds; a chat client gives up after seconds.
+    db_statement_timeout: float = Field(default=10.0, ge=0)
     # Off behind transaction-pooling proxies (PgBouncer), where prepared statements break.
     db_statement_cache: bool = True
 

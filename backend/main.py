@@ -14,11 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from backend.api import api_router
 from backend.api.errors import install_error_handlers
-from backend.api.middleware import BodySizeLimit
+from backend.api.middleware import BodySizeLimit, RequestContext
 from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
 from backend.db.embedded import release_servers
 from backend.db.engine import create_engine, create_session_factory
 from backend.db.url import DatabaseTarget
+from backend.logs import configure_logging
 from backend.migrations.revisions import SchemaStatus
 from backend.migrations.runner import (
     DatabaseUnavailable,
@@ -51,18 +52,26 @@ def create_service_engine(target: DatabaseTarget, settings: Settings) -> AsyncEn
         target,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout,
         statement_cache=settings.db_statement_cache,
+        statement_timeout=settings.db_statement_timeout or None,
     )
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = getattr(app.state, "settings", None) or get_settings()
+    settings: Settings | None = getattr(app.state, "settings", None)
+    if settings is None:
+        # `uvicorn backend.main:app`: the logging is ours from here on, uvicorn's own lines too.
+        settings = get_settings()
+        configure_logging(settings.log_format)
     check_serving(settings)
     # `kraken-backend` prepares the schema before serving (to fail with one line); other servers
     # (`uvicorn backend.main:app`) get it done here.
     status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
-    engine = create_service_engine(await resolve_target(settings), settings)
+    target = await resolve_target(settings)
+    engine = create_service_engine(target, settings)
+    app.state.fault_log.where = target.safe
     app.state.settings = settings
     app.state.schema_status = status
     app.state.engine = engine
@@ -82,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         application.state.settings = settings
     install_error_handlers(application)
     application.add_middleware(BodySizeLimit)
+    application.add_middleware(RequestContext)  # outermost: its id is on every response and log line
     application.include_router(api_router)
     return application
 
@@ -96,20 +106,20 @@ async def _serve(settings: Settings) -> int:
     except STARTUP_ERRORS as exc:
         logger.error("cannot start: %s", exc)
         return 1
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on"))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", log_config=None)
+    server = uvicorn.Server(config)
     await server.serve()
     return 0 if server.started else 3
 
 
 def main() -> None:
     """Entry point of `uv run kraken-backend`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # backend.migrations.runner logs each applied revision once; alembic's own INFO lines would repeat it.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    configure_logging()  # text until the settings say otherwise; a bad setting is told in it
     try:
         settings = get_settings()
         check_serving(settings)
     except ConfigError as exc:
         logger.error("cannot start: %s", exc)
         sys.exit(2)
+    configure_logging(settings.log_format)
     sys.exit(asyncio.run(_serve(settings)))

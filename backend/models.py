@@ -16,7 +16,9 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     String,
@@ -59,6 +61,20 @@ class Base(DeclarativeBase):
                 table.append_constraint(CheckConstraint(f"{column.name} >= 0", name=column.name))
 
 
+# Idempotency-Key columns (revision 003): the client's key, and the sha256 of the request it came
+# with; unique among the rows that have one (a conversation's key overall, a turn's within its
+# conversation), by partial unique indexes.
+_WITH_A_KEY = text("idempotency_key IS NOT NULL")
+
+
+def _idempotency_key() -> Mapped[str | None]:
+    return mapped_column(Text, nullable=True)
+
+
+def _idempotency_fingerprint() -> Mapped[bytes | None]:
+    return mapped_column(LargeBinary, nullable=True)
+
+
 def _uuid_pk() -> Mapped[uuid.UUID]:
     return mapped_column(Uuid, primary_key=True, server_default=func.gen_random_uuid())
 
@@ -86,11 +102,26 @@ class Conversation(Base):
     total_turns: Mapped[int] = _counter()
     total_tokens: Mapped[int] = _counter()
     total_cost_usd: Mapped[Decimal] = _money()
+    idempotency_key: Mapped[str | None] = _idempotency_key()
+    idempotency_fingerprint: Mapped[bytes | None] = _idempotency_fingerprint()
+
+    __table_args__ = (
+        Index("ix_kraken_conversations_idempotency_key", "idempotency_key", unique=True, postgresql_where=_WITH_A_KEY),
+    )
 
 
 class Turn(Base):
     __tablename__ = "kraken_turns"
-    __table_args__ = (UniqueConstraint("conversation_id", "turn_number"),)
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "turn_number"),
+        Index(
+            "ix_kraken_turns_conversation_id_idempotency_key",
+            "conversation_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=_WITH_A_KEY,
+        ),
+    )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
     conversation_id: Mapped[uuid.UUID] = mapped_column(
@@ -108,6 +139,8 @@ class Turn(Base):
     cache_read_tokens: Mapped[int] = _counter()
     model: Mapped[str] = mapped_column(String, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, server_default=func.now())
+    idempotency_key: Mapped[str | None] = _idempotency_key()
+    idempotency_fingerprint: Mapped[bytes | None] = _idempotency_fingerprint()
 
 
 class ToolCall(Base):

@@ -234,7 +234,7 @@ VARIANTS: dict[str, tuple[str, Writer]] = {
 
 async def new_conversations(sessions: Sessions, count: int) -> list[uuid.UUID]:
     async with sessions() as session:
-        ids = [(await service.create_conversation(session, conversation())).id for _ in range(count)]
+        ids = [(await service.create_conversation(session, conversation())).value.id for _ in range(count)]
         await session.commit()
     return ids
 

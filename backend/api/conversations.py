@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Response, status
 
-from backend.api.deps import ConversationId, RequireApiKey, SessionDep, SettingsDep
+from backend.api.deps import ConversationId, IdempotencyKey, RequireApiKey, SessionDep, SettingsDep
 from backend.api.errors import documented
 from backend.conversations import service
 from backend.conversations.schemas import (
@@ -21,12 +21,23 @@ from backend.conversations.schemas import (
 )
 
 router = APIRouter(prefix="/conversations", tags=["conversations"])
+T = TypeVar("T")
+
+
+def replayed(recorded: service.Recorded[T], response: Response) -> T:
+    """What the write stored; marked when an earlier attempt with the same Idempotency-Key stored it."""
+    if recorded.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return recorded.value
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, dependencies=RequireApiKey, responses=documented(401, 413, 422))
-async def create_conversation(body: ConversationCreate, session: SessionDep) -> ConversationPublic:
+async def create_conversation(
+    body: ConversationCreate, session: SessionDep, response: Response, idempotency_key: IdempotencyKey = None
+) -> ConversationPublic:
     """Start a conversation: status active, totals zero."""
-    return await service.create_conversation(session, body)
+    recorded = await service.create_conversation(session, body, idempotency_key=idempotency_key)
+    return replayed(recorded, response)
 
 
 @router.post(
@@ -36,7 +47,12 @@ async def create_conversation(body: ConversationCreate, session: SessionDep) -> 
     responses=documented(401, 404, 409, 413, 422),
 )
 async def append_turn(
-    conversation_id: ConversationId, body: TurnCreate, session: SessionDep, settings: SettingsDep
+    conversation_id: ConversationId,
+    body: TurnCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> TurnPublic:
     """Record one turn and its tool calls, in order, and add it to the conversation's totals.
 
@@ -45,9 +61,14 @@ async def append_turn(
     A tool result over KRAKEN_TOOL_RESULT_MAX_BYTES of compact JSON is stored truncated.
     409 when the conversation has ended or a total would overflow.
     """
-    return await service.append_turn(
-        session, conversation_id, body, tool_result_max_bytes=settings.tool_result_max_bytes
+    recorded = await service.append_turn(
+        session,
+        conversation_id,
+        body,
+        tool_result_max_bytes=settings.tool_result_max_bytes,
+        idempotency_key=idempotency_key,
     )
+    return replayed(recorded, response)
 
 
 @router.post("/{conversation_id}/end", dependencies=RequireApiKey, responses=documented(401, 404, 409, 413, 422))

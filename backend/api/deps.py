@@ -12,11 +12,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from backend.api.errors import api_error
+from backend.api.errors import FaultLog, api_error
 from backend.config import Settings
 
 
@@ -34,6 +34,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         except BaseException:
             await session.rollback()
             raise
+    faults: FaultLog = request.app.state.fault_log
+    faults.cleared()
 
 
 # scope="function": commit before the response is sent. With FastAPI's default ("request") the
@@ -83,3 +85,22 @@ async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
 
 
 ConversationId = Annotated[uuid.UUID, Depends(parse_conversation_id)]
+
+
+# A client's key for retrying a create or an append safely (the IETF draft's Idempotency-Key).
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=IDEMPOTENCY_KEY_PATTERN,
+        min_length=1,
+        max_length=255,
+        description=(
+            "Any 1-255 printable ASCII characters, no spaces (a UUID, say). A retry with the same key and "
+            "the same body answers what the first attempt stored (same id, header Idempotent-Replayed: "
+            "true) and stores nothing new, also when the attempts race; the same key with another body "
+            "is a 422 (idempotency_key_reused). Keys live as long as the conversation."
+        ),
+    ),
+]

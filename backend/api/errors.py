@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,11 +27,12 @@ from backend.conversations.errors import (
     ConversationEnded,
     ConversationError,
     ConversationNotFound,
+    IdempotencyKeyReused,
     InvalidCursor,
     TotalsFull,
     TurnRejected,
 )
-from backend.db.errors import Fault, request_fault
+from backend.db.errors import ConnectionLost, Fault, StatementTimeout, first_line, request_fault
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ DOMAIN_ERRORS: dict[type[ConversationError], tuple[int, tuple[str, ...], str]] =
     TotalsFull: (409, ("body",), "totals_full"),
     TurnRejected: (409, ("body",), "turn_rejected"),
     InvalidCursor: (422, ("query", "cursor"), "invalid_cursor"),
+    IdempotencyKeyReused: (422, ("header", "Idempotency-Key"), "idempotency_key_reused"),
 }
 
 # Where an HTTP error raised by the framework (not by us) is about.
@@ -110,6 +113,8 @@ DATABASE_FAULTS: dict[Fault, tuple[int, int, str, str]] = {
     "pooler": (503, 30, "database_misconfigured", "the service cannot use its database as configured; retry later"),
 }
 DATABASE_ERRORS = (
+    StatementTimeout,
+    ConnectionLost,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
@@ -120,18 +125,49 @@ DATABASE_ERRORS = (
 
 
 class FaultLog:
-    """What this app has already said about database faults, so each is told once, not per request."""
+    """Database trouble, told once when it starts and once when it clears, never per request.
+
+    Trouble is the database being unavailable, out of connections or too slow; a conflict
+    (deadlock, serialization failure) is one request's bad luck and gets an INFO line. A statement
+    cache behind a transaction pooler is a misconfiguration, told once as an ERROR.
+    """
 
     def __init__(self) -> None:
+        self.where = "the database"  # the lifespan names the server (user@host:port/database)
+        self.trouble_since: float | None = None
+        self.answered = 0
         self.told_about_the_pooler = False
 
-    def record(self, fault: Fault) -> None:
-        if fault == "pooler" and not self.told_about_the_pooler:
-            self.told_about_the_pooler = True
-            logger.error(
-                "prepared statements fail: DATABASE_URL goes through a transaction-pooling proxy (PgBouncer?); "
-                "set KRAKEN_DB_STATEMENT_CACHE=false"
+    def record(self, fault: Fault, exc: BaseException) -> None:
+        if fault == "pooler":
+            if not self.told_about_the_pooler:
+                self.told_about_the_pooler = True
+                logger.error(
+                    "prepared statements fail: DATABASE_URL goes through a transaction-pooling proxy (PgBouncer?); "
+                    "set KRAKEN_DB_STATEMENT_CACHE=false"
+                )
+            return
+        if fault == "conflict":
+            logger.info("the database aborted a request to resolve a conflict: %s; answered 503", first_line(exc))
+            return
+        if self.trouble_since is None:
+            self.trouble_since, self.answered = time.monotonic(), 0
+            logger.warning(
+                "database trouble (%s): %s at %s; answering 503/504 until a request gets through",
+                fault,
+                first_line(exc),
+                self.where,
             )
+        self.answered += 1
+
+    def cleared(self) -> None:
+        """A request got its work done on the database: trouble, if any, is over."""
+        if self.trouble_since is None:
+            return
+        lasted, self.trouble_since = time.monotonic() - self.trouble_since, None
+        logger.warning(
+            "database trouble over after %.1f s; %d request(s) were answered 503/504 meanwhile", lasted, self.answered
+        )
 
 
 async def _database_error(request: Request, exc: Exception) -> ErrorResponse:
@@ -139,7 +175,7 @@ async def _database_error(request: Request, exc: Exception) -> ErrorResponse:
     if fault is None:
         raise exc  # not an expected fault: the server error handler answers it
     faults: FaultLog = request.app.state.fault_log
-    faults.record(fault)
+    faults.record(fault, exc)
     status_code, retry_after, type_, msg = DATABASE_FAULTS[fault]
     return ErrorResponse(
         {"detail": [{"loc": [], "msg": msg, "type": type_}]},

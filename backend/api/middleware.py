@@ -2,11 +2,60 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import uuid
+
 from starlette.datastructures import Headers
 from starlette.middleware.body_limit import RequestBodyLimitResponder
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.api.errors import ErrorResponse
+from backend.logs import request_id
+
+logger = logging.getLogger(__name__)
+
+# A client's X-Request-ID is kept when it is a token a log line can carry as it is.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+class RequestContext:
+    """The outermost layer of the app: each request's id, and the last word on errors.
+
+    The id is the client's ``X-Request-ID`` when it is a plain token, or a new one; it goes back
+    in the response's ``X-Request-ID`` and into every log line written for the request. An
+    exception nothing else answered is logged here, once, with its traceback, and answered with
+    a JSON 500 that holds the id and no internals (not re-raised: the server would log it again).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                detail = [{"loc": [], "msg": f"internal error (request {rid})", "type": "internal_error"}]
+                await ErrorResponse({"detail": detail}, status_code=500)(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
 
 
 class BodySizeLimit:

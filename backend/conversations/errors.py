@@ -36,3 +36,11 @@ class TurnRejected(ConversationError):
 class InvalidCursor(ConversationError):
     def __init__(self) -> None:
         super().__init__("not a cursor this service issued; pass next_cursor from the previous page")
+
+
+class IdempotencyKeyReused(ConversationError):
+    def __init__(self) -> None:
+        super().__init__(
+            "this Idempotency-Key was used with another request; send a new key for a new request, "
+            "or the same request to get what the key stored"
+        )

@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any, Generic, NoReturn, TypeVar
 
 import asyncpg
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.conversations.errors import (
     ConversationEnded,
     ConversationNotFound,
+    IdempotencyKeyReused,
     InvalidCursor,
     TotalsFull,
     TurnRejected,
@@ -57,15 +62,40 @@ NOW = "timezone('UTC', clock_timestamp())"
 # Must print what schemas.UtcTimestamp prints.
 TIMESTAMP_FORMAT = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
 
+T = TypeVar("T")
+# The unique indexes revision 003 puts on Idempotency-Keys (a race between two first attempts ends on them).
+CONVERSATION_KEY_INDEX = "ix_kraken_conversations_idempotency_key"
+TURN_KEY_INDEX = "ix_kraken_turns_conversation_id_idempotency_key"
+
 CONVERSATION_COLUMNS = (
     "id, session_id, model, system_prompt_hash, agent_version, status, started_at, ended_at, "
     "total_turns, total_tokens, total_cost_usd"
 )
 
+# With an Idempotency-Key, a conversation created under it earlier is returned instead (with the
+# fingerprint of the request that created it, to compare); without one, ``prior`` is empty. Two
+# first attempts racing: the later one's INSERT meets the unique index, and is answered from the
+# earlier one's row (``PRIOR_CONVERSATION``).
 CREATE = Statement.of(f"""
-INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, status, started_at)
-VALUES (:session_id, :model, :system_prompt_hash, :agent_version, 'active', {NOW})
-RETURNING {CONVERSATION_COLUMNS}
+WITH prior AS (
+    SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint FROM kraken_conversations
+    WHERE idempotency_key = :idempotency_key
+), created AS (
+    INSERT INTO kraken_conversations (
+        session_id, model, system_prompt_hash, agent_version, status, started_at,
+        idempotency_key, idempotency_fingerprint)
+    SELECT :session_id, :model, :system_prompt_hash, :agent_version, 'active', {NOW},
+        :idempotency_key, :idempotency_fingerprint
+    WHERE NOT EXISTS (SELECT 1 FROM prior)
+    RETURNING {CONVERSATION_COLUMNS}
+)
+SELECT {CONVERSATION_COLUMNS}, CAST(NULL AS bytea) AS prior_fingerprint FROM created
+UNION ALL
+SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint FROM prior
+""")
+PRIOR_CONVERSATION = Statement.of(f"""
+SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint AS prior_fingerprint FROM kraken_conversations
+WHERE idempotency_key = :idempotency_key
 """)
 
 # One statement, one round trip: lock the conversation by updating its totals (so concurrent
@@ -73,14 +103,18 @@ RETURNING {CONVERSATION_COLUMNS}
 # numbered by the new total, insert its tool calls numbered by their position. The WHERE refuses
 # ended conversations and totals that would overflow their columns; then nothing is inserted.
 # Tool calls arrive as parallel arrays: unnest keeps a JSON null a JSON null (jsonb_to_recordset
-# would make it SQL NULL).
+# would make it SQL NULL). With an Idempotency-Key already used in this conversation, nothing is
+# written and the earlier turn's id comes back with its request's fingerprint (as for CREATE).
 APPEND = Statement.of(f"""
-WITH conversation AS (
+WITH prior AS (
+    SELECT id, idempotency_fingerprint FROM kraken_turns
+    WHERE conversation_id = :conversation_id AND idempotency_key = :idempotency_key
+), conversation AS (
     UPDATE kraken_conversations
     SET total_turns = total_turns + 1,
         total_tokens = total_tokens + CAST(:tokens AS integer),
         total_cost_usd = total_cost_usd + CAST(:cost_usd AS numeric)
-    WHERE id = :conversation_id
+    WHERE id = :conversation_id AND NOT EXISTS (SELECT 1 FROM prior)
       AND status = 'active' AND ended_at IS NULL
       AND total_turns < {MAX_TOTAL_TURNS}
       AND total_tokens <= {MAX_TOTAL_TOKENS} - CAST(:tokens AS integer)
@@ -90,11 +124,12 @@ WITH conversation AS (
     INSERT INTO kraken_turns (
         conversation_id, turn_number, user_query, assistant_response, model,
         input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens,
-        cost_usd, duration_ms, tool_calls_count, created_at)
+        cost_usd, duration_ms, tool_calls_count, created_at, idempotency_key, idempotency_fingerprint)
     SELECT id, total_turns, CAST(:user_query AS text), CAST(:assistant_response AS text), CAST(:model AS text),
         CAST(:input_tokens AS integer), CAST(:output_tokens AS integer),
         CAST(:cache_creation_tokens AS integer), CAST(:cache_read_tokens AS integer),
-        CAST(:cost_usd AS numeric), CAST(:duration_ms AS integer), CAST(:tool_calls_count AS integer), {NOW}
+        CAST(:cost_usd AS numeric), CAST(:duration_ms AS integer), CAST(:tool_calls_count AS integer), {NOW},
+        CAST(:idempotency_key AS text), CAST(:idempotency_fingerprint AS bytea)
     FROM conversation
     RETURNING id, turn_number, created_at
 ), tool_calls AS (
@@ -107,8 +142,15 @@ WITH conversation AS (
     RETURNING id, sequence_order
 )
 SELECT turn.id, turn.turn_number, turn.created_at,
-       ARRAY(SELECT id FROM tool_calls ORDER BY sequence_order) AS tool_call_ids
+       ARRAY(SELECT id FROM tool_calls ORDER BY sequence_order) AS tool_call_ids,
+       CAST(NULL AS bytea) AS prior_fingerprint
 FROM turn
+UNION ALL
+SELECT id, NULL, NULL, NULL, idempotency_fingerprint FROM prior
+""")
+PRIOR_TURN = Statement.of("""
+SELECT id, idempotency_fingerprint AS prior_fingerprint FROM kraken_turns
+WHERE conversation_id = :conversation_id AND idempotency_key = :idempotency_key
 """)
 
 # Why an append matched no row (only run on that path).
@@ -122,6 +164,26 @@ WHERE id = :id AND status = 'active' AND ended_at IS NULL
 RETURNING {CONVERSATION_COLUMNS}
 """)
 
+# A turn (``t``) with its tool calls as JSON, as schemas.TurnPublic has it.
+TURN_JSON = f"""json_build_object(
+    'id', t.id, 'conversation_id', t.conversation_id, 'turn_number', t.turn_number,
+    'user_query', t.user_query, 'assistant_response', t.assistant_response, 'model', t.model,
+    'input_tokens', t.input_tokens, 'output_tokens', t.output_tokens,
+    'cache_creation_tokens', t.cache_creation_tokens, 'cache_read_tokens', t.cache_read_tokens,
+    'cost_usd', t.cost_usd, 'duration_ms', t.duration_ms, 'tool_calls_count', t.tool_calls_count,
+    'created_at', to_char(t.created_at, {TIMESTAMP_FORMAT}),
+    'tool_calls', COALESCE((
+        SELECT json_agg(json_build_object(
+            'id', tc.id, 'sequence_order', tc.sequence_order, 'tool_name', tc.tool_name,
+            'tool_args', tc.tool_args, 'tool_result', tc.tool_result,
+            'result_truncated', tc.result_truncated
+        ) ORDER BY tc.sequence_order, tc.id)
+        FROM kraken_tool_calls tc WHERE tc.turn_id = t.id
+    ), CAST('[]' AS json))
+)"""
+# A stored turn, for answering a retried append.
+STORED_TURN = Statement.of(f"SELECT {TURN_JSON}::text FROM kraken_turns t WHERE t.id = :id")
+
 # The shared view, rendered by PostgreSQL in one query: a conversation of hundreds of tool calls
 # goes out as the text PostgreSQL built, without being parsed and re-serialized in Python. Keys
 # and formats match schemas.ConversationDetail (a test holds them together).
@@ -133,22 +195,7 @@ SELECT json_build_object(
     'ended_at', to_char(c.ended_at, {TIMESTAMP_FORMAT}),
     'total_turns', c.total_turns, 'total_tokens', c.total_tokens, 'total_cost_usd', c.total_cost_usd,
     'turns', COALESCE((
-        SELECT json_agg(json_build_object(
-            'id', t.id, 'conversation_id', t.conversation_id, 'turn_number', t.turn_number,
-            'user_query', t.user_query, 'assistant_response', t.assistant_response, 'model', t.model,
-            'input_tokens', t.input_tokens, 'output_tokens', t.output_tokens,
-            'cache_creation_tokens', t.cache_creation_tokens, 'cache_read_tokens', t.cache_read_tokens,
-            'cost_usd', t.cost_usd, 'duration_ms', t.duration_ms, 'tool_calls_count', t.tool_calls_count,
-            'created_at', to_char(t.created_at, {TIMESTAMP_FORMAT}),
-            'tool_calls', COALESCE((
-                SELECT json_agg(json_build_object(
-                    'id', tc.id, 'sequence_order', tc.sequence_order, 'tool_name', tc.tool_name,
-                    'tool_args', tc.tool_args, 'tool_result', tc.tool_result,
-                    'result_truncated', tc.result_truncated
-                ) ORDER BY tc.sequence_order, tc.id)
-                FROM kraken_tool_calls tc WHERE tc.turn_id = t.id
-            ), CAST('[]' AS json))
-        ) ORDER BY t.turn_number, t.id)
+        SELECT json_agg({TURN_JSON} ORDER BY t.turn_number, t.id)
         FROM kraken_turns t WHERE t.conversation_id = c.id
     ), CAST('[]' AS json))
 )::text
@@ -206,10 +253,43 @@ def _conversation(row: asyncpg.Record) -> ConversationPublic:
     return ConversationPublic.model_validate(dict(row))
 
 
-async def create_conversation(session: AsyncSession, data: ConversationCreate) -> ConversationPublic:
-    row = await fetch_one(session, CREATE, **data.model_dump())
-    assert row is not None  # INSERT ... RETURNING
-    return _conversation(row)
+@dataclass(frozen=True)
+class Recorded(Generic[T]):
+    """What a write stored, and whether an earlier attempt with the same Idempotency-Key stored it."""
+
+    value: T
+    replayed: bool = False
+
+
+def fingerprint(body: BaseModel) -> bytes:
+    """What an Idempotency-Key is checked against: sha256 of the request's validated fields, so
+    key order and spacing in the JSON do not matter, but any value does."""
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).digest()
+
+
+def _check_replay(prior_fingerprint: bytes, body: BaseModel) -> None:
+    if prior_fingerprint != fingerprint(body):
+        raise IdempotencyKeyReused()
+
+
+async def create_conversation(
+    session: AsyncSession, data: ConversationCreate, *, idempotency_key: str | None = None
+) -> Recorded[ConversationPublic]:
+    params = dict(data.model_dump(), idempotency_key=idempotency_key, idempotency_fingerprint=None)
+    if idempotency_key is not None:
+        params["idempotency_fingerprint"] = fingerprint(data)
+    try:
+        row = await fetch_one(session, CREATE, **params)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.constraint_name != CONVERSATION_KEY_INDEX:
+            raise
+        # Another attempt with this key committed first (both found no conversation under it).
+        row = await fetch_one(session, PRIOR_CONVERSATION, idempotency_key=idempotency_key)
+    assert row is not None  # INSERT ... RETURNING, or the row that took the key
+    if row["prior_fingerprint"] is not None:
+        _check_replay(row["prior_fingerprint"], data)
+        return Recorded(_conversation(row), replayed=True)
+    return Recorded(_conversation(row))
 
 
 def store_tool_result(result: Any, max_bytes: int) -> tuple[Any, str, bool]:
@@ -236,12 +316,19 @@ def store_tool_result(result: Any, max_bytes: int) -> tuple[Any, str, bool]:
 
 
 async def append_turn(
-    session: AsyncSession, conversation_id: uuid.UUID, turn: TurnCreate, *, tool_result_max_bytes: int
-) -> TurnPublic:
+    session: AsyncSession,
+    conversation_id: uuid.UUID,
+    turn: TurnCreate,
+    *,
+    tool_result_max_bytes: int,
+    idempotency_key: str | None = None,
+) -> Recorded[TurnPublic]:
     stored = [store_tool_result(call.tool_result, tool_result_max_bytes) for call in turn.tool_calls]
     fields = turn.model_dump(exclude={"tool_calls"})
     params = dict(
         fields,
+        idempotency_key=idempotency_key,
+        idempotency_fingerprint=fingerprint(turn) if idempotency_key is not None else None,
         conversation_id=conversation_id,
         tokens=turn.input_tokens + turn.output_tokens,
         tool_calls_count=len(turn.tool_calls),
@@ -253,32 +340,47 @@ async def append_turn(
     try:
         row = await fetch_one(session, APPEND, **params)
     except asyncpg.IntegrityConstraintViolationError as exc:
-        # Only a constraint this code does not check for can get here (one added to the
-        # database later, or rows that predate the service); the statement stored nothing.
-        raise TurnRejected(exc.constraint_name) from None
+        if exc.constraint_name != TURN_KEY_INDEX:
+            # Only a constraint this code does not check for can get here (one added to the
+            # database later, or rows that predate the service); the statement stored nothing.
+            raise TurnRejected(exc.constraint_name) from None
+        # Another attempt with this key committed first (both found no turn under it).
+        row = await fetch_one(session, PRIOR_TURN, conversation_id=conversation_id, idempotency_key=idempotency_key)
+        assert row is not None  # the turn that took the key
     if row is None:
         await _explain_refused_append(session, conversation_id, turn)
-    return TurnPublic(
-        id=row["id"],
-        conversation_id=conversation_id,
-        turn_number=row["turn_number"],
-        tool_calls_count=len(turn.tool_calls),
-        created_at=row["created_at"],
-        tool_calls=[
-            ToolCallPublic(
-                id=call_id,
-                sequence_order=position,
-                tool_name=call.tool_name,
-                tool_args=call.tool_args,
-                tool_result=value,
-                result_truncated=truncated,
-            )
-            for position, (call_id, call, (value, _, truncated)) in enumerate(
-                zip(row["tool_call_ids"], turn.tool_calls, stored, strict=True), start=1
-            )
-        ],
-        **fields,
+    if row["prior_fingerprint"] is not None:
+        _check_replay(row["prior_fingerprint"], turn)
+        return Recorded(await _stored_turn(session, row["id"]), replayed=True)
+    return Recorded(
+        TurnPublic(
+            id=row["id"],
+            conversation_id=conversation_id,
+            turn_number=row["turn_number"],
+            tool_calls_count=len(turn.tool_calls),
+            created_at=row["created_at"],
+            tool_calls=[
+                ToolCallPublic(
+                    id=call_id,
+                    sequence_order=position,
+                    tool_name=call.tool_name,
+                    tool_args=call.tool_args,
+                    tool_result=value,
+                    result_truncated=truncated,
+                )
+                for position, (call_id, call, (value, _, truncated)) in enumerate(
+                    zip(row["tool_call_ids"], turn.tool_calls, stored, strict=True), start=1
+                )
+            ],
+            **fields,
+        )
     )
+
+
+async def _stored_turn(session: AsyncSession, turn_id: uuid.UUID) -> TurnPublic:
+    row = await fetch_one(session, STORED_TURN, id=turn_id)
+    assert row is not None  # it holds the key it was just found by; turns are only deleted with their conversation
+    return TurnPublic.model_validate_json(row[0])
 
 
 async def _explain_refused_append(session: AsyncSession, conversation_id: uuid.UUID, turn: TurnCreate) -> NoReturn:

@@ -23,7 +23,12 @@ SERVICE_APPLICATION_NAME = "kraken-backend"
 MIGRATION_APPLICATION_NAME = "kraken-migrate"
 
 
-def connect_kwargs(target: DatabaseTarget, application_name: str, statement_cache: bool = True) -> dict[str, Any]:
+def connect_kwargs(
+    target: DatabaseTarget,
+    application_name: str,
+    statement_cache: bool = True,
+    statement_timeout: float | None = None,
+) -> dict[str, Any]:
     """``asyncpg.connect()`` arguments for ``target``: every connection this service opens, pooled or
     bare, is made from these, so a URL means the same everywhere."""
     kwargs: dict[str, Any] = {
@@ -37,6 +42,11 @@ def connect_kwargs(target: DatabaseTarget, application_name: str, statement_cach
         # Behind a transaction-pooling proxy (PgBouncer) a prepared statement lives on whichever
         # server connection the proxy lent for that transaction.
         kwargs["statement_cache_size"] = 0
+    if statement_timeout:
+        # Client-side: asyncpg cancels a statement that runs longer (the server rolls it back) and
+        # raises TimeoutError. A server-side statement_timeout would be a startup parameter, which
+        # PgBouncer refuses; this works through any proxy.
+        kwargs["command_timeout"] = statement_timeout
     return kwargs
 
 
@@ -52,22 +62,30 @@ async def connect(
     return connection
 
 
-def _engine(target: DatabaseTarget, application_name: str, statement_cache: bool, **options: Any) -> AsyncEngine:
+def _engine(target: DatabaseTarget, connect: dict[str, Any], statement_cache: bool, **options: Any) -> AsyncEngine:
     # The URL names only the dialect: where to connect is all in connect_kwargs (SQLAlchemy's URL
     # cannot hold libpq's host lists).
     query = {} if statement_cache else {"prepared_statement_cache_size": "0"}  # SQLAlchemy's own cache
-    url = URL.create(ASYNC_DRIVER, query=query)
-    return create_async_engine(url, connect_args=connect_kwargs(target, application_name, statement_cache), **options)
+    return create_async_engine(URL.create(ASYNC_DRIVER, query=query), connect_args=connect, **options)
 
 
-def create_engine(target: DatabaseTarget, *, pool_size: int, max_overflow: int, statement_cache: bool) -> AsyncEngine:
-    """The service's engine: a bounded pool, connections checked before use."""
+def create_engine(
+    target: DatabaseTarget,
+    *,
+    pool_size: int,
+    max_overflow: int,
+    pool_timeout: float,
+    statement_cache: bool,
+    statement_timeout: float | None,
+) -> AsyncEngine:
+    """The service's engine: a bounded pool, connections checked before use, statements bounded."""
     engine = _engine(
         target,
-        SERVICE_APPLICATION_NAME,
+        connect_kwargs(target, SERVICE_APPLICATION_NAME, statement_cache, statement_timeout),
         statement_cache,
         pool_size=pool_size,
         max_overflow=max_overflow,
+        pool_timeout=pool_timeout,
         pool_recycle=1800,
     )
     event.listen(engine.sync_engine, "checkin", _stamp_checkin)
@@ -107,7 +125,9 @@ def _check_on_checkout(dbapi_connection: Any, connection_record: Any, connection
 
 def create_migration_engine(target: DatabaseTarget, *, statement_cache: bool = True) -> AsyncEngine:
     """A pool-less engine: migrations open two connections (lock + work) and close them after."""
-    return _engine(target, MIGRATION_APPLICATION_NAME, statement_cache, poolclass=NullPool)
+    return _engine(
+        target, connect_kwargs(target, MIGRATION_APPLICATION_NAME, statement_cache), statement_cache, poolclass=NullPool
+    )
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

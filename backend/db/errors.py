@@ -119,6 +119,15 @@ def _sslmode(target: DatabaseTarget) -> str:
 
 Fault = Literal["unavailable", "busy", "timeout", "conflict", "pooler"]
 
+
+class StatementTimeout(Exception):
+    """A statement ran past the service's statement timeout and was cancelled (nothing of it stayed)."""
+
+
+class ConnectionLost(Exception):
+    """The connection a statement was given closed under it (the server went away)."""
+
+
 # SQLSTATEs of expected faults (PostgreSQL's appendix A), by what the client should make of them.
 _FAULT_STATES: dict[str, Fault] = {
     "57P01": "unavailable",  # admin_shutdown: the server is stopping, or the session was terminated
@@ -149,6 +158,10 @@ def request_fault(exc: BaseException) -> Fault | None:
     """
     if isinstance(exc, PoolTimeout):
         return "busy"
+    if isinstance(exc, StatementTimeout):
+        return "timeout"
+    if isinstance(exc, ConnectionLost):
+        return "unavailable"
     state = sqlstate(exc)
     if state in _FAULT_STATES:
         return _FAULT_STATES[state]

@@ -177,18 +177,23 @@ def _in_write_transaction() -> bool:
 # --- indexes ---------------------------------------------------------------------------------
 
 
-def create_index_concurrently(name: str, table: str, columns: Sequence[str], *, unique: bool = False) -> None:
+def create_index_concurrently(
+    name: str, table: str, columns: Sequence[str], *, unique: bool = False, where: str | None = None
+) -> None:
     """``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS``, outside the revision's transaction.
 
     Writes continue during the build (it takes SHARE UPDATE EXCLUSIVE). A build that was cancelled
     (lock_timeout, a killed runner) leaves an INVALID index behind, which IF NOT EXISTS alone
     would keep forever: it is dropped and built again. A unique build that finds duplicates
-    drops what it left and says so.
+    drops what it left and says so. ``where`` makes a partial index (its predicate, as SQL); an
+    existing index is compared by table, columns and uniqueness, not by predicate.
     """
     ddl = (
         f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {ident(name)}"
         f" ON {ident(table)} ({_columns(columns)})"
     )
+    if where is not None:
+        ddl += f" WHERE {where}"
     ctx = _context()
     if ctx.as_sql:
         with ctx.autocommit_block():
@@ -228,6 +233,32 @@ def drop_index_concurrently(name: str) -> None:
         _require_own_transactions(ctx)
     with ctx.autocommit_block():
         op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
+
+
+# --- columns ---------------------------------------------------------------------------------
+
+
+def add_columns(table: str, columns: Mapping[str, str]) -> None:
+    """``ADD COLUMN IF NOT EXISTS`` for each ``name: type``, in one statement, then commit.
+
+    Nullable and without a default, a new column is a catalog change under a brief ACCESS
+    EXCLUSIVE lock: no rewrite, no scan. A required column is not this helper's (add it nullable,
+    backfill, then enforce it: backend/alembic/README.md, "Writing a revision").
+    """
+    for name, type_ in columns.items():
+        if any(word in type_.upper().split() for word in ("NOT", "DEFAULT", "PRIMARY")):
+            raise ValueError(f"add_columns({table!r}) adds nullable columns without a default; {name} is {type_!r}")
+    additions = ", ".join(f"ADD COLUMN IF NOT EXISTS {ident(name)} {type_}" for name, type_ in columns.items())
+    op.execute(f"ALTER TABLE {ident(table)} {additions}")
+    commit()
+
+
+def drop_columns(table: str, columns: Sequence[str]) -> None:
+    """``DROP COLUMN IF EXISTS`` for each, in one statement (catalog only: a brief ACCESS EXCLUSIVE
+    lock; the space is reclaimed as rows are rewritten), then commit. Call ``refuse_data_loss`` first."""
+    drops = ", ".join(f"DROP COLUMN IF EXISTS {ident(name)}" for name in columns)
+    op.execute(f"ALTER TABLE {ident(table)} {drops}")
+    commit()
 
 
 # --- constraints -----------------------------------------------------------------------------

@@ -166,11 +166,11 @@ def free_port() -> int:
 
 
 class Service:
-    """`kraken-backend` in a child process, its output collected line by line as it comes."""
+    """`kraken-backend` (or ``command``) in a child process, its output collected line by line as it comes."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], command: list[str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [SERVICE], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command or [SERVICE], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -199,8 +199,8 @@ class Service:
 
 
 @contextlib.contextmanager
-def service(env: dict[str, str]) -> Iterator[Service]:
-    running = Service(env)
+def service(env: dict[str, str], command: list[str] | None = None) -> Iterator[Service]:
+    running = Service(env, command)
     try:
         yield running
     finally:

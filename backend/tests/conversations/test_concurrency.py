@@ -90,9 +90,10 @@ async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(liv
             # An open transaction, which the append's statement joins: its row lock is held until
             # the commit below, the widest window a real append (one statement) leaves open.
             await in_flight.execute(text("SELECT 1"))
-            turn = await service.append_turn(
+            recorded = await service.append_turn(
                 in_flight, conversation_id, TurnCreate.model_validate(turn_body()), tool_result_max_bytes=10240
             )
+            turn = recorded.value
             delete = asyncio.create_task(live_client.delete(f"/conversations/{conversation['id']}"))
             await _until_a_query_waits_for_a_lock(live_db)
             await in_flight.commit()

@@ -111,12 +111,12 @@ async def statements(db_connection: AsyncConnection) -> list[str]:
 
 
 async def _conversation(session: AsyncSession) -> uuid.UUID:
-    return (await service.create_conversation(session, ConversationCreate.model_validate(CONVERSATION))).id
+    return (await service.create_conversation(session, ConversationCreate.model_validate(CONVERSATION))).value.id
 
 
 async def _append(session: AsyncSession, conversation_id: uuid.UUID) -> TurnPublic:
     turn = TurnCreate.model_validate(turn_body())
-    return await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)
+    return (await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)).value
 
 
 async def test_a_turn_with_its_tool_calls_and_totals_is_one_statement(session, statements):

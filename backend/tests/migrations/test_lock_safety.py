@@ -145,7 +145,7 @@ async def test_writes_continue_while_002_runs(empty_db: DatabaseTarget, capsys: 
     building: list[float] = []  # moments at which a concurrent index build was running
 
     migration = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "alembic", "upgrade", "head",
+        sys.executable, "-m", "alembic", "upgrade", "002",
         cwd=PROJECT_ROOT, env=child_env(empty_db), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     finished = asyncio.ensure_future(migration.communicate())
@@ -188,7 +188,7 @@ async def test_a_build_cancelled_by_lock_timeout_is_retried_and_rebuilt(empty_db
     await held.start()
     await holder.execute(SEED_002[1].replace("generate_series(1, 5)", "generate_series(1, 1)"))
     migration = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "alembic", "upgrade", "head",
+        sys.executable, "-m", "alembic", "upgrade", "002",
         cwd=PROJECT_ROOT,
         env=child_env(empty_db, KRAKEN_DDL_LOCK_TIMEOUT="0.5", KRAKEN_DDL_LOCK_RETRIES="8"),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,

@@ -185,6 +185,6 @@ def test_002_finishes_a_run_interrupted_half_way(empty_db: DatabaseTarget) -> No
         ],
     )
     rows_before = rows(empty_db)
-    migrate(empty_db, "upgrade", "head")
+    migrate(empty_db, "upgrade", "002")
     assert_schema_002(empty_db)
     assert rows(empty_db) == rows_before

@@ -1,9 +1,11 @@
-"""How long the service's inserts wait while revision 002 runs on a large table.
+"""How long the service's inserts wait while a revision runs on a large table.
 
-    uv run python bench/insert_wait_during_002.py --conversations 200000 --turns 5
+    uv run python bench/insert_wait.py --revision 002 --conversations 200000 --turns 5
+    uv run python bench/insert_wait.py --revision 003 --conversations 200000 --turns 5
 
 Creates a scratch database on DATABASE_URL's server (or the embedded one when it is unset),
-migrates it to 001 and fills it, then runs `alembic upgrade head` in a subprocess while one
+migrates it to the revision before --revision and fills it (the columns of 001), then runs
+`alembic upgrade <revision>` in a subprocess while one
 connection keeps writing a conversation, a turn and a tool call per transaction, with
 lock_timeout = KRAKEN_DDL_LOCK_TIMEOUT like the migration. Prints the waits overall and while a
 concurrent index build was running (sampled from pg_stat_progress_create_index), then drops the
@@ -26,6 +28,7 @@ from backend.db.admin import scratch_database
 from backend.db.embedded import embedded_server
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
+from backend.migrations.revisions import read_revisions
 
 WRITE = """
 WITH c AS (
@@ -75,14 +78,14 @@ async def fill(db: DatabaseTarget, conversations: int, turns: int) -> None:
         await conn.close()
 
 
-async def measure(db: DatabaseTarget, lock_timeout: float) -> None:
+async def measure(db: DatabaseTarget, revision: str, lock_timeout: float) -> None:
     live = await connect(db)
     watcher = await connect(db)
     await live.execute(f"SET lock_timeout = '{int(lock_timeout * 1000)}ms'")
     waits: list[tuple[float, float]] = []
     building: list[float] = []
     started = time.monotonic()
-    upgrade = asyncio.ensure_future(alembic(db, "upgrade", "head"))
+    upgrade = asyncio.ensure_future(alembic(db, "upgrade", revision))
 
     async def watch() -> None:
         while not upgrade.done():
@@ -116,7 +119,7 @@ async def measure(db: DatabaseTarget, lock_timeout: float) -> None:
         return f"{len(ms)} writes, median {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, longest {ms[-1]:.1f} ms"
 
     during = [(b, e) for b, e in waits if any(b - POLL <= t <= e + POLL for t in building)]
-    print(f"revision 002 took {time.monotonic() - started:.1f} s (including the alembic process start)")
+    print(f"revision {revision} took {time.monotonic() - started:.1f} s (including the alembic process start)")
     print(f"all writes meanwhile:          {describe(waits)}")
     print(f"during concurrent index builds: {describe(during)}")
     print(f"writes that hit the lock timeout ({lock_timeout:g} s): {failures}")
@@ -124,14 +127,18 @@ async def measure(db: DatabaseTarget, lock_timeout: float) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--revision", default="002", help="the revision to measure (applied after the one before it)")
     parser.add_argument("--conversations", type=int, default=200_000)
     parser.add_argument("--turns", type=int, default=5, help="turns per conversation (one tool call each)")
     args = parser.parse_args()
 
     settings = Settings()
     server = settings.database_target() or await embedded_server(settings.embedded_pgdata)
+    downs = read_revisions().graph.get(args.revision)
+    if not downs:
+        raise SystemExit(f"--revision {args.revision}: pick a revision after 001 (it runs on a filled table)")
     async with scratch_database(server, "kraken_bench") as db:
-        code, output = await alembic(db, "upgrade", "001")
+        code, output = await alembic(db, "upgrade", downs[0])
         if code != 0:
             raise SystemExit(output)
         started = time.monotonic()
@@ -140,7 +147,7 @@ async def main() -> None:
             f"{args.conversations} conversations, {args.conversations * args.turns} turns and as many tool calls "
             f"written in {time.monotonic() - started:.0f} s"
         )
-        await measure(db, settings.ddl_lock_timeout)
+        await measure(db, args.revision, settings.ddl_lock_timeout)
 
 
 if __name__ == "__main__":
