@@ -57,8 +57,12 @@ def _holder(conn: Connection) -> str:
 
 
 @contextmanager
-def migration_lock(engine: Engine, timeout: float) -> Iterator[None]:
-    """Hold the migration lock for the block, polling pg_try_advisory_lock for up to ``timeout`` s."""
+def migration_lock(engine: Engine, timeout: float) -> Iterator[Connection]:
+    """Hold the migration lock for the block, polling pg_try_advisory_lock for up to ``timeout`` s.
+
+    Yields the lock's autocommit connection: what is written on it (the ledger's record of a step
+    that failed) survives the rollback of the work connection's transaction.
+    """
     with engine.connect() as raw:
         conn = raw.execution_options(isolation_level="AUTOCOMMIT")
         deadline = time.monotonic() + timeout
@@ -72,6 +76,6 @@ def migration_lock(engine: Engine, timeout: float) -> Iterator[None]:
             sleep(min(wait, remaining))
             wait = min(wait * 2, 1.0)
         try:
-            yield
+            yield conn
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})

@@ -28,6 +28,20 @@ class Revisions:
         parents = {down for downs in self.graph.values() for down in downs}
         return frozenset(rev for rev in self.graph if rev not in parents)
 
+    def applied(self, current: tuple[str, ...]) -> frozenset[str]:
+        """What a database at ``current`` has applied: those revisions and every one they follow.
+
+        Revisions this code does not know are left out (the "ahead of the code" rule handles them).
+        """
+        seen: set[str] = set()
+        pending = [rev for rev in current if rev in self.graph]
+        while pending:
+            rev = pending.pop()
+            if rev not in seen:
+                seen.add(rev)
+                pending.extend(down for down in self.graph[rev] if down in self.graph)
+        return frozenset(seen)
+
 
 @dataclass(frozen=True)
 class SchemaStatus:
