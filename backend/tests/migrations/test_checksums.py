@@ -61,7 +61,7 @@ def test_comments_docstrings_and_formatting_do_not_change_the_checksum() -> None
     [
         ("ADD COLUMN note text", "ADD COLUMN note varchar"),  # a statement
         ('down_revision: str | None = "002"', 'down_revision: str | None = "001"'),  # the graph
-        ("    op.execute(\"ALTER TABLE kraken_turns DROP", "    pass\n    op.execute(\"ALTER TABLE kraken_turns DROP"),
+        ('    op.execute("ALTER TABLE kraken_turns DROP', '    pass\n    op.execute("ALTER TABLE kraken_turns DROP'),
         ('    """Add it."""\n', '    """Add it."""\n    op.execute("SELECT 1")\n'),  # code after a docstring
         ("-> None:\n    op.execute", "-> None:\n    op.get_bind()\n    op.execute"),
         ('"""Add it."""', '"""Add it."""\n    if False:\n        return'),
