@@ -37,7 +37,6 @@ from backend.migrations.runner import (
     MigrationError,
     migrations_target,
     open_connection,
-    read_boot_state,
     run_on_connection,
 )
 
@@ -116,23 +115,28 @@ def _ahead_note(status: SchemaStatus) -> str:
 
 
 async def validate(settings: Settings, script_location: Path, args: argparse.Namespace) -> None:
-    state = await read_boot_state(await migrations_target(settings), script_location=script_location)
-    status, files = state.status, read_checksums(script_location)
+    files = read_checksums(script_location)
+    conn = await open_connection(await migrations_target(settings))
+    try:
+        current, recorded = await ledger.fetch_state(conn)
+        status = SchemaStatus(current, read_revisions(script_location))
+        applied = ledger.applied_revisions(status, recorded or {})
+        since = await ledger.fetch_since(conn, applied) if recorded is not None else {}
+    finally:
+        await conn.close()
     if status.ahead:
         _out(_ahead_note(status))
-    if state.records is None:
-        applied = sorted(status.revisions.applied(status.current))
+    if recorded is None:
         _out(
             f"no ledger yet: {len(applied)} applied revision(s) have no checksum on record"
-            + (f" ({', '.join(applied)}); the next upgrade adopts them" if applied else "")
+            + (f" ({', '.join(sorted(applied))}); the next upgrade adopts them" if applied else "")
         )
         return
-    verdict = ledger.verify(status, state.records, files)
+    verdict = ledger.verify(status, recorded, files, since)
     if verdict.mismatches:
         raise Failed("\n".join(f"FAILED: {m.problem()}" for m in verdict.mismatches))
     for rev in verdict.matching:
-        recorded = state.records[rev]
-        _out(f"{rev} ok: checksum {ledger.short(recorded.checksum)}, {recorded.since()}")
+        _out(f"{rev} ok: checksum {ledger.short(recorded[rev])}, {since[rev]}")
     for rev in verdict.unrecorded:
         _out(f"{rev} not on record yet: the next upgrade adopts it (checksum {ledger.short(files[rev].checksum)})")
     checked = len(verdict.matching)
@@ -153,15 +157,15 @@ def _repair(connection: Connection, settings: Settings, script_location: Path) -
         ledger.prepare(connection)
         connection.commit()
         status = SchemaStatus(ledger.read_versions(connection), revisions)
-        records = ledger.read_records(connection)
-        verdict = ledger.verify(status, records, files)
+        recorded, since = ledger.read_records(connection)
+        verdict = ledger.verify(status, recorded, files, since)
         repaired = ledger.repair(connection, run_id, verdict.mismatches, revisions, files)
         adopted = ledger.adopt(connection, run_id, verdict.unrecorded, revisions, files)
         connection.commit()
     lines = [_ahead_note(status)] if status.ahead else []
     lines += [
         f"repaired {m.revision}: checksum {ledger.short(m.checksum)} accepted "
-        f"(was {ledger.short(m.recorded.checksum)}, {m.recorded.since()})"
+        f"(was {ledger.short(m.recorded)}, {m.since})"
         for m in verdict.mismatches
         if m.revision in repaired
     ]

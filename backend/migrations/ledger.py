@@ -82,12 +82,14 @@ _RECORDS = (
 RECORDS_QUERY = (
     f"SELECT revision, checksum, direction, finished_at FROM ({_RECORDS}) AS r WHERE direction <> 'downgrade'"
 )
-# The boot's one query: the version table and the checksums of record together (one row with
-# NULLs when nothing is recorded).
+# The boot's one query: the version table and the checksums of record together, as one row of
+# text arrays, which costs about what reading the version alone does. When and how each checksum
+# came on record is read only to explain a mismatch.
 STATE_QUERY = (
-    "SELECT array(SELECT version_num::text FROM alembic_version), r.revision, r.checksum, r.direction, r.finished_at"
-    f" FROM (SELECT 1) AS one LEFT JOIN ({_RECORDS}) AS r ON r.direction <> 'downgrade'"
+    "SELECT array(SELECT version_num::text FROM alembic_version), array_agg(revision), array_agg(checksum)"
+    f" FROM ({RECORDS_QUERY}) AS r"
 )
+SINCE_QUERY = f"SELECT revision, direction, finished_at FROM ({RECORDS_QUERY}) AS r WHERE revision = ANY($1::text[])"
 VERSIONS_QUERY = "SELECT version_num FROM alembic_version"
 
 _COLUMNS = "run_id, revision, down_revisions, direction, checksum, service_version"
@@ -116,39 +118,32 @@ def service_version() -> str:
 # --- what the ledger says --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Recorded:
-    """A revision's checksum of record, and the row that set it."""
-
-    checksum: str
-    direction: str
-    at: datetime
-
-    def since(self) -> str:
-        """How the checksum came on record: 'applied on 2025-03-01 12:00:00 UTC'."""
-        verb = {"upgrade": "applied", "adopt": "adopted", "repair": "repaired"}.get(self.direction, "recorded")
-        return f"{verb} on {when(self.at)}"
+Checksums = dict[str, str]  # revision -> its checksum of record
 
 
-Records = dict[str, Recorded]
+def since(direction: str, at: datetime) -> str:
+    """How a checksum came on record: 'applied on 2025-03-01 12:00:00 UTC'."""
+    verb = {"upgrade": "applied", "adopt": "adopted", "repair": "repaired"}.get(direction, "recorded")
+    return f"{verb} on {when(at)}"
 
 
-def _records(rows: Iterable[tuple[Any, ...]]) -> Records:
-    return {rev: Recorded(checksum, direction, at) for rev, checksum, direction, at in rows if rev is not None}
-
-
-async def fetch_state(conn: asyncpg.Connection) -> tuple[tuple[str, ...], Records | None]:
+async def fetch_state(conn: asyncpg.Connection) -> tuple[tuple[str, ...], Checksums | None]:
     """The database's version(s) and the checksums of record, in one query; ``None`` for the
-    records when the ledger does not exist yet (the version table alone is read then)."""
+    checksums when the ledger does not exist yet (the version table alone is read then)."""
     try:
-        rows = await conn.fetch(STATE_QUERY)
+        [(versions, revisions, checksums)] = await conn.fetch(STATE_QUERY)
     except asyncpg.UndefinedTableError:
         # No ledger (a database from before it), or no version table either (never migrated).
         try:
             return tuple(r[0] for r in await conn.fetch(VERSIONS_QUERY)), None
         except asyncpg.UndefinedTableError:
             return (), None
-    return tuple(rows[0][0]), _records(tuple(row)[1:] for row in rows)
+    return tuple(versions), dict(zip(revisions or (), checksums or (), strict=True))
+
+
+async def fetch_since(conn: asyncpg.Connection, revisions: Iterable[str]) -> dict[str, str]:
+    """How the checksums of record of ``revisions`` came on record (see ``since``)."""
+    return {r[0]: since(r[1], r[2]) for r in await conn.fetch(SINCE_QUERY, list(revisions))}
 
 
 def read_versions(conn: Connection) -> tuple[str, ...]:
@@ -158,9 +153,11 @@ def read_versions(conn: Connection) -> tuple[str, ...]:
     return tuple(row[0] for row in conn.execute(text(VERSIONS_QUERY)))
 
 
-def read_records(conn: Connection) -> Records:
-    """The checksums of record, on a migration connection (the ledger exists: ``prepare`` ran)."""
-    return _records(tuple(row) for row in conn.execute(text(RECORDS_QUERY)))
+def read_records(conn: Connection) -> tuple[Checksums, dict[str, str]]:
+    """The checksums of record and how each came on record, on a migration connection (the
+    ledger exists: ``prepare`` ran)."""
+    rows = conn.execute(text(RECORDS_QUERY)).all()
+    return {r[0]: r[1] for r in rows}, {r[0]: since(r[2], r[3]) for r in rows}
 
 
 LIST_QUERY = (
@@ -176,13 +173,14 @@ LIST_QUERY = (
 class Mismatch:
     revision: str
     file: str
-    recorded: Recorded
+    recorded: str  # the checksum of record
     checksum: str  # the file's, now
+    since: str  # how the recorded one came on record
 
     def describe(self) -> str:
         return (
-            f"revision {self.revision} ({self.file}) changed since it was {self.recorded.since()}: "
-            f"checksum {short(self.recorded.checksum)} recorded, {short(self.checksum)} now"
+            f"revision {self.revision} ({self.file}) changed since it was {self.since or 'recorded'}: "
+            f"checksum {short(self.recorded)} recorded, {short(self.checksum)} now"
         )
 
     def problem(self) -> str:
@@ -218,7 +216,7 @@ def when(moment: datetime) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
-def applied_revisions(status: SchemaStatus, records: Records) -> frozenset[str]:
+def applied_revisions(status: SchemaStatus, recorded: Checksums) -> frozenset[str]:
     """The revisions a database has applied that this code knows.
 
     Those its version table names, and every one they follow. When it names a revision this code
@@ -226,24 +224,30 @@ def applied_revisions(status: SchemaStatus, records: Records) -> frozenset[str]:
     """
     applied = status.revisions.applied(status.current)
     if status.ahead:
-        applied |= {rev for rev in records if rev in status.revisions.graph}
+        applied |= {rev for rev in recorded if rev in status.revisions.graph}
     return applied
 
 
-def verify(status: SchemaStatus, records: Records, files: Mapping[str, RevisionFile]) -> Verdict:
+def verify(
+    status: SchemaStatus,
+    recorded: Checksums,
+    files: Mapping[str, RevisionFile],
+    since: Mapping[str, str] | None = None,
+) -> Verdict:
+    """The applied revisions' files against their checksums of record (``since`` explains them)."""
     matching: list[str] = []
     mismatches: list[Mismatch] = []
     unrecorded: list[str] = []
-    for rev in sorted(applied_revisions(status, records)):
-        found, recorded = files.get(rev), records.get(rev)
+    for rev in sorted(applied_revisions(status, recorded)):
+        found, checksum = files.get(rev), recorded.get(rev)
         if found is None:
             continue  # in the graph but unreadable as a file: nothing to compare
-        if recorded is None:
+        if checksum is None:
             unrecorded.append(rev)
-        elif recorded.checksum == found.checksum:
+        elif checksum == found.checksum:
             matching.append(rev)
         else:
-            mismatches.append(Mismatch(rev, found.file, recorded, found.checksum))
+            mismatches.append(Mismatch(rev, found.file, checksum, found.checksum, (since or {}).get(rev, "")))
     return Verdict(status, tuple(matching), tuple(mismatches), tuple(unrecorded))
 
 

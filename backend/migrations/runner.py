@@ -101,27 +101,31 @@ async def read_schema_status(
 
 @dataclass(frozen=True)
 class BootState:
-    """The schema's status and the ledger's checksums of record (None: no ledger yet)."""
+    """The schema's status, and its applied revisions against the ledger (None: no ledger yet)."""
 
     status: SchemaStatus
-    records: ledger.Records | None
-
-    def verdict(self, script_location: Path) -> ledger.Verdict | None:
-        if self.records is None:
-            return None
-        return ledger.verify(self.status, self.records, read_checksums(script_location))
+    verdict: ledger.Verdict | None
 
 
 async def read_boot_state(
     target: DatabaseTarget, *, wait: float = 0.0, script_location: Path = ALEMBIC_DIR
 ) -> BootState:
-    """``read_schema_status`` and the ledger's checksums, in one query."""
+    """``read_schema_status`` and the ledger's checksums, in one query (a second one only to say
+    when a revision that no longer matches its file was applied)."""
     conn = await open_connection(target, wait=wait)
     try:
-        current, records = await ledger.fetch_state(conn)
+        current, recorded = await ledger.fetch_state(conn)
+        status = SchemaStatus(current, read_revisions(script_location))
+        if recorded is None:
+            return BootState(status, None)
+        files = read_checksums(script_location)
+        verdict = ledger.verify(status, recorded, files)
+        if verdict.mismatches:
+            since = await ledger.fetch_since(conn, (m.revision for m in verdict.mismatches))
+            verdict = ledger.verify(status, recorded, files, since)
+        return BootState(status, verdict)
     finally:
         await conn.close()
-    return BootState(SchemaStatus(current, read_revisions(script_location)), records)
 
 
 # --- the database ahead of the code --------------------------------------------------------
@@ -196,7 +200,7 @@ async def run_migrations(settings: Settings | None = None, *, script_location: P
     settings = settings or get_settings()
     target = await migrations_target(settings)
     state = await read_boot_state(target, wait=settings.db_connect_timeout, script_location=script_location)
-    status, verdict = state.status, state.verdict(script_location)
+    status, verdict = state.status, state.verdict
     if status.ahead:
         enforce_checksums(verdict, settings)
         schema_ahead(status, settings, action="start")
@@ -228,7 +232,7 @@ async def check_schema(settings: Settings) -> SchemaStatus:
     revisions match the ledger (those not on record yet are adopted by the pipeline's upgrade)."""
     state = await read_boot_state(await migrations_target(settings), wait=settings.db_connect_timeout)
     status = state.status
-    enforce_checksums(state.verdict(ALEMBIC_DIR), settings)
+    enforce_checksums(state.verdict, settings)
     if status.at_head:
         return status
     if status.ahead:
@@ -334,7 +338,8 @@ def log_applied() -> Callable[..., None]:
 def _verify_applied(connection: Connection, ctx: MigrationContext, script_location: Path) -> ledger.Verdict:
     """Under the lock: the database's applied revisions (as Alembic reads them) against the ledger."""
     status = SchemaStatus(tuple(ctx.get_current_heads()), read_revisions(script_location))
-    return ledger.verify(status, ledger.read_records(connection), read_checksums(script_location))
+    recorded, since = ledger.read_records(connection)
+    return ledger.verify(status, recorded, read_checksums(script_location), since)
 
 
 def _adopt(connection: Connection, run_id: uuid.UUID, verdict: ledger.Verdict, script_location: Path) -> None:
