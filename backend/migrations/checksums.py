@@ -79,8 +79,11 @@ def _canonical(node: object) -> object:
 
 def checksum(source: str) -> str:
     """The SHA-256 (hex) of a revision's source, ignoring comments, docstrings and formatting."""
-    tree = _canonical(ast.parse(source))
-    return hashlib.sha256(json.dumps(tree, separators=(",", ":")).encode()).hexdigest()
+    return _tree_checksum(ast.parse(source))
+
+
+def _tree_checksum(tree: ast.Module) -> str:
+    return hashlib.sha256(json.dumps(_canonical(tree), separators=(",", ":")).encode()).hexdigest()
 
 
 def _revision_id(tree: ast.Module) -> str | None:
@@ -105,18 +108,18 @@ def read_checksums(script_location: Path = ALEMBIC_DIR) -> dict[str, RevisionFil
     found: dict[str, RevisionFile] = {}
     unnamed: list[tuple[Path, str]] = []
     for path in sorted((script_location / "versions").glob("*.py")):
-        source = path.read_text(encoding="utf-8")
-        revision = _revision_id(ast.parse(source))
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        revision = _revision_id(tree)
         if revision is None:
-            unnamed.append((path, source))
+            unnamed.append((path, _tree_checksum(tree)))
         else:
-            found[revision] = RevisionFile(path.name, checksum(source))
+            found[revision] = RevisionFile(path.name, _tree_checksum(tree))
     if unnamed:
         # An id that is not a plain literal: Alembic knows which file is which revision.
         script = ScriptDirectory.from_config(alembic_config(script_location))
         by_path = {Path(s.path).resolve(): s.revision for s in script.walk_revisions()}
-        for path, source in unnamed:
+        for path, digest in unnamed:
             rev = by_path.get(path.resolve())
             if rev is not None:
-                found[rev] = RevisionFile(path.name, checksum(source))
+                found[rev] = RevisionFile(path.name, digest)
     return found

@@ -91,6 +91,10 @@ STATE_QUERY = (
 )
 SINCE_QUERY = f"SELECT revision, direction, finished_at FROM ({RECORDS_QUERY}) AS r WHERE revision = ANY($1::text[])"
 VERSIONS_QUERY = "SELECT version_num FROM alembic_version"
+LIST_QUERY = (
+    "SELECT started_at, revision, direction, duration_ms, success, error, db_role, client_host,"
+    f" application_name, service_version, run_id FROM {TABLE} ORDER BY id DESC LIMIT $1"
+)
 
 _COLUMNS = "run_id, revision, down_revisions, direction, checksum, service_version"
 _VALUES = ":run_id, :revision, :down_revisions, :direction, :checksum, :version"
@@ -158,12 +162,6 @@ def read_records(conn: Connection) -> tuple[Checksums, dict[str, str]]:
     ledger exists: ``prepare`` ran)."""
     rows = conn.execute(text(RECORDS_QUERY)).all()
     return {r[0]: r[1] for r in rows}, {r[0]: since(r[2], r[3]) for r in rows}
-
-
-LIST_QUERY = (
-    "SELECT started_at, revision, direction, duration_ms, success, error, db_role, client_host,"
-    f" application_name, service_version, run_id FROM {TABLE} ORDER BY id DESC LIMIT $1"
-)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -345,9 +343,6 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-OnVersionApply = Callable[..., None]
-
-
 class Recorder:
     """One online run's rows: opened on the lock connection as each step starts, closed in the
     step's transaction when it succeeds, or on the lock connection when it fails."""
@@ -440,7 +435,7 @@ def emit_start(ctx: MigrationContext) -> None:
     _write(ctx, f"SELECT set_config('{_OFFLINE_RUN}', gen_random_uuid()::text, false) AS alembic_ledger_run;")
 
 
-def offline_recorder(files: Mapping[str, RevisionFile]) -> OnVersionApply:
+def offline_recorder(files: Mapping[str, RevisionFile]) -> Callable[..., None]:
     """Alembic's hook for --sql: one INSERT per step, in the step's transaction."""
 
     def on_version_apply(*, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_args: Any) -> None:
