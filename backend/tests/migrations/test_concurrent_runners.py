@@ -69,6 +69,8 @@ def test_eight_concurrent_alembic_upgrades_all_succeed(empty_db: DatabaseTarget,
     # Exactly one of them applied the baseline; the others found nothing to do.
     assert sum("applied revision 001" in r.stderr for r in results) == 1
     schema_at_head(empty_db)
+    steps = sql(empty_db, "SELECT revision, direction, success FROM alembic_ledger ORDER BY id")
+    assert [tuple(r) for r in steps] == [(rev, "upgrade", True) for rev in sorted(read_revisions().graph)]
 
 
 SLOW_REVISION = f'''
