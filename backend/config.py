@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     ddl_lock_timeout: float = Field(default=5.0, gt=0)
     ddl_statement_timeout: float = Field(default=1800.0, ge=0)
     ddl_lock_retries: int = Field(default=4, ge=0)
+    # Applied revisions whose files changed since: stop the run, warn, or do not check.
+    migration_validate: Literal["error", "warn", "off"] = "error"
 
     # Service engine.
     db_pool_size: int = Field(default=10, ge=1)

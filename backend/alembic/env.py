@@ -7,7 +7,9 @@ Started from Alembic's async template. Additions:
   MIGRATIONS_DATABASE_URL, or the embedded PostgreSQL when neither is set);
 - a connection handed in through ``config.attributes["connection"]`` (sync ``Connection`` or
   ``AsyncConnection``) is used instead of opening one: Alembic's connection-sharing recipe;
-- every online run goes through ``runner.migrate_locked()``;
+- every online run goes through ``runner.migrate_locked()``, which records it in the ledger
+  (``alembic_ledger``) and validates the applied revisions' checksums first;
+- ``--sql`` output creates the ledger and records each step, one line each;
 - ``revision`` numbers files 00N after the head, and an autogenerate that finds nothing
   writes no file;
 - logging is configured from alembic.ini only when run from the alembic CLI, so running
@@ -33,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util.concurrency import in_greenlet
 
 from backend.config import ConfigError, Settings, get_settings
-from backend.migrations import runner
+from backend.migrations import ledger, runner
+from backend.migrations.checksums import read_checksums
 from backend.migrations.revisions import next_revision_id
 from backend.models import Base
 
@@ -103,18 +106,21 @@ def run_migrations_offline() -> None:
         transaction_per_migration=True,
         include_name=_include_name,
         process_revision_directives=_process_revision_directives,
+        on_version_apply=ledger.offline_recorder(read_checksums(Path(context.script.dir))),
         as_sql=True,
     )
     if context.is_offline_mode():
         # The bounds an online run sets, so SQL applied by hand (psql -f) waits no longer for locks.
         for statement in runner.timeout_statements(_settings(offline=True)):
             context.execute(statement)
+        # SQL applied by hand is recorded in the ledger too.
+        ledger.emit_start(context.get_context())
     with context.begin_transaction():
         context.run_migrations()
 
 
 def do_run_migrations(connection: Connection) -> None:
-    def configure() -> MigrationContext:
+    def configure(on_version_apply: runner.OnVersionApply) -> MigrationContext:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
@@ -122,7 +128,7 @@ def do_run_migrations(connection: Connection) -> None:
             transaction_per_migration=True,
             include_name=_include_name,
             process_revision_directives=_process_revision_directives,
-            on_version_apply=runner.log_applied(),
+            on_version_apply=on_version_apply,
         )
         return context.get_context()
 

@@ -101,11 +101,14 @@ def through_transaction_pooler(lock: Connection, work: Connection) -> bool:
 
 
 @contextmanager
-def migration_lock(engine: Engine, timeout: float, *, work: Connection | None = None) -> Iterator[None]:
+def migration_lock(engine: Engine, timeout: float, *, work: Connection | None = None) -> Iterator[Connection]:
     """Hold the migration lock for the block, polling pg_try_advisory_lock for up to ``timeout`` s.
 
     With ``work`` (the connection revisions run on), first make sure the two connections are not
     behind a transaction-pooling proxy, where a session lock means nothing.
+
+    Yields the lock's autocommit connection: what is written on it (the ledger's record of a step
+    that failed) survives the rollback of the work connection's transaction.
     """
     with engine.connect() as raw:
         conn = raw.execution_options(isolation_level="AUTOCOMMIT")
@@ -122,6 +125,6 @@ def migration_lock(engine: Engine, timeout: float, *, work: Connection | None = 
             sleep(min(wait, remaining))
             wait = min(wait * 2, 1.0)
         try:
-            yield
+            yield conn
         finally:
             conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})

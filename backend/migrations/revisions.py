@@ -6,7 +6,7 @@ Pure and synchronous (files, no database), so the boot path, env.py, CI and the 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -22,11 +22,30 @@ class Revisions:
     """A script directory's revision graph: revision -> the revisions it follows."""
 
     graph: dict[str, tuple[str, ...]]
+    # applied() per database state: a boot at head asks the same question on every call.
+    _applied: dict[tuple[str, ...], frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def heads(self) -> frozenset[str]:
         parents = {down for downs in self.graph.values() for down in downs}
         return frozenset(rev for rev in self.graph if rev not in parents)
+
+    def applied(self, current: tuple[str, ...]) -> frozenset[str]:
+        """What a database at ``current`` has applied: those revisions and every one they follow.
+
+        Revisions this code does not know are left out (the "ahead of the code" rule handles them).
+        """
+        found = self._applied.get(current)
+        if found is None:
+            seen: set[str] = set()
+            pending = [rev for rev in current if rev in self.graph]
+            while pending:
+                rev = pending.pop()
+                if rev not in seen:
+                    seen.add(rev)
+                    pending.extend(down for down in self.graph[rev] if down in self.graph)
+            found = self._applied[current] = frozenset(seen)
+        return found
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Bringing the schema to head: at boot (``run_migrations()``), for the CLI (env.py), and the rules both follow.
 
 ``run_migrations()`` is built for many replicas booting at once: when the database is already
-at head it costs one bare asyncpg connection and one query, and takes no lock. Otherwise it
-hands a connection to Alembic (the connection-sharing recipe); env.py calls ``migrate_locked()``,
-which serializes runners with an advisory lock and lets Alembic re-read the version under it, so
-late arrivals find nothing to do.
+at head it costs one bare asyncpg connection and one query (the version and the ledger's
+checksums together, validated here), and takes no lock. Otherwise it hands a connection to
+Alembic (the connection-sharing recipe); env.py calls ``migrate_locked()``, which serializes
+runners with an advisory lock and lets Alembic re-read the version under it, so late arrivals
+find nothing to do.
 
 Everything env.py decides lives here, importable and unit-tested: the lock, the timeouts, the
-retries, the "database ahead of the code" rule, and how failures become one line.
+retries, the ledger and its validation (``ledger.py``), the "database ahead of the code" rule,
+and how failures become one line.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +34,8 @@ from backend.config import Settings, get_settings, resolve_target
 from backend.db.engine import connect, create_migration_engine
 from backend.db.errors import describe, first_line, is_connection_error, is_pooler_symptom, is_retriable, sqlstate
 from backend.db.url import DatabaseTarget
+from backend.migrations import ledger
+from backend.migrations.checksums import read_checksums
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock, sleep
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_config, read_revisions
 
@@ -54,16 +60,13 @@ class SchemaNotAtHead(Exception):
 # --- reading the schema revision -----------------------------------------------------------
 
 
-async def read_schema_status(
-    target: DatabaseTarget, *, wait: float = 0.0, script_location: Path = ALEMBIC_DIR
-) -> SchemaStatus:
-    """The database's recorded revision(s), connecting with retries for up to ``wait`` seconds."""
+async def open_connection(target: DatabaseTarget, *, wait: float = 0.0) -> asyncpg.Connection:
+    """A bare connection, retried for up to ``wait`` seconds while the database is not reachable."""
     deadline = time.monotonic() + wait
     delay, attempt = 0.25, 1
     while True:
         try:
-            conn = await connect(target)
-            break
+            return await connect(target)
         except Exception as exc:
             if not is_connection_error(exc):
                 raise
@@ -80,13 +83,49 @@ async def read_schema_status(
             )
             await asyncio.sleep(pause)
             delay, attempt = min(delay * 2, 5.0), attempt + 1
+
+
+async def read_schema_status(
+    target: DatabaseTarget, *, wait: float = 0.0, script_location: Path = ALEMBIC_DIR
+) -> SchemaStatus:
+    """The database's recorded revision(s), connecting with retries for up to ``wait`` seconds."""
+    conn = await open_connection(target, wait=wait)
     try:
-        rows = await conn.fetch("SELECT version_num FROM alembic_version")
+        rows = await conn.fetch(ledger.VERSIONS_QUERY)
     except asyncpg.UndefinedTableError:
         rows = []
     finally:
         await conn.close()
     return SchemaStatus(tuple(row[0] for row in rows), read_revisions(script_location))
+
+
+@dataclass(frozen=True)
+class BootState:
+    """The schema's status, and its applied revisions against the ledger (None: no ledger yet)."""
+
+    status: SchemaStatus
+    verdict: ledger.Verdict | None
+
+
+async def read_boot_state(
+    target: DatabaseTarget, *, wait: float = 0.0, script_location: Path = ALEMBIC_DIR
+) -> BootState:
+    """``read_schema_status`` and the ledger's checksums, in one query (a second one only to say
+    when a revision that no longer matches its file was applied)."""
+    conn = await open_connection(target, wait=wait)
+    try:
+        current, recorded = await ledger.fetch_state(conn)
+        status = SchemaStatus(current, read_revisions(script_location))
+        if recorded is None:
+            return BootState(status, None)
+        files = read_checksums(script_location)
+        verdict = ledger.verify(status, recorded, files)
+        if verdict.mismatches:
+            since = await ledger.fetch_since(conn, (m.revision for m in verdict.mismatches))
+            verdict = ledger.verify(status, recorded, files, since)
+        return BootState(status, verdict)
+    finally:
+        await conn.close()
 
 
 # --- the database ahead of the code --------------------------------------------------------
@@ -119,6 +158,19 @@ def schema_ahead(status: SchemaStatus, settings: Settings, *, action: Literal["s
     if settings.schema_ahead == "refuse":
         raise MigrationError(message + refused.format(heads=heads))
     logger.warning("%s", message + served.format(heads=heads))
+
+
+# --- applied revisions edited since ----------------------------------------------------------
+
+
+def enforce_checksums(verdict: ledger.Verdict | None, settings: Settings) -> None:
+    """KRAKEN_MIGRATION_VALIDATE: an applied revision whose file changed since stops the run
+    (error, the default), is logged (warn), or is not looked at (off)."""
+    if verdict is None or not verdict.mismatches or settings.migration_validate == "off":
+        return
+    if settings.migration_validate == "error":
+        raise MigrationError(verdict.refusal() + " (KRAKEN_MIGRATION_VALIDATE=error)")
+    logger.warning("%s", verdict.refusal() + "; carrying on (KRAKEN_MIGRATION_VALIDATE=warn)")
 
 
 # --- migrating at boot ---------------------------------------------------------------------
@@ -156,11 +208,16 @@ async def run_migrations(settings: Settings | None = None, *, script_location: P
     """Bring the schema to head; return where it ended. Safe to call from many processes at once."""
     settings = settings or get_settings()
     target = await migrations_target(settings)
-    status = await read_schema_status(target, wait=settings.db_connect_timeout, script_location=script_location)
-    if status.at_head:
-        return status
+    state = await read_boot_state(target, wait=settings.db_connect_timeout, script_location=script_location)
+    status, verdict = state.status, state.verdict
     if status.ahead:
+        enforce_checksums(verdict, settings)
         schema_ahead(status, settings, action="start")
+        return status
+    # At head with every applied revision on record, only validation is left; no lock is needed
+    # to read. A database without the ledger, or with revisions not on record, is adopted under it.
+    if status.at_head and verdict is not None and not verdict.unrecorded:
+        enforce_checksums(verdict, settings)
         return status
 
     def upgrade(connection: Connection) -> None:
@@ -180,8 +237,11 @@ async def run_migrations(settings: Settings | None = None, *, script_location: P
 
 
 async def check_schema(settings: Settings) -> SchemaStatus:
-    """KRAKEN_MIGRATE_ON_STARTUP=check: refuse unless the database is at head."""
-    status = await read_schema_status(await migrations_target(settings), wait=settings.db_connect_timeout)
+    """KRAKEN_MIGRATE_ON_STARTUP=check: refuse unless the database is at head, and its applied
+    revisions match the ledger (those not on record yet are adopted by the pipeline's upgrade)."""
+    state = await read_boot_state(await migrations_target(settings), wait=settings.db_connect_timeout)
+    status = state.status
+    enforce_checksums(state.verdict, settings)
     if status.at_head:
         return status
     if status.ahead:
@@ -252,47 +312,103 @@ def run_with_retries(run: Callable[[], None], settings: Settings) -> None:
             sleep(wait)
 
 
+OnVersionApply = Callable[[MigrationContext, MigrationInfo, Collection[Any], Mapping[str, Any]], None]
+
+
+def _both(first: Callable[..., None], second: Callable[..., None]) -> OnVersionApply:
+    """Two ``on_version_apply`` hooks as one (Alembic's type takes one; it is called with keywords)."""
+
+    def on_version_apply(*args: Any, **kwargs: Any) -> None:
+        first(*args, **kwargs)
+        second(*args, **kwargs)
+
+    return on_version_apply
+
+
 def log_applied() -> Callable[..., None]:
-    """Alembic's ``on_version_apply`` hook: one log line per revision applied or reverted, with its duration."""
+    """Alembic's ``on_version_apply`` hook: one log line per revision applied or reverted (with its
+    duration) or stamp."""
     started = time.monotonic()
 
     def on_version_apply(*, ctx: MigrationContext, step: MigrationInfo, heads: set[str], run_args: Any) -> None:
         nonlocal started
         now = time.monotonic()
-        doc = getattr(step.up_revision, "doc", "")
-        verb = "applied" if step.is_upgrade else "reverted"
-        logger.info("%s revision %s (%s) in %.0f ms", verb, step.up_revision_id, doc, (now - started) * 1000)
+        if step.is_stamp:
+            logger.info("stamped the database at revision %s", ",".join(step.destination_revision_ids) or "base")
+        else:
+            doc = getattr(step.up_revision, "doc", "")
+            verb = "applied" if step.is_upgrade else "reverted"
+            logger.info("%s revision %s (%s) in %.0f ms", verb, step.up_revision_id, doc, (now - started) * 1000)
         started = now
 
     return on_version_apply
+
+
+def _verify_applied(connection: Connection, ctx: MigrationContext, script_location: Path) -> ledger.Verdict:
+    """Under the lock: the database's applied revisions (as Alembic reads them) against the ledger."""
+    status = SchemaStatus(tuple(ctx.get_current_heads()), read_revisions(script_location))
+    recorded, since = ledger.read_records(connection)
+    return ledger.verify(status, recorded, read_checksums(script_location), since)
+
+
+def _adopt(connection: Connection, run_id: uuid.UUID, verdict: ledger.Verdict, script_location: Path) -> None:
+    ledger.adopt(
+        connection, run_id, verdict.unrecorded, read_revisions(script_location), read_checksums(script_location)
+    )
+    # Leave no transaction open, so Alembic manages one per revision.
+    connection.commit()
+
+
+def _before_first_step(
+    connection: Connection, ctx: MigrationContext, settings: Settings, run_id: uuid.UUID, script_location: Path
+) -> ledger.Verdict:
+    """Create the ledger, validate the applied revisions (KRAKEN_MIGRATION_VALIDATE), adopt those not on record."""
+    ledger.prepare(connection)
+    connection.commit()
+    verdict = _verify_applied(connection, ctx, script_location)
+    enforce_checksums(verdict, settings)
+    _adopt(connection, run_id, verdict, script_location)
+    return verdict
 
 
 def migrate_locked(
     connection: Connection,
     settings: Settings,
     *,
-    configure: Callable[[], MigrationContext],
+    configure: Callable[[OnVersionApply], MigrationContext],
     run: Callable[[], None],
     upgrading: bool,
     script_location: Path,
 ) -> None:
     """An online run: hold the migration lock, bound the session, then ``configure`` Alembic's
-    context (which reads the version table, under the lock) and ``run`` the revisions with retries.
+    context (with the hook to pass as ``on_version_apply``; it reads the version table under
+    the lock) and ``run`` the revisions with retries.
+
+    A command that moves the database (upgrade, downgrade, stamp: Alembic gives them a
+    destination) is recorded in the ledger and validated first; read-only ones (current, check,
+    autogenerate) are not.
 
     ``upgrading``: an ``alembic upgrade`` on a database ahead of this code follows
     KRAKEN_SCHEMA_AHEAD; with 'serve' it changes nothing, so a rollback's deploy reaches its restart.
     Failures become a ``CommandError`` of one line (Alembic prints ``FAILED: <line>``).
     """
     try:
-        with migration_lock(connection.engine, settings.migration_lock_timeout, work=connection):
+        with migration_lock(connection.engine, settings.migration_lock_timeout, work=connection) as lock:
             _set_session_bounds(connection, settings)
-            ctx = configure()
-            if upgrading:
-                status = SchemaStatus(tuple(ctx.get_current_heads()), read_revisions(script_location))
-                if status.ahead:
-                    schema_ahead(status, settings, action="upgrade")
-                    return
-            run_with_retries(run, settings)
+            recorder = ledger.Recorder(lock, read_checksums(script_location))
+            ctx = configure(_both(log_applied(), recorder.on_version_apply))
+            if "destination_rev" not in ctx.opts:
+                run_with_retries(run, settings)
+                return
+            verdict = _before_first_step(connection, ctx, settings, recorder.run_id, script_location)
+            if upgrading and verdict.status.ahead:
+                schema_ahead(verdict.status, settings, action="upgrade")
+                return
+            recorder.track(ctx)
+            run_with_retries(recorder.around(run), settings)
+            if recorder.stamped:
+                # What a stamp marked as applied is adopted, with the files as they are.
+                _adopt(connection, recorder.run_id, _verify_applied(connection, ctx, script_location), script_location)
     except (MigrationLockTimeout, TransactionPooler, MigrationError) as exc:
         raise CommandError(str(exc)) from None
     except DBAPIError as exc:

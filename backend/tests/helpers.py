@@ -79,6 +79,19 @@ def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
         print(f"\n    {text}")  # noqa: T201
 
 
+KRAKEN_MIGRATIONS = str(Path(sys.executable).parent / "kraken-migrations")
+
+
+def run_kraken_migrations(
+    *args: str, target: DatabaseTarget | None, config: Path | None = None, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the `kraken-migrations` console script as a user would, from the repository root."""
+    command = [KRAKEN_MIGRATIONS, *(["-c", str(config)] if config is not None else []), *args]
+    return subprocess.run(
+        command, cwd=PROJECT_ROOT, env=child_env(target, **extra), capture_output=True, text=True, timeout=120
+    )
+
+
 def out(result: subprocess.CompletedProcess[str]) -> str:
     """Everything a command printed (alembic prints FAILED lines on stdout, logs on stderr)."""
     return result.stdout + result.stderr
@@ -100,6 +113,51 @@ def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None) ->
     path = directory / "alembic.ini"
     path.write_text(ini)
     return path
+
+
+# Runners in real processes: each child imports everything, reports ready, then waits for the
+# starting gun, so that all of them reach the database within a few milliseconds of each other.
+BARRIER = """
+import sys, time
+from pathlib import Path
+here = Path(sys.argv[1])
+(here / f"ready-{{__import__('os').getpid()}}").touch()
+while not (here / "go").exists():
+    time.sleep(0.002)
+{body}
+"""
+RUN_MIGRATIONS = BARRIER.format(
+    body="""
+import asyncio
+from backend.migrations.runner import run_migrations
+print(asyncio.run(run_migrations()).revision)
+"""
+)
+
+
+def race(script: str, count: int, db: DatabaseTarget, directory: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Run ``script`` in ``count`` processes released at the same moment; their results."""
+    directory.mkdir()
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(directory)],
+            cwd=PROJECT_ROOT,
+            env=child_env(db),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(directory.glob("ready-*"))) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (directory / "go").touch()
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=180)
+        results.append(subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr))
+    return results
 
 
 async def fetch(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:

@@ -13,59 +13,31 @@ import pytest
 from backend.config import PROJECT_ROOT
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
+from backend.migrations import ledger
 from backend.migrations.lock import LOCK_KEY
-from backend.tests.helpers import HEAD, NEXT, child_env, fetch, out, run_alembic, scratch_alembic, sql
+from backend.migrations.revisions import read_revisions
+from backend.tests.helpers import (
+    BARRIER,
+    HEAD,
+    NEXT,
+    RUN_MIGRATIONS,
+    child_env,
+    fetch,
+    out,
+    race,
+    run_alembic,
+    scratch_alembic,
+    sql,
+)
 
 pytestmark = pytest.mark.slow
 
-# Each child imports everything, reports ready, then waits for the starting gun, so that all of
-# them reach the database within a few milliseconds of each other.
-BARRIER = """
-import sys, time
-from pathlib import Path
-here = Path(sys.argv[1])
-(here / f"ready-{{__import__('os').getpid()}}").touch()
-while not (here / "go").exists():
-    time.sleep(0.002)
-{body}
-"""
-RUN_MIGRATIONS = BARRIER.format(
-    body="""
-import asyncio
-from backend.migrations.runner import run_migrations
-print(asyncio.run(run_migrations()).revision)
-"""
-)
 ALEMBIC_CLI = BARRIER.format(
     body="""
 from alembic.config import main
 main(argv=["upgrade", "head"])
 """
 )
-
-
-def race(script: str, count: int, db: DatabaseTarget, directory: Path) -> list[subprocess.CompletedProcess[str]]:
-    directory.mkdir()
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(directory)],
-            cwd=PROJECT_ROOT,
-            env=child_env(db),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    deadline = time.monotonic() + 120
-    while len(list(directory.glob("ready-*"))) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (directory / "go").touch()
-    results = []
-    for child in children:
-        stdout, stderr = child.communicate(timeout=180)
-        results.append(subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr))
-    return results
 
 
 def schema_at_head(db: DatabaseTarget) -> None:
@@ -83,6 +55,12 @@ def test_sixteen_replicas_booting_at_once_all_succeed(
     assert failures == []
     assert [r.stdout.strip() for r in results] == [HEAD] * 16
     schema_at_head(empty_db)
+    # One ledger row per step, all of one run (test_ledger.py races runners on a database to adopt).
+    steps = sql(empty_db, "SELECT run_id, revision, direction, success FROM alembic_ledger ORDER BY id")
+    assert [(r["revision"], r["direction"], r["success"]) for r in steps] == [
+        (rev, "upgrade", True) for rev in sorted(read_revisions().graph)
+    ]
+    assert len({r["run_id"] for r in steps}) == 1
 
 
 def test_eight_concurrent_alembic_upgrades_all_succeed(empty_db: DatabaseTarget, tmp_path: Path) -> None:
@@ -91,6 +69,8 @@ def test_eight_concurrent_alembic_upgrades_all_succeed(empty_db: DatabaseTarget,
     # Exactly one of them applied the baseline; the others found nothing to do.
     assert sum("applied revision 001" in r.stderr for r in results) == 1
     schema_at_head(empty_db)
+    steps = sql(empty_db, "SELECT revision, direction, success FROM alembic_ledger ORDER BY id")
+    assert [tuple(r) for r in steps] == [(rev, "upgrade", True) for rev in sorted(read_revisions().graph)]
 
 
 SLOW_REVISION = f'''
@@ -161,6 +141,9 @@ def test_a_runner_killed_mid_revision_leaves_nothing_half_done(
     # The revision's transaction died with it: those before are committed, nothing of it exists.
     assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [HEAD]
     assert sql(empty_db, "SELECT to_regclass('kraken_half_done') IS NULL")[0][0]
+    # The ledger shows the step that started and never finished.
+    steps = "SELECT revision, success, error, finished_at IS NULL FROM alembic_ledger WHERE revision = $1 ORDER BY id"
+    assert [tuple(r) for r in sql(empty_db, steps, NEXT)] == [(NEXT, None, None, True)]
 
     # The lock went with the session: the next run gets it at once and finishes the job.
     started = time.monotonic()
@@ -169,6 +152,11 @@ def test_a_runner_killed_mid_revision_leaves_nothing_half_done(
     assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [NEXT]
     assert sql(empty_db, "SELECT count(*) FROM kraken_half_done")[0][0] == 1
     assert time.monotonic() - started < 20
+    # The next run (holding the lock, so no runner was alive) marked the open step interrupted.
+    assert [tuple(r) for r in sql(empty_db, steps, NEXT)] == [
+        (NEXT, False, ledger.INTERRUPTED, True),
+        (NEXT, True, None, False),
+    ]
 
 
 ALTER_TURNS = f"""
@@ -240,6 +228,12 @@ async def test_a_blocked_migration_gives_up_without_stalling_the_service(
     )
     assert len(waits) > 10
     assert max(waits) < 0.5 + 0.4, f"longest service query waited {max(waits):.3f} s"
+    # Each attempt is a failed step in the ledger, of one run.
+    attempts = await fetch(empty_db, "SELECT run_id, success, error FROM alembic_ledger WHERE revision = $1", NEXT)
+    assert [(r["success"], r["error"]) for r in attempts] == [
+        (False, "canceling statement due to lock timeout (SQLSTATE 55P03)")
+    ] * 3
+    assert len({r["run_id"] for r in attempts}) == 1
 
 
 async def test_waiting_for_the_migration_lock_names_the_holder(empty_db: DatabaseTarget) -> None:

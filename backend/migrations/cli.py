@@ -1,0 +1,234 @@
+"""``kraken-migrations``: the ledger's commands, which Alembic's CLI cannot take.
+
+    uv run kraken-migrations ledger [--limit N]   # the steps recorded, newest first
+    uv run kraken-migrations validate             # applied revisions against their files; exit 1 on a mismatch
+    uv run kraken-migrations repair               # accept the files as they are (a repair row each)
+
+The database is found as the alembic CLI finds it (MIGRATIONS_DATABASE_URL, DATABASE_URL, or the
+embedded server), and a failure is one ``FAILED:`` line that never holds a password: exit 2 for a
+configuration mistake, 1 otherwise. ``-c alembic.ini`` points at another script directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError
+
+from backend.config import ConfigError, Settings, get_settings
+from backend.db.errors import first_line, sqlstate
+from backend.migrations import ledger
+from backend.migrations.checksums import read_checksums
+from backend.migrations.lock import MigrationLockTimeout, migration_lock
+from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, read_revisions
+from backend.migrations.runner import (
+    DatabaseUnavailable,
+    MigrationError,
+    migrations_target,
+    open_connection,
+    run_on_connection,
+)
+
+
+class Failed(Exception):
+    """A command's outcome that is a failure (exit 1); the message is what to print."""
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+# --- ledger ----------------------------------------------------------------------------------
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def _result(success: bool | None, error: str | None) -> str:
+    if success:
+        return "ok"
+    if success is None:
+        return "running"
+    if error == ledger.INTERRUPTED:
+        return "interrupted"
+    return f"failed: {error}"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest value; the last one (free text) is not."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]]) for row in rows]
+
+
+async def show_ledger(settings: Settings, script_location: Path, args: argparse.Namespace) -> None:
+    conn = await open_connection(await migrations_target(settings))
+    try:
+        rows = await conn.fetch(ledger.LIST_QUERY, args.limit)
+    except asyncpg.UndefinedTableError:
+        _out("no ledger in this database yet: the next 'uv run alembic upgrade head' creates it")
+        return
+    finally:
+        await conn.close()
+    if not rows:
+        _out("the ledger is empty")
+        return
+    table = [("started (UTC)", "run", "revision", "direction", "duration", "who", "result")]
+    for r in rows:
+        who = f"{r['db_role']}@{r['client_host']} {r['application_name'] or '-'} {r['service_version']}"
+        table.append(
+            (
+                ledger.when(r["started_at"]).removesuffix(" UTC"),
+                str(r["run_id"])[:8],
+                r["revision"],
+                r["direction"],
+                _duration(r["duration_ms"]),
+                who,
+                _result(r["success"], r["error"]),
+            )
+        )
+    for line in _table(table):
+        _out(line)
+
+
+# --- validate --------------------------------------------------------------------------------
+
+
+def _ahead_note(status: SchemaStatus) -> str:
+    return (
+        f"the database is at revision {','.join(status.unknown)}, which this code does not know: "
+        "checking the revisions it knows"
+    )
+
+
+async def validate(settings: Settings, script_location: Path, args: argparse.Namespace) -> None:
+    files = read_checksums(script_location)
+    conn = await open_connection(await migrations_target(settings))
+    try:
+        current, recorded = await ledger.fetch_state(conn)
+        status = SchemaStatus(current, read_revisions(script_location))
+        applied = ledger.applied_revisions(status, recorded or {})
+        since = await ledger.fetch_since(conn, applied) if recorded is not None else {}
+    finally:
+        await conn.close()
+    if status.ahead:
+        _out(_ahead_note(status))
+    if recorded is None:
+        _out(
+            f"no ledger yet: {len(applied)} applied revision(s) have no checksum on record"
+            + (f" ({', '.join(sorted(applied))}); the next upgrade adopts them" if applied else "")
+        )
+        return
+    verdict = ledger.verify(status, recorded, files, since)
+    if verdict.mismatches:
+        raise Failed("\n".join(f"FAILED: {m.problem()}" for m in verdict.mismatches))
+    for rev in verdict.matching:
+        _out(f"{rev} ok: checksum {ledger.short(recorded[rev])}, {since[rev]}")
+    for rev in verdict.unrecorded:
+        _out(f"{rev} not on record yet: the next upgrade adopts it (checksum {ledger.short(files[rev].checksum)})")
+    checked = len(verdict.matching)
+    _out(
+        f"{checked} applied revision(s) match their files"
+        if checked or verdict.unrecorded
+        else "no revision applied yet: nothing to validate"
+    )
+
+
+# --- repair ----------------------------------------------------------------------------------
+
+
+def _repair(connection: Connection, settings: Settings, script_location: Path) -> list[str]:
+    revisions, files = read_revisions(script_location), read_checksums(script_location)
+    run_id = uuid.uuid4()  # one run, like a migration's
+    with migration_lock(connection.engine, settings.migration_lock_timeout):
+        ledger.prepare(connection)
+        connection.commit()
+        status = SchemaStatus(ledger.read_versions(connection), revisions)
+        recorded, since = ledger.read_records(connection)
+        verdict = ledger.verify(status, recorded, files, since)
+        repaired = ledger.repair(connection, run_id, verdict.mismatches, revisions, files)
+        adopted = ledger.adopt(connection, run_id, verdict.unrecorded, revisions, files)
+        connection.commit()
+    lines = [_ahead_note(status)] if status.ahead else []
+    lines += [
+        f"repaired {m.revision}: checksum {ledger.short(m.checksum)} accepted "
+        f"(was {ledger.short(m.recorded)}, {m.since})"
+        for m in verdict.mismatches
+        if m.revision in repaired
+    ]
+    lines += [f"adopted {rev}: checksum {ledger.short(files[rev].checksum)}" for rev in adopted]
+    if not repaired and not adopted:
+        lines.append(f"nothing to repair: {len(verdict.matching)} applied revision(s) match their files")
+    return lines
+
+
+async def repair(settings: Settings, script_location: Path, args: argparse.Namespace) -> None:
+    lines: list[str] = []
+
+    def work(connection: Connection) -> None:
+        lines.extend(_repair(connection, settings, script_location))
+
+    await run_on_connection(await migrations_target(settings), work)
+    for line in lines:
+        _out(line)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+COMMANDS: dict[str, Any] = {"ledger": show_ledger, "validate": validate, "repair": repair}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kraken-migrations",
+        description="The migration ledger (alembic_ledger): list it, validate applied revisions, repair.",
+    )
+    parser.add_argument("-c", "--config", type=Path, help="an alembic.ini whose script directory to use")
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("ledger", help="the steps recorded, newest first")
+    listing.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
+    commands.add_parser("validate", help="compare applied revisions with their files; exit 1 on a mismatch")
+    commands.add_parser("repair", help="accept the files as they are: a repair row per changed revision")
+    return parser
+
+
+def _script_location(config: Path | None) -> Path:
+    if config is None:
+        return ALEMBIC_DIR
+    if not config.is_file():
+        raise ConfigError(f"no alembic configuration at {config}")
+    return Path(ScriptDirectory.from_config(Config(str(config))).dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of `uv run kraken-migrations`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)-5.5s [%(name)s] %(message)s")
+    try:
+        settings = get_settings()
+        asyncio.run(COMMANDS[args.command](settings, _script_location(args.config), args))
+    except ConfigError as exc:
+        _out(f"FAILED: {exc}")
+        sys.exit(2)
+    except Failed as exc:
+        _out(str(exc))
+        sys.exit(1)
+    except (DatabaseUnavailable, MigrationError, MigrationLockTimeout) as exc:
+        _out(f"FAILED: {exc}")
+        sys.exit(1)
+    except (DBAPIError, asyncpg.PostgresError) as exc:
+        _out(f"FAILED: {first_line(exc)} (SQLSTATE {sqlstate(exc)})")
+        sys.exit(1)
