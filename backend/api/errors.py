@@ -17,10 +17,12 @@ import asyncpg
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from backend.conversations.errors import (
     ConversationEnded,
@@ -94,6 +96,23 @@ async def _http_error(request: Request, exc: Exception) -> ErrorResponse:
     return ErrorResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+async def _method_not_allowed(request: Request, exc: Exception) -> ErrorResponse:
+    """405 with every method the path serves in ``Allow``.
+
+    FastAPI makes a route per method, and Starlette's 405 names only the methods of the first
+    route whose path matched (``OPTIONS /conversations`` said ``POST``, not ``GET, POST``).
+    """
+    assert isinstance(exc, StarletteHTTPException)
+    allowed = sorted(
+        method
+        for route in iter_route_contexts(request.app.routes)
+        if route.matches(request.scope)[0] == Match.PARTIAL
+        for method in route.methods or ()
+    )
+    answer = StarletteHTTPException(405, exc.detail, headers={"Allow": ", ".join(allowed)})
+    return await _http_error(request, answer)
+
+
 async def _domain_error(request: Request, exc: Exception) -> ErrorResponse:
     assert isinstance(exc, ConversationError)
     status_code, loc, type_ = DOMAIN_ERRORS[type(exc)]
@@ -152,6 +171,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.state.fault_log = FaultLog()
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(405, _method_not_allowed)
     app.add_exception_handler(ConversationError, _domain_error)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, _database_error)
