@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from backend.api.deps import ConversationId, RequireApiKey, SessionDep, SettingsDep
+from backend.api.deps import ConversationId, IdempotencyKey, RequireApiKey, SessionDep, SettingsDep
 from backend.api.errors import documented
+from backend.api.openapi import link
 from backend.conversations import service
 from backend.conversations.schemas import (
     ConversationCreate,
@@ -22,9 +23,36 @@ from backend.conversations.schemas import (
 
 router = APIRouter(prefix="/conversations", tags=["conversations"])
 
+# Where a client (or a fuzzer) goes next with the ids an answer holds.
+_BY_ID = {"conversation_id": "$response.body#/id"}
+_BY_PATH_ID = {"conversation_id": "$request.path.conversation_id"}
+_CONVERSATION_LINKS = {
+    "links": {
+        "GetConversation": link("get_conversation", **_BY_ID),
+        "AppendTurn": link("append_turn", **_BY_ID),
+        "EndConversation": link("end_conversation", **_BY_ID),
+        "DeleteConversation": link("delete_conversation", **_BY_ID),
+        "ListConversations": link("list_conversations", session_id="$response.body#/session_id"),
+    }
+}
+_TURN_LINKS = {
+    "links": {
+        "GetConversation": link("get_conversation", **_BY_PATH_ID),
+        "AppendTurn": link("append_turn", **_BY_PATH_ID),
+        "EndConversation": link("end_conversation", **_BY_PATH_ID),
+    }
+}
 
-@router.post("", status_code=status.HTTP_201_CREATED, dependencies=RequireApiKey, responses=documented(401, 413, 422))
-async def create_conversation(body: ConversationCreate, session: SessionDep) -> ConversationPublic:
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=RequireApiKey,
+    responses={**documented(400, 401, 413, 422), 201: _CONVERSATION_LINKS},
+)
+async def create_conversation(
+    body: ConversationCreate, session: SessionDep, idempotency_key: IdempotencyKey = None
+) -> ConversationPublic:
     """Start a conversation: status active, totals zero."""
     return await service.create_conversation(session, body)
 
@@ -33,28 +61,39 @@ async def create_conversation(body: ConversationCreate, session: SessionDep) -> 
     "/{conversation_id}/turns",
     status_code=status.HTTP_201_CREATED,
     dependencies=RequireApiKey,
-    responses=documented(401, 404, 409, 413, 422),
+    responses={**documented(400, 401, 404, 409, 413, 422), 201: _TURN_LINKS},
 )
 async def append_turn(
-    conversation_id: ConversationId, body: TurnCreate, session: SessionDep, settings: SettingsDep
+    conversation_id: ConversationId,
+    body: TurnCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> TurnPublic:
     """Record one turn and its tool calls, in order, and add it to the conversation's totals.
 
     The server numbers the turn (next in the conversation, also under concurrent appends) and
     its tool calls (1, 2, ...). Turn, tool calls and totals are stored together or not at all.
     A tool result over KRAKEN_TOOL_RESULT_MAX_BYTES of compact JSON is stored truncated.
-    409 when the conversation has ended or a total would overflow.
+    Counts are JSON integers written without a fraction or an exponent (5, not 5.0 or 5e0).
+    409 when the conversation has ended (`conversation_ended`), a total would overflow its column
+    (`totals_full`: total_tokens up to 2147483647, total_cost_usd up to 9999.999999), or the
+    database refused the turn (`turn_rejected`).
     """
     return await service.append_turn(
         session, conversation_id, body, tool_result_max_bytes=settings.tool_result_max_bytes
     )
 
 
-@router.post("/{conversation_id}/end", dependencies=RequireApiKey, responses=documented(401, 404, 409, 413, 422))
+@router.post(
+    "/{conversation_id}/end",
+    dependencies=RequireApiKey,
+    responses=documented(400, 401, 404, 409, 413, 422),
+)
 async def end_conversation(
     conversation_id: ConversationId, body: ConversationEnd, session: SessionDep
 ) -> ConversationPublic:
-    """Set the final status and ended_at. 409 if it has already ended."""
+    """Set the final status and ended_at. 409 if it has already ended (`conversation_ended`)."""
     return await service.end_conversation(session, conversation_id, body.status)
 
 
@@ -67,7 +106,7 @@ async def get_conversation(conversation_id: ConversationId, session: SessionDep)
 
 @router.get("", dependencies=RequireApiKey, responses=documented(401, 422))
 async def list_conversations(query: Annotated[ConversationListQuery, Query()], session: SessionDep) -> ConversationPage:
-    """A session's conversations, newest first, `limit` per page."""
+    """A session's conversations, newest first, `limit` per page. Other query parameters are refused (422)."""
     return await service.list_conversations(session, query.session_id, limit=query.limit, cursor=query.cursor)
 
 

@@ -177,6 +177,48 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(error, _database_error)
 
 
+# --- the OpenAPI document's error responses --------------------------------------------------
+
+RETRY_AFTER = {
+    "description": "Seconds to wait before retrying.",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
+# What each error status means to a client, for the OpenAPI document; a route's docstring adds
+# what is particular to it.
+_STATUS_DOCS: dict[int, str] = {
+    400: "The body cannot be decoded: invalid UTF-8, nesting deeper than the parser allows, an integer of "
+    'over 4300 digits (`loc` `["body"]`).',
+    401: 'The API key is missing or wrong (`loc` `["header", "Authorization"]`).',
+    404: 'No conversation with this id, also for an id that is not a UUID (`loc` `["path", "conversation_id"]`).',
+    409: "The conversation's state refuses the request.",
+    413: 'The body is over KRAKEN_MAX_BODY_BYTES (`loc` `["body"]`, type `body_too_large`).',
+    422: "Malformed JSON (`json_invalid`), or a field that fails validation: `loc` names it, `type` says why.",
+    500: "An unexpected error: `msg` `internal error (request <id>)`, type `internal_error`; the log has the rest.",
+}
+
+
+def _database_doc(status_code: int) -> str:
+    types = ", ".join(f"`{type_}`" for code, _, type_, _ in DATABASE_FAULTS.values() if code == status_code)
+    return (
+        f"The database could not serve the request (type {types}). Retry after Retry-After seconds; "
+        "a write with its Idempotency-Key, which makes the retry safe."
+    )
+
+
 def documented(*status_codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` for the error statuses a route can return."""
-    return {code: {"model": ErrorBody} for code in status_codes}
+    """OpenAPI ``responses=`` for the error statuses a route can answer: the shape, what each means, its headers."""
+    database = {code for code, _, _, _ in DATABASE_FAULTS.values()}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in status_codes:
+        response: dict[str, Any] = {"model": ErrorBody}
+        if code in database:
+            response |= {"description": _database_doc(code), "headers": {"Retry-After": RETRY_AFTER}}
+        else:
+            response["description"] = _STATUS_DOCS[code]
+        if code == 401:
+            response["headers"] = {
+                "WWW-Authenticate": {"required": True, "schema": {"type": "string", "enum": ["Bearer"]}}
+            }
+        responses[code] = response
+    return responses
