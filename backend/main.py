@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from backend.api import api_router
 from backend.api.errors import install_error_handlers
 from backend.api.middleware import BodySizeLimit, RequestContext
+from backend.api.openapi import install_openapi, operation_id
 from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
 from backend.db.embedded import release_servers
 from backend.db.engine import create_engine, create_session_factory
@@ -86,13 +87,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; with ``settings`` (tests, the benchmark) instead of the environment's."""
-    application = FastAPI(title="KRAKEN backend", version="0.1.0", lifespan=lifespan)
+    application = FastAPI(
+        title="KRAKEN backend", version="0.1.0", lifespan=lifespan, generate_unique_id_function=operation_id
+    )
     if settings is not None:
         application.state.settings = settings
     install_error_handlers(application)
     application.add_middleware(BodySizeLimit)
     application.add_middleware(RequestContext)  # outermost: its id is on every response and log line
     application.include_router(api_router)
+    install_openapi(application)
     return application
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from backend.api.deps import ConversationId, IdempotencyKey, RequireApiKey, SessionDep, SettingsDep
 from backend.api.errors import documented
+from backend.api.openapi import link
 from backend.conversations import service
 from backend.conversations.schemas import (
     ConversationCreate,
@@ -30,8 +31,33 @@ def replayed(recorded: service.Recorded[T], response: Response) -> T:
         response.headers["Idempotent-Replayed"] = "true"
     return recorded.value
 
+# Where a client (or a fuzzer) goes next with the ids an answer holds.
+_BY_ID = {"conversation_id": "$response.body#/id"}
+_BY_PATH_ID = {"conversation_id": "$request.path.conversation_id"}
+_CONVERSATION_LINKS = {
+    "links": {
+        "GetConversation": link("get_conversation", **_BY_ID),
+        "AppendTurn": link("append_turn", **_BY_ID),
+        "EndConversation": link("end_conversation", **_BY_ID),
+        "DeleteConversation": link("delete_conversation", **_BY_ID),
+        "ListConversations": link("list_conversations", session_id="$response.body#/session_id"),
+    }
+}
+_TURN_LINKS = {
+    "links": {
+        "GetConversation": link("get_conversation", **_BY_PATH_ID),
+        "AppendTurn": link("append_turn", **_BY_PATH_ID),
+        "EndConversation": link("end_conversation", **_BY_PATH_ID),
+    }
+}
 
-@router.post("", status_code=status.HTTP_201_CREATED, dependencies=RequireApiKey, responses=documented(401, 413, 422))
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    dependencies=RequireApiKey,
+    responses={**documented(400, 401, 409, 413, 422), 201: _CONVERSATION_LINKS},
+)
 async def create_conversation(
     body: ConversationCreate, session: SessionDep, response: Response, idempotency_key: IdempotencyKey = None
 ) -> ConversationPublic:
@@ -44,7 +70,7 @@ async def create_conversation(
     "/{conversation_id}/turns",
     status_code=status.HTTP_201_CREATED,
     dependencies=RequireApiKey,
-    responses=documented(401, 404, 409, 413, 422),
+    responses={**documented(400, 401, 404, 409, 413, 422), 201: _TURN_LINKS},
 )
 async def append_turn(
     conversation_id: ConversationId,
@@ -59,7 +85,10 @@ async def append_turn(
     The server numbers the turn (next in the conversation, also under concurrent appends) and
     its tool calls (1, 2, ...). Turn, tool calls and totals are stored together or not at all.
     A tool result over KRAKEN_TOOL_RESULT_MAX_BYTES of compact JSON is stored truncated.
-    409 when the conversation has ended or a total would overflow.
+    Counts are JSON integers written without a fraction or an exponent (5, not 5.0 or 5e0).
+    409 when the conversation has ended (`conversation_ended`), a total would overflow its column
+    (`totals_full`: total_tokens up to 2147483647, total_cost_usd up to 9999.999999), or the
+    database refused the turn (`turn_rejected`).
     """
     recorded = await service.append_turn(
         session,
@@ -71,11 +100,15 @@ async def append_turn(
     return replayed(recorded, response)
 
 
-@router.post("/{conversation_id}/end", dependencies=RequireApiKey, responses=documented(401, 404, 409, 413, 422))
+@router.post(
+    "/{conversation_id}/end",
+    dependencies=RequireApiKey,
+    responses=documented(400, 401, 404, 409, 413, 422),
+)
 async def end_conversation(
     conversation_id: ConversationId, body: ConversationEnd, session: SessionDep
 ) -> ConversationPublic:
-    """Set the final status and ended_at. 409 if it has already ended."""
+    """Set the final status and ended_at. 409 if it has already ended (`conversation_ended`)."""
     return await service.end_conversation(session, conversation_id, body.status)
 
 
@@ -88,7 +121,7 @@ async def get_conversation(conversation_id: ConversationId, session: SessionDep)
 
 @router.get("", dependencies=RequireApiKey, responses=documented(401, 422))
 async def list_conversations(query: Annotated[ConversationListQuery, Query()], session: SessionDep) -> ConversationPage:
-    """A session's conversations, newest first, `limit` per page."""
+    """A session's conversations, newest first, `limit` per page. Other query parameters are refused (422)."""
     return await service.list_conversations(session, query.session_id, limit=query.limit, cursor=query.cursor)
 
 

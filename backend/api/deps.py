@@ -12,8 +12,10 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import WithJsonSchema
+from pydantic.config import JsonDict
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backend.api.errors import FaultLog, api_error
@@ -76,7 +78,11 @@ def _unauthorized(msg: str) -> Exception:
 RequireApiKey = [Depends(require_api_key)]
 
 
-async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
+async def parse_conversation_id(
+    conversation_id: Annotated[
+        str, Path(description="The conversation's id, a UUID. Any other value names no conversation: 404.")
+    ],
+) -> uuid.UUID:
     """Ids are UUIDs; anything else names no conversation, so 404 like an unknown one (not 422)."""
     try:
         return uuid.UUID(conversation_id)
@@ -87,8 +93,15 @@ async def parse_conversation_id(conversation_id: str) -> uuid.UUID:
 ConversationId = Annotated[uuid.UUID, Depends(parse_conversation_id)]
 
 
-# A client's key for retrying a create or an append safely (the IETF draft's Idempotency-Key).
+# A client's key for retrying a create or an append safely (the IETF draft's Idempotency-Key):
+# 1 to 255 printable ASCII characters, no spaces.
 IDEMPOTENCY_KEY_PATTERN = r"^[!-~]{1,255}$"
+_IDEMPOTENCY_KEY_SCHEMA: JsonDict = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 255,
+    "pattern": IDEMPOTENCY_KEY_PATTERN,
+}
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -96,11 +109,10 @@ IdempotencyKey = Annotated[
         pattern=IDEMPOTENCY_KEY_PATTERN,
         min_length=1,
         max_length=255,
-        description=(
-            "Any 1-255 printable ASCII characters, no spaces (a UUID, say). A retry with the same key and "
-            "the same body answers what the first attempt stored (same id, header Idempotent-Replayed: "
-            "true) and stores nothing new, also when the attempts race; the same key with another body "
-            "is a 422 (idempotency_key_reused). Keys live as long as the conversation."
-        ),
+        description="Makes a retry safe: a request with the key and body of an earlier one answers that "
+        "one's 201 again and stores nothing; with another body it is a 409 of type `idempotency_key_reused` "
+        '(`loc` `["header", "Idempotency-Key"]`). Keys live as long as their conversation.',
     ),
+    # A header is absent or a string: not the `null` FastAPI would document for `| None`.
+    WithJsonSchema(_IDEMPOTENCY_KEY_SCHEMA),
 ]

@@ -18,10 +18,12 @@ import asyncpg
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from backend.conversations.errors import (
     ConversationEnded,
@@ -67,7 +69,8 @@ DOMAIN_ERRORS: dict[type[ConversationError], tuple[int, tuple[str, ...], str]] =
     TotalsFull: (409, ("body",), "totals_full"),
     TurnRejected: (409, ("body",), "turn_rejected"),
     InvalidCursor: (422, ("query", "cursor"), "invalid_cursor"),
-    IdempotencyKeyReused: (422, ("header", "Idempotency-Key"), "idempotency_key_reused"),
+    # 409, not the IETF draft's 422: the request itself is valid; the key is taken, by another one.
+    IdempotencyKeyReused: (409, ("header", "Idempotency-Key"), "idempotency_key_reused"),
 }
 
 # Where an HTTP error raised by the framework (not by us) is about.
@@ -95,6 +98,23 @@ async def _http_error(request: Request, exc: Exception) -> ErrorResponse:
         type_ = _FRAMEWORK_TYPE.get(exc.status_code, f"http_{exc.status_code}")
         detail = [{"loc": loc, "msg": str(detail), "type": type_}]
     return ErrorResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> ErrorResponse:
+    """405 with every method the path serves in ``Allow``.
+
+    FastAPI makes a route per method, and Starlette's 405 names only the methods of the first
+    route whose path matched (``OPTIONS /conversations`` said ``POST``, not ``GET, POST``).
+    """
+    assert isinstance(exc, StarletteHTTPException)
+    allowed = sorted(
+        method
+        for route in iter_route_contexts(request.app.routes)
+        if route.matches(request.scope)[0] == Match.PARTIAL
+        for method in route.methods or ()
+    )
+    answer = StarletteHTTPException(405, exc.detail, headers={"Allow": ", ".join(allowed)})
+    return await _http_error(request, answer)
 
 
 async def _domain_error(request: Request, exc: Exception) -> ErrorResponse:
@@ -188,11 +208,54 @@ def install_error_handlers(app: FastAPI) -> None:
     app.state.fault_log = FaultLog()
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(405, _method_not_allowed)
     app.add_exception_handler(ConversationError, _domain_error)
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, _database_error)
 
 
+# --- the OpenAPI document's error responses --------------------------------------------------
+
+RETRY_AFTER = {
+    "description": "Seconds to wait before retrying.",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
+# What each error status means to a client, for the OpenAPI document; a route's docstring adds
+# what is particular to it.
+_STATUS_DOCS: dict[int, str] = {
+    400: "The body cannot be decoded: invalid UTF-8, nesting deeper than the parser allows, an integer of "
+    'over 4300 digits (`loc` `["body"]`).',
+    401: 'The API key is missing or wrong (`loc` `["header", "Authorization"]`).',
+    404: 'No conversation with this id, also for an id that is not a UUID (`loc` `["path", "conversation_id"]`).',
+    409: "The conversation's state refuses the request.",
+    413: 'The body is over KRAKEN_MAX_BODY_BYTES (`loc` `["body"]`, type `body_too_large`).',
+    422: "Malformed JSON (`json_invalid`), or a field that fails validation: `loc` names it, `type` says why.",
+    500: "An unexpected error: `msg` `internal error (request <id>)`, type `internal_error`; the log has the rest.",
+}
+
+
+def _database_doc(status_code: int) -> str:
+    types = ", ".join(f"`{type_}`" for code, _, type_, _ in DATABASE_FAULTS.values() if code == status_code)
+    return (
+        f"The database could not serve the request (type {types}). Retry after Retry-After seconds; "
+        "a write with its Idempotency-Key, which makes the retry safe."
+    )
+
+
 def documented(*status_codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` for the error statuses a route can return."""
-    return {code: {"model": ErrorBody} for code in status_codes}
+    """OpenAPI ``responses=`` for the error statuses a route can answer: the shape, what each means, its headers."""
+    database = {code for code, _, _, _ in DATABASE_FAULTS.values()}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for code in status_codes:
+        response: dict[str, Any] = {"model": ErrorBody}
+        if code in database:
+            response |= {"description": _database_doc(code), "headers": {"Retry-After": RETRY_AFTER}}
+        else:
+            response["description"] = _STATUS_DOCS[code]
+        if code == 401:
+            response["headers"] = {
+                "WWW-Authenticate": {"required": True, "schema": {"type": "string", "enum": ["Bearer"]}}
+            }
+        responses[code] = response
+    return responses

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backend.api.errors import RETRY_AFTER, ErrorBody
 from backend.config import Settings
 from backend.db.errors import sqlstate
 from backend.migrations.revisions import SchemaStatus, read_revisions
@@ -17,15 +19,48 @@ from backend.migrations.revisions import SchemaStatus, read_revisions
 router = APIRouter(tags=["health"])
 UNDEFINED_TABLE = "42P01"
 
+_REVISION = "The database's schema revision (several are joined by commas); null if it was never migrated."
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    revision: str | None = Field(description=f"{_REVISION} Read at boot.")
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    revision: str | None = Field(description=_REVISION)
+    head: list[str] = Field(description="This code's head revision(s).")
+
+
+class NotReady(BaseModel):
+    status: Literal["unavailable"]
+    reason: Literal["database unreachable", "schema is not at head", "schema is ahead of this code"]
+    revision: str | None = Field(None, description=f"{_REVISION} Absent when the database is unreachable.")
+    head: list[str] = Field(description="This code's head revision(s).")
+
 
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request) -> Health:
     """Liveness: the process serves requests. Reports the schema revision found at boot."""
     status: SchemaStatus = request.app.state.schema_status
-    return {"status": "ok", "revision": status.revision}
+    return Health(status="ok", revision=status.revision)
 
 
-@router.get("/ready", responses={503: {"description": "Database unreachable or schema not at head"}})
+@router.get(
+    "/ready",
+    response_model=Ready,
+    responses={
+        503: {
+            # ErrorBody: no pooled connection was free in time (type database_busy).
+            "model": NotReady | ErrorBody,
+            "description": "The database is unreachable, or its schema is not at this code's head (or is "
+            "ahead of it with KRAKEN_SCHEMA_AHEAD=refuse); or no pooled connection was free in time "
+            "(the API's error shape, type `database_busy`, with Retry-After).",
+            "headers": {"Retry-After": {**RETRY_AFTER, "required": False}},
+        }
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: the database answers and its schema is at this code's head (checked live, one query)."""
     engine: AsyncEngine = request.app.state.engine

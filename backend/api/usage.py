@@ -16,5 +16,9 @@ router = APIRouter(tags=["usage"])
 
 @router.get("/usage", dependencies=RequireApiKey, responses=documented(401, 422))
 async def get_usage(query: Annotated[UsageQuery, Query()], session: SessionDep) -> UsageReport:
-    """Turns created in [from, to), summed per model or per UTC day."""
+    """Turns created in [from, to), summed per model or per UTC day (groups in key order).
+
+    An interval whose end is at or before its start holds no turns: no groups. Other query
+    parameters are refused (422).
+    """
     return await service.usage(session, query.start, query.end, query.group_by)

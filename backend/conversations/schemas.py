@@ -6,17 +6,23 @@ field named before any SQL runs, and the database never sees a value it would re
 - strings: no NUL character (PostgreSQL ``text`` and ``jsonb`` cannot hold ``\\u0000``; we
   reject rather than escape, so whatever is accepted round-trips exactly) and no unpaired
   UTF-16 surrogate (not Unicode, cannot be encoded for PostgreSQL); lengths capped;
-- numbers: strict types (no ``"12"`` or ``true`` for a count), finite, within ranges that keep
-  every column and every conversation total inside its SQL type;
+- numbers: strict types (no ``"12"`` or ``true`` for a count; ``12.0`` is the integer 12, as in
+  JSON Schema, where a number without a fractional part is an integer), finite, within ranges
+  that keep every column and every conversation total inside its SQL type;
 - JSON (tool arguments and results): any JSON value, at most ``MAX_JSON_DEPTH`` deep, no NaN or
   Infinity, the same string rules inside (keys included); arguments capped in size, results
   truncated by the service instead (their limit is a setting).
+
+The OpenAPI document is generated from these types and must state each rule exactly: what a
+JSON Schema keyword can say is said by one (lengths, ranges, patterns, formats), with the
+pattern defined here once and used by the check too; the rest is in a description.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -25,14 +31,16 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
-    ValidationInfo,
+    PlainValidator,
     WithJsonSchema,
-    field_validator,
 )
+from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypeAliasType
 
 # --- limits --------------------------------------------------------------------------------
 
@@ -50,6 +58,36 @@ MAX_TOTAL_TOKENS = 2**31 - 1
 MAX_TOTAL_TURNS = 2**31 - 1
 MAX_TOTAL_COST_USD = Decimal("9999.999999")
 MICRODOLLAR = Decimal("0.000001")
+
+# --- the forms OpenAPI states as patterns (JSON Schema regexes; also read by Python's re) -----
+
+# Text PostgreSQL can store: no NUL, said as "does not match \u0000" (a pattern that spells out the
+# allowed characters, ^[^\u0000]*$, would say the same, but fuzzers fold maxLength into it, and a
+# repetition of a million is more than common regex engines compile). Unpaired surrogates are
+# refused too, but no pattern names them portably: the description does.
+NUL_PATTERN = r"\u0000"
+STORABLE_TEXT: JsonDict = {"not": {"pattern": NUL_PATTERN}}
+STORABLE_TEXT_RULE = "No NUL character (U+0000) and no unpaired UTF-16 surrogate: PostgreSQL cannot store them."
+# cost_usd as a string: plain decimal notation, 0 to 1000 (as a JSON number, a minimum and a maximum say it).
+COST_STRING_PATTERN = r"^(?:[0-9]{1,3}(?:\.[0-9]+)?|1000(?:\.0+)?)$"
+# A listing cursor: a conversation's started_at in microseconds since 0001-01-01T00:00:00 and its id.
+CURSOR_PATTERN = r"^[0-9]{1,18}-[0-9a-f]{32}$"
+# Usage bounds, each form a pattern: a date-time with an offset (RFC 3339), one without (UTC), or
+# a date (its midnight UTC). Patterns, not only formats: a date-time without an offset has no
+# format, so its pattern must name the days that exist (leap years included), and the others say
+# what formats cannot: years 0001 to 9999 (what datetime holds), seconds 00 to 59 (no leap
+# second), no date-time with an offset on the first or last of those days (the offset could carry
+# it out of range in UTC).
+_DATE = (
+    r"(?!0000)(?:[0-9]{4}-(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
+    r"|(?:0[13578]|1[02])-31)|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+    r"-02-29)"
+)
+_TIME = r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?"
+USAGE_DATE_TIME_PATTERN = rf"^(?!0001-01-01|9999-12-31){_DATE}{_TIME}(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
+USAGE_UTC_DATE_TIME_PATTERN = rf"^{_DATE}{_TIME}$"
+USAGE_DATE_PATTERN = rf"^{_DATE}$"
+USAGE_TIME_PATTERNS = (USAGE_DATE_TIME_PATTERN, USAGE_UTC_DATE_TIME_PATTERN, USAGE_DATE_PATTERN)
 
 EndStatus = Literal["completed", "abandoned", "error"]
 UsageGrouping = Literal["model", "day"]
@@ -135,6 +173,27 @@ def check_json(value: Any) -> Any:
     return value
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON has one number type: 5.0 and 5e0 are the integer 5, as JSON Schema's ``integer`` reads them."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _check_cost_string(value: Any) -> Any:
+    if isinstance(value, str) and not re.fullmatch(COST_STRING_PATTERN, value):
+        raise PydanticCustomError(
+            "decimal_string", "a decimal string from 0 to 1000 in plain notation (like 0.001234) is expected"
+        )
+    return value
+
+
+def _check_usage_time(value: Any) -> Any:
+    if isinstance(value, str) and any(re.fullmatch(pattern, value) for pattern in USAGE_TIME_PATTERNS):
+        return value
+    raise PydanticCustomError(
+        "time_format", "a date-time (2025-03-01T12:00:00Z, UTC without an offset) or a date (2025-03-01) is expected"
+    )
+
+
 def _check_tool_args(value: Any) -> Any:
     size = len(dumps(check_json(value)).encode())
     if size > MAX_TOOL_ARGS_BYTES:
@@ -153,21 +212,52 @@ def _to_microdollars(value: Decimal) -> Decimal:
 
 # --- field types ---------------------------------------------------------------------------
 
-Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(check_text)]
-LongText = Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(check_text)]
-Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
+# check_text as OpenAPI states it.
+_STORABLE = Field(json_schema_extra={**STORABLE_TEXT, "description": STORABLE_TEXT_RULE})
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS), _STORABLE, AfterValidator(check_text)]
+LongText = Annotated[str, Field(max_length=MAX_TEXT_CHARS), _STORABLE, AfterValidator(check_text)]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS), BeforeValidator(_json_integer)]
 # JSON numbers (or decimal strings) in, JSON numbers out: <= 10 significant digits, so a float
 # carries them exactly.
 Money = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
 CostIn = Annotated[
     Decimal,
     Field(strict=False, ge=0, le=MAX_TURN_COST_USD, allow_inf_nan=False),
+    BeforeValidator(_check_cost_string),
     AfterValidator(_to_microdollars),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": int(MAX_TURN_COST_USD)},
+                {"type": "string", "pattern": COST_STRING_PATTERN},
+            ],
+            "description": "US dollars, rounded half-even to the microdollar (6 places) as stored.",
+        },
+        mode="validation",
+    ),
 ]
+
+# What check_json accepts, as JSON Schema. Its depth and size limits are not expressible there:
+# the fields' descriptions give them.
+_StorableKey = Annotated[str, Field(json_schema_extra=STORABLE_TEXT)]
+StorableJson = TypeAliasType(  # type: ignore[misc]
+    "StorableJson",
+    None
+    | bool
+    | float
+    | _StorableKey
+    | list["StorableJson"]  # type: ignore[misc]
+    | Annotated[
+        dict[str, "StorableJson"],  # type: ignore[misc]
+        Field(json_schema_extra={"propertyNames": STORABLE_TEXT}),
+    ],
+)
 
 
 def _utc_iso(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime: %Y does not zero-pad years before 1000, which RFC 3339 requires.
+    # Stored times are naive UTC; one read back from JSON (a replayed turn) carries its Z.
+    return _as_utc(value).isoformat(timespec="microseconds") + "Z"
 
 
 # Stored as UTC wall-clock time (timestamp without time zone); always shown with microseconds
@@ -190,7 +280,9 @@ class _Input(BaseModel):
 class ConversationCreate(_Input):
     session_id: Name
     model: Name
-    system_prompt_hash: Annotated[str, Field(min_length=1, max_length=MAX_HASH_CHARS), AfterValidator(check_text)]
+    system_prompt_hash: Annotated[
+        str, Field(min_length=1, max_length=MAX_HASH_CHARS), _STORABLE, AfterValidator(check_text)
+    ]
     agent_version: Name
 
 
@@ -218,7 +310,17 @@ class ConversationListQuery(BaseModel):
 
     session_id: Name
     limit: Annotated[int, Field(ge=1, le=100)] = 20
-    cursor: Annotated[str | None, Field(max_length=200, description="`next_cursor` of the previous page.")] = None
+    cursor: Annotated[
+        str | None,
+        WithJsonSchema(
+            {
+                "type": "string",
+                "pattern": CURSOR_PATTERN,
+                "description": "`next_cursor` of the previous page. Any value of this form is a position in "
+                "the listing: the page holds the conversations after it.",
+            }
+        ),
+    ] = None
 
 
 class ConversationPage(BaseModel):
@@ -229,10 +331,18 @@ class ConversationPage(BaseModel):
 # --- turns and tool calls ------------------------------------------------------------------
 
 
+_JSON_LIMITS = f"At most {MAX_JSON_DEPTH} levels of arrays and objects; numbers finite."
+
+
 class ToolCallCreate(_Input):
     tool_name: Name
-    tool_args: Annotated[Any, AfterValidator(_check_tool_args)]
-    tool_result: Annotated[Any, AfterValidator(check_json)]
+    tool_args: Annotated[Any, PlainValidator(_check_tool_args, json_schema_input_type=StorableJson)] = Field(
+        description=f"Any JSON value. {_JSON_LIMITS} At most {MAX_TOOL_ARGS_BYTES} bytes as compact JSON."
+    )
+    tool_result: Annotated[Any, PlainValidator(check_json, json_schema_input_type=StorableJson)] = Field(
+        description=f"Any JSON value. {_JSON_LIMITS} Stored truncated when its compact JSON is over "
+        "KRAKEN_TOOL_RESULT_MAX_BYTES (see ToolCallPublic.tool_result)."
+    )
 
 
 class TurnCreate(_Input):
@@ -244,7 +354,7 @@ class TurnCreate(_Input):
     cache_creation_tokens: Tokens = 0
     cache_read_tokens: Tokens = 0
     cost_usd: CostIn
-    duration_ms: Annotated[int, Field(ge=0, le=MAX_DURATION_MS)]
+    duration_ms: Annotated[int, Field(ge=0, le=MAX_DURATION_MS), BeforeValidator(_json_integer)]
     tool_calls: Annotated[list[ToolCallCreate], Field(max_length=MAX_TOOL_CALLS)] = []
 
 
@@ -286,33 +396,42 @@ class ConversationDetail(ConversationPublic):
 
 
 def _as_utc(value: datetime) -> datetime:
-    """Naive times are taken as UTC; aware ones converted. Stored times are naive UTC."""
-    if value.tzinfo is None:
-        return value
-    try:
-        return value.astimezone(UTC).replace(tzinfo=None)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
-        raise PydanticCustomError("datetime_range", "time is out of range once converted to UTC") from None
+    """A date (naive midnight) is UTC; a date-time is converted. Stored times are naive UTC."""
+    # USAGE_DATE_TIME_PATTERN keeps the conversion inside the years datetime holds.
+    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
+
+
+UsageTime = Annotated[
+    datetime,
+    BeforeValidator(_check_usage_time),
+    AfterValidator(_as_utc),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time", "pattern": USAGE_DATE_TIME_PATTERN},
+                {"type": "string", "pattern": USAGE_UTC_DATE_TIME_PATTERN},
+                {"type": "string", "format": "date", "pattern": USAGE_DATE_PATTERN},
+            ]
+        },
+        mode="validation",
+    ),
+]
+_USAGE_TIME_FORMS = (
+    "An RFC 3339 date-time (2025-03-01T12:00:00Z, 2025-03-01T14:00:00+02:00), a date-time without an "
+    "offset, read as UTC (2025-03-01T12:00:00), or a date, read as its midnight UTC (2025-03-01). Precision is "
+    "a microsecond (further digits are dropped). Years 0001 to 9999; a date-time with an offset not on the "
+    "first or last day of that range."
+)
 
 
 class UsageQuery(BaseModel):
+    """An interval whose end is at or before its start is empty: it holds no turns."""
+
     model_config = ConfigDict(extra="forbid")
 
-    start: Annotated[datetime, AfterValidator(_as_utc)] = Field(
-        alias="from", description="Inclusive; ISO 8601. Without an offset, UTC."
-    )
-    end: Annotated[datetime, AfterValidator(_as_utc)] = Field(
-        alias="to", description="Exclusive; ISO 8601. Without an offset, UTC."
-    )
+    start: UsageTime = Field(alias="from", description=f"Inclusive. {_USAGE_TIME_FORMS}")
+    end: UsageTime = Field(alias="to", description=f"Exclusive. {_USAGE_TIME_FORMS}")
     group_by: UsageGrouping = "model"
-
-    @field_validator("end")
-    @classmethod
-    def _after_start(cls, end: datetime, info: ValidationInfo) -> datetime:
-        start = info.data.get("start")
-        if start is not None and end <= start:
-            raise PydanticCustomError("time_range", "`to` must be later than `from`")
-        return end
 
 
 class UsageGroup(BaseModel):

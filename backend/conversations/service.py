@@ -15,13 +15,12 @@ explicitly, and values are validated by the schemas, not by CHECKs.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Generic, NoReturn, TypeVar
 
 import asyncpg
@@ -37,6 +36,7 @@ from backend.conversations.errors import (
     TurnRejected,
 )
 from backend.conversations.schemas import (
+    CURSOR_PATTERN,
     MAX_TOTAL_COST_USD,
     MAX_TOTAL_TOKENS,
     MAX_TOTAL_TURNS,
@@ -415,18 +415,26 @@ async def shared_view_json(session: AsyncSession, conversation_id: uuid.UUID) ->
     return document
 
 
+# A cursor is a position in the listing, (started_at, id), written as CURSOR_PATTERN says. Every
+# string of that form is a position, so none that the OpenAPI document allows is refused.
+_EPOCH = datetime.min
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def encode_cursor(started_at: datetime, conversation_id: uuid.UUID) -> str:
-    raw = f"{started_at.isoformat()}|{conversation_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{(started_at - _EPOCH) // _MICROSECOND}-{conversation_id.hex}"
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
+    """The position a cursor names; None for one later than datetime holds: the listing's first row follows it."""
+    if re.fullmatch(CURSOR_PATTERN, cursor) is None:
+        raise InvalidCursor()
+    microseconds, conversation_id = cursor.split("-")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        started_at, conversation_id = raw.split("|")
-        return datetime.fromisoformat(started_at).replace(tzinfo=None), uuid.UUID(conversation_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise InvalidCursor() from None
+        started_at = _EPOCH + int(microseconds) * _MICROSECOND
+    except OverflowError:
+        return None
+    return started_at, uuid.UUID(hex=conversation_id)
 
 
 async def list_conversations(
@@ -434,10 +442,11 @@ async def list_conversations(
 ) -> ConversationPage:
     """Newest first; keyset pagination on (started_at, id), so pages never skip or repeat rows."""
     params: dict[str, Any] = {"session_id": session_id, "limit": limit + 1}
-    if cursor is None:
+    position = None if cursor is None else decode_cursor(cursor)
+    if position is None:
         rows = await fetch_all(session, LIST_FIRST, **params)
     else:
-        params["started_at"], params["id"] = decode_cursor(cursor)
+        params["started_at"], params["id"] = position
         rows = await fetch_all(session, LIST_AFTER, **params)
     items = [_conversation(row) for row in rows[:limit]]
     more = len(rows) > limit

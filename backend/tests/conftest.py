@@ -116,6 +116,12 @@ def live_db(database_factory: DatabaseFactory) -> DatabaseTarget:
 
 
 @pytest.fixture
+def own_live_db(database_factory: DatabaseFactory) -> DatabaseTarget:
+    """A database at head for one test that fills it with data no other test should see (the fuzzer)."""
+    return _migrated(database_factory)
+
+
+@pytest.fixture
 async def db_connection(migrated_db: DatabaseTarget) -> AsyncIterator[AsyncConnection]:
     """One connection in an outer transaction, rolled back at the end of the test."""
     engine = create_migration_engine(migrated_db, statement_cache=settings_of(migrated_db).db_statement_cache)

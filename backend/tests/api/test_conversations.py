@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from backend.conversations import service
 from backend.conversations.schemas import dumps
 from backend.tests.helpers import CONVERSATION, new_conversation, rows, stored_counts, turn_body
 
@@ -346,6 +347,27 @@ async def test_listing_is_newest_first_and_pages_without_gaps_or_repeats(client,
     assert pages == 4
 
 
+async def test_any_cursor_of_the_documented_form_is_a_position(client, db_connection):
+    ids = [(await new_conversation(client, session_id="positions"))["id"] for _ in range(2)]
+    for conversation_id, start in zip(ids, ["2025-01-01 10:00", "2025-01-01 11:00"], strict=True):
+        await rows(
+            db_connection,
+            "UPDATE kraken_conversations SET started_at = :start WHERE id = :id",
+            id=conversation_id,
+            start=datetime.fromisoformat(start),
+        )
+
+    async def page(cursor: str) -> list[str]:
+        response = await client.get("/conversations", params={"session_id": "positions", "cursor": cursor})
+        assert response.status_code == 200, response.text
+        return [item["id"] for item in response.json()["items"]]
+
+    assert await page(f"0-{'0' * 32}") == []  # before every conversation
+    assert await page(f"{10**18 - 1}-{'f' * 32}") == [ids[1], ids[0]]  # after the last time datetime holds
+    between = service.encode_cursor(datetime(2025, 1, 1, 10, 30), uuid.UUID(int=0))
+    assert await page(between) == [ids[0]]
+
+
 async def test_listing_an_unknown_session_is_empty(client):
     response = await client.get("/conversations", params={"session_id": "nobody"})
     assert response.json() == {"items": [], "next_cursor": None}
@@ -362,6 +384,7 @@ async def test_listing_an_unknown_session_is_empty(client):
         ({"session_id": "s", "cursor": "not-a-cursor"}, ["query", "cursor"]),
         ({"session_id": "s", "cursor": "MjAyNXxub3BlfA"}, ["query", "cursor"]),
         ({"session_id": "s", "cursor": "x" * 201}, ["query", "cursor"]),
+        ({"session_id": "s", "cursor": f"1-{'A' * 32}"}, ["query", "cursor"]),
         ({"session_id": "s\x00"}, ["query", "session_id"]),
         ({"session_id": "s", "sort": "asc"}, ["query", "sort"]),
     ],
@@ -444,15 +467,64 @@ async def test_usage_takes_offsets_and_reads_times_without_one_as_utc(client, db
     assert outside.json()["groups"] == []
 
 
+async def test_usage_takes_a_date_as_its_midnight_utc(client, db_connection):
+    conversation = (await new_conversation(client))["id"]
+    await _turn_at(client, db_connection, conversation, "2025-03-01 00:00:00")
+    report = (await client.get("/usage", params={"from": "2025-03-01", "to": "2025-03-02"})).json()
+    assert (report["from"], report["to"]) == ("2025-03-01T00:00:00.000000Z", "2025-03-02T00:00:00.000000Z")
+    assert [g["turns"] for g in report["groups"]] == [1]
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        ("2025-03-01T00:00:00Z", "2025-03-01T00:00:00Z"),
+        ("2025-03-02", "2025-03-01"),
+        ("2025-03-01T01:00:00+01:00", "2025-03-01"),
+    ],
+)
+async def test_an_interval_ending_at_or_before_its_start_is_empty(client, db_connection, start, end):
+    conversation = (await new_conversation(client))["id"]
+    await _turn_at(client, db_connection, conversation, "2025-03-01 00:00:00")
+    response = await client.get("/usage", params={"from": start, "to": end})
+    assert response.status_code == 200, response.text
+    assert response.json()["groups"] == []
+
+
+@pytest.mark.parametrize(
+    ("start", "shown"),
+    [
+        # The fuzzer's find: %Y wrote the year as 385, which is not RFC 3339.
+        ("0385-01-11T19:26:07+16:52", "0385-01-11T02:34:07.000000Z"),
+        ("0001-01-02T00:00:00+23:59", "0001-01-01T00:01:00.000000Z"),
+        ("0001-01-01", "0001-01-01T00:00:00.000000Z"),
+        ("0009-12-31T23:59:59.9999999", "0009-12-31T23:59:59.999999Z"),
+        ("9999-12-30T23:59:59-23:59", "9999-12-31T23:58:59.000000Z"),
+    ],
+)
+async def test_usage_writes_every_year_it_accepts_as_rfc_3339(client, start, shown):
+    response = await client.get("/usage", params={"from": start, "to": "9999-12-31"})
+    assert response.status_code == 200, response.text
+    assert response.json()["from"] == shown
+
+
 @pytest.mark.parametrize(
     ("params", "loc"),
     [
         ({"to": "2025-01-02"}, ["query", "from"]),
         ({"from": "2025-01-01"}, ["query", "to"]),
-        ({"from": "2025-01-02", "to": "2025-01-01"}, ["query", "to"]),
-        ({"from": "2025-01-01", "to": "2025-01-01"}, ["query", "to"]),
         ({"from": "yesterday", "to": "2025-01-01"}, ["query", "from"]),
+        ({"from": "1735689600", "to": "2025-01-01"}, ["query", "from"]),  # no Unix times
+        ({"from": "2025-01-01 00:00:00", "to": "2025-01-02"}, ["query", "from"]),
+        ({"from": "2025-01-01T00:00Z", "to": "2025-01-02"}, ["query", "from"]),
+        ({"from": "2025-01-01t00:00:00z", "to": "2025-01-02"}, ["query", "from"]),
+        ({"from": "2016-12-31T23:59:60Z", "to": "2025-01-02"}, ["query", "from"]),  # no leap second
+        ({"from": "2025-02-29", "to": "2025-03-01"}, ["query", "from"]),
+        ({"from": "2025-02-29T00:00:00", "to": "2025-03-01"}, ["query", "from"]),
+        ({"from": "0000-01-01", "to": "2025-01-01"}, ["query", "from"]),
+        # The first and last days: an offset could carry them out of the years datetime holds.
         ({"from": "0001-01-01T00:00:00+01:00", "to": "2025-01-01"}, ["query", "from"]),
+        ({"from": "2025-01-01", "to": "9999-12-31T23:00:00-01:00"}, ["query", "to"]),
         ({"from": "2025-01-01", "to": "2025-01-02", "group_by": "week"}, ["query", "group_by"]),
         ({"from": "2025-01-01", "to": "2025-01-02", "model": "x"}, ["query", "model"]),
     ],

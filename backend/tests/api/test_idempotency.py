@@ -54,7 +54,7 @@ async def test_the_same_key_with_another_body_is_refused(client: httpx.AsyncClie
 
     other = await client.post(url, json=turn_body(user_query="something else"), headers=key)
 
-    assert other.status_code == 422
+    assert other.status_code == 409
     [error] = other.json()["detail"]
     assert error["type"] == "idempotency_key_reused"
     assert error["loc"] == ["header", "Idempotency-Key"]
@@ -80,7 +80,7 @@ async def test_a_retried_create_returns_the_stored_conversation(client: httpx.As
     assert (first.status_code, again.status_code) == (201, 201)
     assert again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert reused.status_code == 422
+    assert reused.status_code == 409
     assert reused.json()["detail"][0]["type"] == "idempotency_key_reused"
     [count] = await rows(
         db_connection, "SELECT count(*) FROM kraken_conversations WHERE idempotency_key = 'create-once'"

@@ -45,16 +45,21 @@ TURN_MISTAKES = [
     pytest.param({"output_tokens": MAX_TOKENS + 1}, ["body", "output_tokens"], "less_than_equal", id="absurd-count"),
     pytest.param({"input_tokens": 2**70}, ["body", "input_tokens"], None, id="huge-integer"),
     pytest.param({"output_tokens": "5"}, ["body", "output_tokens"], "int_type", id="count-as-string"),
-    pytest.param({"output_tokens": 5.0}, ["body", "output_tokens"], "int_type", id="count-as-float"),
+    pytest.param({"output_tokens": 5.5}, ["body", "output_tokens"], "int_type", id="count-with-a-fraction"),
     pytest.param({"cache_read_tokens": True}, ["body", "cache_read_tokens"], "int_type", id="count-as-bool"),
     pytest.param({"cache_creation_tokens": None}, ["body", "cache_creation_tokens"], "int_type", id="count-null"),
     pytest.param({"duration_ms": -5}, ["body", "duration_ms"], "greater_than_equal", id="negative-duration"),
     pytest.param({"duration_ms": MAX_DURATION_MS + 1}, ["body", "duration_ms"], "less_than_equal", id="long-duration"),
     pytest.param({"cost_usd": -0.01}, ["body", "cost_usd"], "greater_than_equal", id="negative-cost"),
     pytest.param({"cost_usd": 1000.000001}, ["body", "cost_usd"], "less_than_equal", id="absurd-cost"),
-    pytest.param({"cost_usd": "1e999999"}, ["body", "cost_usd"], "less_than_equal", id="cost-huge-exponent"),
-    pytest.param({"cost_usd": "cheap"}, ["body", "cost_usd"], "decimal_parsing", id="cost-not-a-number"),
-    pytest.param({"cost_usd": "NaN"}, ["body", "cost_usd"], "finite_number", id="cost-nan-string"),
+    pytest.param({"cost_usd": "1e999999"}, ["body", "cost_usd"], "decimal_string", id="cost-huge-exponent"),
+    pytest.param({"cost_usd": "cheap"}, ["body", "cost_usd"], "decimal_string", id="cost-not-a-number"),
+    pytest.param({"cost_usd": "NaN"}, ["body", "cost_usd"], "decimal_string", id="cost-nan-string"),
+    pytest.param({"cost_usd": ""}, ["body", "cost_usd"], "decimal_string", id="cost-empty-string"),
+    pytest.param({"cost_usd": " 1"}, ["body", "cost_usd"], "decimal_string", id="cost-string-with-a-space"),
+    pytest.param({"cost_usd": "1e-3"}, ["body", "cost_usd"], "decimal_string", id="cost-string-exponent"),
+    pytest.param({"cost_usd": "-0.5"}, ["body", "cost_usd"], "decimal_string", id="cost-string-negative"),
+    pytest.param({"cost_usd": "1000.000001"}, ["body", "cost_usd"], "decimal_string", id="cost-string-over-1000"),
     pytest.param({"cost_usd": True}, ["body", "cost_usd"], "decimal_type", id="cost-as-bool"),
     pytest.param({"user_query": "x" * (MAX_TEXT_CHARS + 1)}, ["body", "user_query"], "string_too_long", id="long-text"),
     pytest.param({"user_query": 42}, ["body", "user_query"], "string_type", id="text-as-number"),
@@ -128,6 +133,35 @@ async def test_turn_mistakes_are_422_naming_the_field(client, db_connection, ove
     assert await stored_counts(db_connection, conversation["id"]) == (0, 0)
     view = (await client.get(f"/conversations/{conversation['id']}")).json()
     assert (view["total_turns"], view["total_tokens"], view["total_cost_usd"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("0.001234", 0.001234),
+        ("1000", 1000),
+        ("1000.000", 1000),
+        ("007.5", 7.5),
+        ("0.0000005", 0),
+        ("0.0000015", 0.000002),
+    ],
+)
+async def test_a_cost_string_in_plain_decimal_notation_is_accepted_and_rounded(client, sent, stored):
+    conversation = await new_conversation(client)
+    response = await client.post(f"/conversations/{conversation['id']}/turns", json=turn_body(cost_usd=sent))
+    assert response.status_code == 201, response.text
+    assert response.json()["cost_usd"] == stored
+
+
+async def test_counts_written_with_a_zero_fraction_or_an_exponent_are_integers(client):
+    # JSON Schema's integer, which the OpenAPI document promises: 5.0 and 1e2 are integers.
+    conversation = await new_conversation(client)
+    body = turn_body(input_tokens=5.0, output_tokens=1e2, duration_ms=3.0)
+    response = await client.post(f"/conversations/{conversation['id']}/turns", json=body)
+    assert response.status_code == 201, response.text
+    turn = response.json()
+    assert (turn["input_tokens"], turn["output_tokens"], turn["duration_ms"]) == (5, 100, 3)
+    assert all(isinstance(turn[key], int) for key in ("input_tokens", "output_tokens", "duration_ms"))
 
 
 @pytest.mark.parametrize("missing", ["user_query", "assistant_response", "model", "input_tokens", "cost_usd"])

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -13,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from backend.conversations import errors, service
 from backend.conversations.schemas import (
+    CURSOR_PATTERN,
     ConversationCreate,
     ConversationDetail,
     ToolCallPublic,
@@ -67,13 +69,35 @@ def test_results_are_measured_as_compact_utf8_json():
 # --- cursors -------------------------------------------------------------------------------
 
 
-def test_a_cursor_round_trips_its_position():
-    position = (datetime(2025, 3, 1, 12, 30, 5, 123456), uuid.uuid4())
-    assert service.decode_cursor(service.encode_cursor(*position)) == position
+@pytest.mark.parametrize("started_at", [datetime(2025, 3, 1, 12, 30, 5, 123456), datetime.min, datetime.max])
+def test_a_cursor_round_trips_its_position(started_at):
+    position = (started_at, uuid.uuid4())
+    cursor = service.encode_cursor(*position)
+    assert re.fullmatch(CURSOR_PATTERN, cursor)
+    assert service.decode_cursor(cursor) == position
 
 
-@pytest.mark.parametrize("cursor", ["", "x", "!!!", "bm9fc2VwYXJhdG9y", "YXxi", "MjAyNS0wMS0wMXxub3QtYS11dWlk", "/w"])
-def test_a_cursor_the_service_did_not_issue_is_refused(cursor):
+def test_a_cursor_after_the_last_time_python_holds_lists_from_the_first_row():
+    assert service.decode_cursor(f"{10**18 - 1}-{'f' * 32}") is None
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "",
+        "x",
+        "!!!",
+        "MjAyNS0wMS0wMXxub3QtYS11dWlk",  # the base64 form cursors had before
+        f"1-{'0' * 31}",
+        f"1-{'A' * 32}",
+        f"{'1' * 19}-{'0' * 32}",
+        f"-1-{'0' * 32}",
+        f" 1-{'0' * 32}",
+        f"1-{'0' * 32}\n",
+    ],
+)
+def test_a_cursor_not_of_the_documented_form_is_refused(cursor):
+    assert not re.fullmatch(CURSOR_PATTERN, cursor)
     with pytest.raises(errors.InvalidCursor):
         service.decode_cursor(cursor)
 
