@@ -31,6 +31,7 @@ def replayed(recorded: service.Recorded[T], response: Response) -> T:
         response.headers["Idempotent-Replayed"] = "true"
     return recorded.value
 
+
 # Where a client (or a fuzzer) goes next with the ids an answer holds.
 _BY_ID = {"conversation_id": "$response.body#/id"}
 _BY_PATH_ID = {"conversation_id": "$request.path.conversation_id"}
