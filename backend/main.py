@@ -18,7 +18,8 @@ from backend.api.middleware import BodySizeLimit, RequestContext
 from backend.api.openapi import install_openapi, operation_id
 from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
 from backend.db.embedded import release_servers
-from backend.db.engine import create_engine, create_session_factory
+from backend.db.engine import create_engine
+from backend.db.leases import NotStarted, PoolLender
 from backend.db.url import DatabaseTarget
 from backend.logs import configure_logging
 from backend.migrations.revisions import SchemaStatus
@@ -76,7 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.schema_status = status
     app.state.engine = engine
-    app.state.session_factory = create_session_factory(engine)
+    app.state.lender = PoolLender(engine)
     try:
         yield
     finally:
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if settings is not None:
         application.state.settings = settings
+    application.state.lender = NotStarted()  # the lifespan lends from the engine it creates
     install_error_handlers(application)
     application.add_middleware(BodySizeLimit)
     application.add_middleware(RequestContext)  # outermost: its id is on every response and log line

@@ -7,14 +7,14 @@ server the service would use:
 
 1. turns per second, each turn with 3 tool calls, at concurrency 1 and 16, for
    (a)   this service's write path: ``service.append_turn``, one statement (data-modifying CTEs)
-         sent by asyncpg on the session's connection, atomic on its own: no BEGIN/COMMIT;
+         sent by asyncpg on a request's leased connection, atomic on its own: no BEGIN/COMMIT;
    (a-sa) the same statement through SQLAlchemy ``text()`` in the session's transaction, to
          show what the choice of query style is worth on its own;
    (b)   statement per row, one transaction: update the totals, insert the turn, insert each
          tool call, commit: as such loggers are usually written, made atomic;
    (b')  the same statements each committed on its own, as they often are: not atomic;
    (orm) the ORM unit of work: lock the conversation, add a Turn and its ToolCalls, commit.
-   All go through the service's engine (pool, liveness check) and SQLAlchemy sessions; each
+   All go through the service's engine (pool, liveness check), the baselines through SQLAlchemy sessions; each
    writer has its own conversation. Also 16 writers on ONE conversation, (a) against (b).
 2. the shared view (``GET /conversations/{id}``): median latency for 50 turns x 5 tool calls,
    in the service and over HTTP.
@@ -52,6 +52,7 @@ from backend.conversations.schemas import ConversationCreate, TurnCreate, dumps
 from backend.db.admin import scratch_database
 from backend.db.embedded import embedded_server
 from backend.db.engine import create_session_factory
+from backend.db.leases import Lease, PoolLender
 from backend.db.url import DatabaseTarget
 from backend.main import create_service_engine
 from backend.migrations.runner import run_migrations
@@ -62,7 +63,17 @@ POOL = 20  # >= the highest concurrency, so no variant pays for opening connecti
 RESULT_LIMIT = 10240
 
 Sessions = async_sessionmaker[AsyncSession]
-Writer = Callable[[Sessions, uuid.UUID, TurnCreate], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Db:
+    """The service's engine as the variants use it: the requests' lender, or SQLAlchemy sessions."""
+
+    lender: PoolLender
+    sessions: Sessions
+
+
+Writer = Callable[[Db, uuid.UUID, TurnCreate], Awaitable[None]]
 
 
 # --- the workload --------------------------------------------------------------------------
@@ -103,16 +114,19 @@ def turn_payload(tool_calls: int) -> dict[str, object]:
 # --- (a) and the baselines -----------------------------------------------------------------
 
 
-async def write_service(sessions: Sessions, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
-    async with sessions() as session:
-        await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=RESULT_LIMIT)
-        await session.commit()
+async def write_service(db: Db, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
+    """As a request does it: a lease on a pooled connection, the statement, the connection back."""
+    lease = Lease(db.lender)
+    try:
+        await service.append_turn(await lease.connection(), conversation_id, turn, tool_result_max_bytes=RESULT_LIMIT)
+    finally:
+        await lease.end(succeeded=True)
 
 
 APPEND_TEXT = text(service.APPEND.named)
 
 
-async def write_service_sqlalchemy(sessions: Sessions, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
+async def write_service_sqlalchemy(db: Db, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
     """The service's statement through SQLAlchemy ``text()`` in the session's transaction."""
     stored = [service.store_tool_result(call.tool_result, RESULT_LIMIT) for call in turn.tool_calls]
     params = {
@@ -125,7 +139,7 @@ async def write_service_sqlalchemy(sessions: Sessions, conversation_id: uuid.UUI
         "tool_results": [encoded for _, encoded, _ in stored],
         "results_truncated": [truncated for _, _, truncated in stored],
     }
-    async with sessions() as session:
+    async with db.sessions() as session:
         (await session.execute(APPEND_TEXT, params)).one()
         await session.commit()
 
@@ -184,18 +198,18 @@ async def _per_row(session: AsyncSession, conversation_id: uuid.UUID, turn: Turn
     await session.commit()
 
 
-async def write_per_row(sessions: Sessions, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
-    async with sessions() as session:
+async def write_per_row(db: Db, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
+    async with db.sessions() as session:
         await _per_row(session, conversation_id, turn, commit_each=False)
 
 
-async def write_per_row_autocommit(sessions: Sessions, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
-    async with sessions() as session:
+async def write_per_row_autocommit(db: Db, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
+    async with db.sessions() as session:
         await _per_row(session, conversation_id, turn, commit_each=True)
 
 
-async def write_orm(sessions: Sessions, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
-    async with sessions() as session:
+async def write_orm(db: Db, conversation_id: uuid.UUID, turn: TurnCreate) -> None:
+    async with db.sessions() as session:
         conv = (
             await session.execute(select(Conversation).where(Conversation.id == conversation_id).with_for_update())
         ).scalar_one()
@@ -232,23 +246,25 @@ VARIANTS: dict[str, tuple[str, Writer]] = {
 # --- measuring -----------------------------------------------------------------------------
 
 
-async def new_conversations(sessions: Sessions, count: int) -> list[uuid.UUID]:
-    async with sessions() as session:
-        ids = [(await service.create_conversation(session, conversation())).value.id for _ in range(count)]
-        await session.commit()
-    return ids
+async def new_conversations(db: Db, count: int) -> list[uuid.UUID]:
+    lease = Lease(db.lender)
+    try:
+        conn = await lease.connection()
+        return [(await service.create_conversation(conn, conversation())).value.id for _ in range(count)]
+    finally:
+        await lease.end(succeeded=True)
 
 
 async def turns_per_second(
-    sessions: Sessions, writer: Writer, turn: TurnCreate, *, concurrency: int, turns: int, shared: bool = False
+    db: Db, writer: Writer, turn: TurnCreate, *, concurrency: int, turns: int, shared: bool = False
 ) -> float:
     """``turns`` appends by ``concurrency`` writers, each on its own conversation unless ``shared``."""
-    targets = await new_conversations(sessions, 1 if shared else concurrency)
+    targets = await new_conversations(db, 1 if shared else concurrency)
     per_writer = turns // concurrency
 
     async def work(conversation_id: uuid.UUID) -> None:
         for _ in range(per_writer):
-            await writer(sessions, conversation_id, turn)
+            await writer(db, conversation_id, turn)
 
     started = time.perf_counter()
     await asyncio.gather(*(work(targets[0 if shared else i]) for i in range(concurrency)))
@@ -264,14 +280,14 @@ class Figures:
     ratios: dict[Case, float]  # median over rounds of (a)'s rate / this variant's, same round
 
 
-async def measure_writes(sessions: Sessions, turn: TurnCreate, rounds: int, turns_c1: int, turns_c16: int) -> Figures:
+async def measure_writes(db: Db, turn: TurnCreate, rounds: int, turns_c1: int, turns_c16: int) -> Figures:
     """Every variant in every round, the order reversed each round, ratios taken within a round.
 
     On a shared machine the background load drifts; a ratio of two runs a second apart is
     steadier than a ratio of two medians taken minutes apart.
     """
     for _, writer in VARIANTS.values():  # warm the pool and the prepared statement caches
-        await turns_per_second(sessions, writer, turn, concurrency=16, turns=64)
+        await turns_per_second(db, writer, turn, concurrency=16, turns=64)
     plan: list[tuple[Case, int]] = [((key, 1, False), turns_c1) for key in VARIANTS]
     plan += [((key, 16, False), turns_c16) for key in VARIANTS]
     plan += [((key, 16, True), turns_c16 // 2) for key in ("a", "b")]
@@ -282,9 +298,7 @@ async def measure_writes(sessions: Sessions, turn: TurnCreate, rounds: int, turn
         for case, turns in plan if round_number % 2 == 0 else reversed(plan):
             key, concurrency, shared = case
             writer = VARIANTS[key][1]
-            rates[case] = await turns_per_second(
-                sessions, writer, turn, concurrency=concurrency, turns=turns, shared=shared
-            )
+            rates[case] = await turns_per_second(db, writer, turn, concurrency=concurrency, turns=turns, shared=shared)
             samples.setdefault(case, []).append(rates[case])
         for (key, concurrency, shared), rate in rates.items():
             ratios.setdefault((key, concurrency, shared), []).append(rates[("a", concurrency, shared)] / rate)
@@ -294,13 +308,13 @@ async def measure_writes(sessions: Sessions, turn: TurnCreate, rounds: int, turn
     )
 
 
-async def shared_view_latency(sessions: Sessions, repeats: int) -> tuple[uuid.UUID, float, float, int]:
+async def shared_view_latency(db: Db, repeats: int) -> tuple[uuid.UUID, float, float, int]:
     """(conversation id, median ms, p95 ms, document bytes) for 50 turns x 5 tool calls."""
-    [conversation_id] = await new_conversations(sessions, 1)
+    [conversation_id] = await new_conversations(db, 1)
     turn = TurnCreate.model_validate(turn_payload(tool_calls=5))
     for _ in range(50):
-        await write_service(sessions, conversation_id, turn)
-    async with sessions() as session:
+        await write_service(db, conversation_id, turn)
+    async with db.sessions() as session:
         # After thousands of inserts the planner still thinks the tables are small; autovacuum
         # would analyze them in its own time, a steady-state database already has.
         await session.execute(text("ANALYZE kraken_conversations, kraken_turns, kraken_tool_calls"))
@@ -308,11 +322,12 @@ async def shared_view_latency(sessions: Sessions, repeats: int) -> tuple[uuid.UU
     timings = []
     size = 0
     for _ in range(repeats + 10):
-        async with sessions() as session:
-            started = time.perf_counter()
-            document = await service.shared_view_json(session, conversation_id)
-            timings.append((time.perf_counter() - started) * 1000)
-            size = len(document.encode())
+        lease = Lease(db.lender)
+        started = time.perf_counter()
+        document = await service.shared_view_json(await lease.connection(), conversation_id)
+        timings.append((time.perf_counter() - started) * 1000)
+        await lease.end(succeeded=True)
+        size = len(document.encode())
     timings = timings[10:]  # warm-up
     return conversation_id, statistics.median(timings), _p95(timings), size
 
@@ -478,11 +493,11 @@ async def main(args: argparse.Namespace) -> None:
         bench_settings = Settings.model_validate({"DATABASE_URL": scratch.dsn, "db_pool_size": POOL})
         await run_migrations(bench_settings)
         engine = create_service_engine(scratch, bench_settings)
-        sessions = create_session_factory(engine)
+        db = Db(PoolLender(engine), create_session_factory(engine))
         try:
             turn = TurnCreate.model_validate(turn_payload(tool_calls=3))
-            figures = await measure_writes(sessions, turn, args.rounds, args.turns_c1, args.turns_c16)
-            view_id, view_median, view_p95, view_bytes = await shared_view_latency(sessions, args.view_repeats)
+            figures = await measure_writes(db, turn, args.rounds, args.turns_c1, args.turns_c16)
+            view_id, view_median, view_p95, view_bytes = await shared_view_latency(db, args.view_repeats)
         finally:
             await engine.dispose()
         report_writes(figures, args)

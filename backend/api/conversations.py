@@ -6,7 +6,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Response, status
 
-from backend.api.deps import ConversationId, IdempotencyKey, RequireApiKey, SessionDep, SettingsDep
+from backend.api.deps import ConnectionDep, ConversationId, IdempotencyKey, RequireApiKey, SettingsDep
 from backend.api.errors import documented
 from backend.api.openapi import link
 from backend.conversations import service
@@ -60,10 +60,10 @@ _TURN_LINKS = {
     responses={**documented(400, 401, 409, 413, 422), 201: _CONVERSATION_LINKS},
 )
 async def create_conversation(
-    body: ConversationCreate, session: SessionDep, response: Response, idempotency_key: IdempotencyKey = None
+    body: ConversationCreate, conn: ConnectionDep, response: Response, idempotency_key: IdempotencyKey = None
 ) -> ConversationPublic:
     """Start a conversation: status active, totals zero."""
-    recorded = await service.create_conversation(session, body, idempotency_key=idempotency_key)
+    recorded = await service.create_conversation(conn, body, idempotency_key=idempotency_key)
     return replayed(recorded, response)
 
 
@@ -76,7 +76,7 @@ async def create_conversation(
 async def append_turn(
     conversation_id: ConversationId,
     body: TurnCreate,
-    session: SessionDep,
+    conn: ConnectionDep,
     settings: SettingsDep,
     response: Response,
     idempotency_key: IdempotencyKey = None,
@@ -92,7 +92,7 @@ async def append_turn(
     database refused the turn (`turn_rejected`).
     """
     recorded = await service.append_turn(
-        session,
+        conn,
         conversation_id,
         body,
         tool_result_max_bytes=settings.tool_result_max_bytes,
@@ -107,23 +107,23 @@ async def append_turn(
     responses=documented(400, 401, 404, 409, 413, 422),
 )
 async def end_conversation(
-    conversation_id: ConversationId, body: ConversationEnd, session: SessionDep
+    conversation_id: ConversationId, body: ConversationEnd, conn: ConnectionDep
 ) -> ConversationPublic:
     """Set the final status and ended_at. 409 if it has already ended (`conversation_ended`)."""
-    return await service.end_conversation(session, conversation_id, body.status)
+    return await service.end_conversation(conn, conversation_id, body.status)
 
 
 @router.get("/{conversation_id}", response_model=ConversationDetail, responses=documented(404))
-async def get_conversation(conversation_id: ConversationId, session: SessionDep) -> Response:
+async def get_conversation(conversation_id: ConversationId, conn: ConnectionDep) -> Response:
     """The shared view: the conversation with its turns and their tool calls, in order. No key needed."""
-    document = await service.shared_view_json(session, conversation_id)
+    document = await service.shared_view_json(conn, conversation_id)
     return Response(document, media_type="application/json")
 
 
 @router.get("", dependencies=RequireApiKey, responses=documented(401, 422))
-async def list_conversations(query: Annotated[ConversationListQuery, Query()], session: SessionDep) -> ConversationPage:
+async def list_conversations(query: Annotated[ConversationListQuery, Query()], conn: ConnectionDep) -> ConversationPage:
     """A session's conversations, newest first, `limit` per page. Other query parameters are refused (422)."""
-    return await service.list_conversations(session, query.session_id, limit=query.limit, cursor=query.cursor)
+    return await service.list_conversations(conn, query.session_id, limit=query.limit, cursor=query.cursor)
 
 
 @router.delete(
@@ -132,6 +132,6 @@ async def list_conversations(query: Annotated[ConversationListQuery, Query()], s
     dependencies=RequireApiKey,
     responses=documented(401, 404),
 )
-async def delete_conversation(conversation_id: ConversationId, session: SessionDep) -> None:
+async def delete_conversation(conversation_id: ConversationId, conn: ConnectionDep) -> None:
     """Remove the conversation with its turns and tool calls."""
-    await service.delete_conversation(session, conversation_id)
+    await service.delete_conversation(conn, conversation_id)

@@ -1,4 +1,4 @@
-"""What routes depend on: the request's database session, settings, the API key check, conversation ids.
+"""What routes depend on: the request's database connection, settings, the API key check, conversation ids.
 
 All ``async def``, also those that do not await: FastAPI runs plain ``def`` dependencies in a
 worker thread, a hand-off that costs more than any of them.
@@ -9,41 +9,33 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
+import asyncpg
 from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import WithJsonSchema
 from pydantic.config import JsonDict
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from backend.api.errors import FaultLog, api_error
+from backend.api.errors import api_error
 from backend.config import Settings
+from backend.db.leases import Lease
+
+# Where RequestContext keeps the request's Lease in the ASGI scope.
+LEASE_SCOPE_KEY = "kraken.lease"
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request: committed if the handler succeeds, rolled back if it raises.
+async def get_connection(request: Request) -> asyncpg.Connection:
+    """The request's database connection, lent from the pool on first use (``backend.db.leases``).
 
-    The conversation service sends single statements straight through the session's asyncpg
-    connection (no BEGIN): each commits on its own, and joins the transaction when one is open.
+    Not a yield dependency: RequestContext gives it back after the response, which costs less than
+    FastAPI's exit stack; and each statement commits on its own, so there is nothing to commit first.
     """
-    factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
-    async with factory() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
-    faults: FaultLog = request.app.state.fault_log
-    faults.cleared()
+    lease: Lease = request.scope[LEASE_SCOPE_KEY]
+    return await lease.connection()
 
 
-# scope="function": commit before the response is sent. With FastAPI's default ("request") the
-# client could get 201 for a write that is not committed yet (or never will be), and a next
-# request could miss it.
-SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+ConnectionDep = Annotated[asyncpg.Connection, Depends(get_connection)]
 
 
 async def get_app_settings(request: Request) -> Settings:

@@ -180,9 +180,11 @@ class FaultLog:
             )
         self.answered += 1
 
-    def cleared(self) -> None:
-        """A request got its work done on the database: trouble, if any, is over."""
-        if self.trouble_since is None:
+    def cleared(self, since: float) -> None:
+        """A request got its work done on a connection it had from ``since`` (time.monotonic()):
+        trouble that started before that, if any, is over. (A request that had its connection
+        earlier may have finished its work before the trouble began.)"""
+        if self.trouble_since is None or since < self.trouble_since:
             return
         lasted, self.trouble_since = time.monotonic() - self.trouble_since, None
         logger.warning(

@@ -10,7 +10,9 @@ from starlette.datastructures import Headers
 from starlette.middleware.body_limit import RequestBodyLimitResponder
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from backend.api.errors import ErrorResponse
+from backend.api.deps import LEASE_SCOPE_KEY
+from backend.api.errors import ErrorResponse, FaultLog
+from backend.db.leases import Lease
 from backend.logs import request_id
 
 logger = logging.getLogger(__name__)
@@ -20,12 +22,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 class RequestContext:
-    """The outermost layer of the app: each request's id, and the last word on errors.
+    """The outermost layer of the app: each request's id, its database connection, and the last word on errors.
 
     The id is the client's ``X-Request-ID`` when it is a plain token, or a new one; it goes back
     in the response's ``X-Request-ID`` and into every log line written for the request. An
     exception nothing else answered is logged here, once, with its traceback, and answered with
     a JSON 500 that holds the id and no internals (not re-raised: the server would log it again).
+    The request's ``Lease`` (``backend.db.leases``) is ended here, after the response went out.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -38,12 +41,14 @@ class RequestContext:
         given = Headers(scope=scope).get("x-request-id", "")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id.set(rid)
-        started = False
+        state = scope["app"].state
+        lease = scope[LEASE_SCOPE_KEY] = Lease(state.lender)
+        status = 0  # none sent yet
 
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal status
             if message["type"] == "http.response.start":
-                started = True
+                status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(message)
 
@@ -51,10 +56,17 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         except Exception:
             logger.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
-            if not started:
+            if not status:
                 detail = [{"loc": [], "msg": f"internal error (request {rid})", "type": "internal_error"}]
                 await ErrorResponse({"detail": detail}, status_code=500)(scope, receive, send_with_id)
         finally:
+            if lease.used:
+                # 500, 503, 504: the request met a bug or a database fault on its connection.
+                succeeded = 0 < status < 500
+                await lease.end(succeeded)
+                if succeeded:
+                    faults: FaultLog = state.fault_log
+                    faults.cleared(since=lease.lent_at)  # the database did this request's work
             request_id.reset(token)
 
 

@@ -1,7 +1,7 @@
 """The OpenAPI document: what FastAPI generates from the routes, completed where it cannot see.
 
 - Operation ids are the route functions' names, so that links can name them.
-- Every operation can answer 500, and those that open a database session 503 and 504
+- Every operation can answer 500, and those that use a database connection 503 and 504
   (``documented`` says what each means).
 - Every response carries X-Request-ID, and every operation takes one.
 - FastAPI documents a 422 for any route with parameters; only routes that list 422 can answer it
@@ -21,7 +21,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
 
-from backend.api.deps import get_session
+from backend.api.deps import get_connection
 from backend.api.errors import DATABASE_FAULTS, documented
 
 REQUEST_ID = "X-Request-ID"
@@ -80,7 +80,7 @@ def _complete(route: RouteContext, operation: dict[str, Any]) -> None:
     if "422" in responses and 422 not in route.responses:
         del responses["422"]
     statuses = [500]
-    if _opens_session(route.dependant):
+    if _uses_database(route.dependant):
         statuses += sorted({code for code, _, _, _ in DATABASE_FAULTS.values()})
     for code, response in documented(*statuses).items():
         responses.setdefault(str(code), _as_openapi(response))
@@ -89,8 +89,8 @@ def _complete(route: RouteContext, operation: dict[str, Any]) -> None:
     operation.setdefault("parameters", []).append(_REQUEST_ID_PARAMETER)
 
 
-def _opens_session(dependant: Dependant) -> bool:
-    return any(sub.call is get_session or _opens_session(sub) for sub in dependant.dependencies)
+def _uses_database(dependant: Dependant) -> bool:
+    return any(sub.call is get_connection or _uses_database(sub) for sub in dependant.dependencies)
 
 
 def _as_openapi(response: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Style: hand-written SQL, one statement per operation wherever possible: a turn with its tool calls
 and the conversation's totals is one statement (data-modifying CTEs), the shared view one query.
 Such a statement is atomic on its own, so it goes out through ``backend.db.statements``: one
-asyncpg statement on the request session's connection, no BEGIN and COMMIT round trips around it,
+asyncpg statement on the request's connection, no BEGIN and COMMIT round trips around it,
 inside the caller's transaction when one is open (tests roll theirs back). ``bench/write_path.py``
 compares this with the same SQL through SQLAlchemy ``text()``, and with one statement per row.
 The only multi-statement operation, delete, runs its two statements in one transaction.
@@ -25,7 +25,6 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 import asyncpg
 from pydantic import BaseModel
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.conversations.errors import (
     ConversationEnded,
@@ -273,18 +272,18 @@ def _check_replay(prior_fingerprint: bytes, body: BaseModel) -> None:
 
 
 async def create_conversation(
-    session: AsyncSession, data: ConversationCreate, *, idempotency_key: str | None = None
+    conn: asyncpg.Connection, data: ConversationCreate, *, idempotency_key: str | None = None
 ) -> Recorded[ConversationPublic]:
     params = dict(data.model_dump(), idempotency_key=idempotency_key, idempotency_fingerprint=None)
     if idempotency_key is not None:
         params["idempotency_fingerprint"] = fingerprint(data)
     try:
-        row = await fetch_one(session, CREATE, **params)
+        row = await fetch_one(conn, CREATE, **params)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != CONVERSATION_KEY_INDEX:
             raise
         # Another attempt with this key committed first (both found no conversation under it).
-        row = await fetch_one(session, PRIOR_CONVERSATION, idempotency_key=idempotency_key)
+        row = await fetch_one(conn, PRIOR_CONVERSATION, idempotency_key=idempotency_key)
     assert row is not None  # INSERT ... RETURNING, or the row that took the key
     if row["prior_fingerprint"] is not None:
         _check_replay(row["prior_fingerprint"], data)
@@ -316,7 +315,7 @@ def store_tool_result(result: Any, max_bytes: int) -> tuple[Any, str, bool]:
 
 
 async def append_turn(
-    session: AsyncSession,
+    conn: asyncpg.Connection,
     conversation_id: uuid.UUID,
     turn: TurnCreate,
     *,
@@ -338,20 +337,20 @@ async def append_turn(
         results_truncated=[truncated for _, _, truncated in stored],
     )
     try:
-        row = await fetch_one(session, APPEND, **params)
+        row = await fetch_one(conn, APPEND, **params)
     except asyncpg.IntegrityConstraintViolationError as exc:
         if exc.constraint_name != TURN_KEY_INDEX:
             # Only a constraint this code does not check for can get here (one added to the
             # database later, or rows that predate the service); the statement stored nothing.
             raise TurnRejected(exc.constraint_name) from None
         # Another attempt with this key committed first (both found no turn under it).
-        row = await fetch_one(session, PRIOR_TURN, conversation_id=conversation_id, idempotency_key=idempotency_key)
+        row = await fetch_one(conn, PRIOR_TURN, conversation_id=conversation_id, idempotency_key=idempotency_key)
         assert row is not None  # the turn that took the key
     if row is None:
-        await _explain_refused_append(session, conversation_id, turn)
+        await _explain_refused_append(conn, conversation_id, turn)
     if row["prior_fingerprint"] is not None:
         _check_replay(row["prior_fingerprint"], turn)
-        return Recorded(await _stored_turn(session, row["id"]), replayed=True)
+        return Recorded(await _stored_turn(conn, row["id"]), replayed=True)
     return Recorded(
         TurnPublic(
             id=row["id"],
@@ -377,14 +376,14 @@ async def append_turn(
     )
 
 
-async def _stored_turn(session: AsyncSession, turn_id: uuid.UUID) -> TurnPublic:
-    row = await fetch_one(session, STORED_TURN, id=turn_id)
+async def _stored_turn(conn: asyncpg.Connection, turn_id: uuid.UUID) -> TurnPublic:
+    row = await fetch_one(conn, STORED_TURN, id=turn_id)
     assert row is not None  # it holds the key it was just found by; turns are only deleted with their conversation
     return TurnPublic.model_validate_json(row[0])
 
 
-async def _explain_refused_append(session: AsyncSession, conversation_id: uuid.UUID, turn: TurnCreate) -> NoReturn:
-    state = await fetch_one(session, CONVERSATION_STATE, id=conversation_id)
+async def _explain_refused_append(conn: asyncpg.Connection, conversation_id: uuid.UUID, turn: TurnCreate) -> NoReturn:
+    state = await fetch_one(conn, CONVERSATION_STATE, id=conversation_id)
     if state is None:
         raise ConversationNotFound()
     if state["status"] != "active" or state["ended_at"] is not None:
@@ -396,19 +395,21 @@ async def _explain_refused_append(session: AsyncSession, conversation_id: uuid.U
     raise TotalsFull("total_cost_usd", MAX_TOTAL_COST_USD)
 
 
-async def end_conversation(session: AsyncSession, conversation_id: uuid.UUID, status: EndStatus) -> ConversationPublic:
-    row = await fetch_one(session, END, id=conversation_id, status=status)
+async def end_conversation(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, status: EndStatus
+) -> ConversationPublic:
+    row = await fetch_one(conn, END, id=conversation_id, status=status)
     if row is not None:
         return _conversation(row)
-    state = await fetch_one(session, CONVERSATION_STATE, id=conversation_id)
+    state = await fetch_one(conn, CONVERSATION_STATE, id=conversation_id)
     if state is None:
         raise ConversationNotFound()
     raise ConversationEnded(state["status"])
 
 
-async def shared_view_json(session: AsyncSession, conversation_id: uuid.UUID) -> str:
+async def shared_view_json(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> str:
     """The conversation with its turns and their tool calls, in order, as JSON text."""
-    row = await fetch_one(session, SHARED_VIEW, id=conversation_id)
+    row = await fetch_one(conn, SHARED_VIEW, id=conversation_id)
     if row is None:
         raise ConversationNotFound()
     document: str = row[0]
@@ -438,16 +439,16 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
 
 
 async def list_conversations(
-    session: AsyncSession, session_id: str, *, limit: int, cursor: str | None
+    conn: asyncpg.Connection, session_id: str, *, limit: int, cursor: str | None
 ) -> ConversationPage:
     """Newest first; keyset pagination on (started_at, id), so pages never skip or repeat rows."""
     params: dict[str, Any] = {"session_id": session_id, "limit": limit + 1}
     position = None if cursor is None else decode_cursor(cursor)
     if position is None:
-        rows = await fetch_all(session, LIST_FIRST, **params)
+        rows = await fetch_all(conn, LIST_FIRST, **params)
     else:
         params["started_at"], params["id"] = position
-        rows = await fetch_all(session, LIST_AFTER, **params)
+        rows = await fetch_all(conn, LIST_AFTER, **params)
     items = [_conversation(row) for row in rows[:limit]]
     more = len(rows) > limit
     return ConversationPage(
@@ -455,17 +456,17 @@ async def list_conversations(
     )
 
 
-async def usage(session: AsyncSession, start: datetime, end: datetime, group_by: UsageGrouping) -> UsageReport:
+async def usage(conn: asyncpg.Connection, start: datetime, end: datetime, group_by: UsageGrouping) -> UsageReport:
     """Turns, tokens and cost of the turns created in [start, end), per model or per UTC day."""
-    rows = await fetch_all(session, USAGE[group_by], start=start, end=end)
+    rows = await fetch_all(conn, USAGE[group_by], start=start, end=end)
     return UsageReport(
         start=start, end=end, group_by=group_by, groups=[UsageGroup.model_validate(dict(r)) for r in rows]
     )
 
 
-async def delete_conversation(session: AsyncSession, conversation_id: uuid.UUID) -> None:
+async def delete_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> None:
     """Remove the conversation, its turns and their tool calls (two statements, one transaction)."""
-    async with transaction(session):
-        if await fetch_one(session, LOCK, id=conversation_id) is None:
+    async with transaction(conn):
+        if await fetch_one(conn, LOCK, id=conversation_id) is None:
             raise ConversationNotFound()
-        await execute(session, DELETE, id=conversation_id)
+        await execute(conn, DELETE, id=conversation_id)

@@ -1,8 +1,8 @@
 """The one query path of domain SQL: statements written with ``:name`` parameters, sent by asyncpg.
 
-A single statement goes out as one asyncpg statement on the session's connection: no BEGIN and
-COMMIT round trips around it (a statement is atomic on its own), and inside the caller's
-transaction when one is open (tests roll theirs back). Several statements that must hold
+A single statement goes out as one asyncpg statement on the request's connection
+(``backend.db.leases``): no BEGIN and COMMIT round trips around it (a statement is atomic on its
+own), and inside the caller's transaction when one is open (tests roll theirs back). Several statements that must hold
 together run in ``transaction()``.
 """
 
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db.errors import ConnectionLost, StatementTimeout, first_line, request_fault
 
@@ -46,60 +45,65 @@ class Statement:
         return [params[name] for name in self.names]
 
 
-async def driver(session: AsyncSession) -> asyncpg.Connection:
-    """The asyncpg connection under the session: checked out (and pinged) by the pool as usual."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    conn: asyncpg.Connection = raw.driver_connection
-    return conn
+async def _run(conn: asyncpg.Connection, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    """Run ``statement`` on ``conn``; a connection it leaves in doubt is not pooled again.
 
-
-async def _run(session: AsyncSession, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run ``statement`` on the session's connection; a connection it leaves in doubt is not pooled again.
-
-    The statement goes to asyncpg directly, past SQLAlchemy's error handling, which would otherwise
-    invalidate a connection that failed under it. A connection the server closed, one whose
-    statement timed out (asyncpg cancels it and raises TimeoutError), and one that failed other
-    than with a server's error are invalidated here: the pool opens a new one for the next request.
+    A connection the server closed, one whose statement timed out (asyncpg cancels it and raises
+    TimeoutError), and one that failed other than with a server's error are closed here: the
+    lease gives a closed connection back as invalid, and the pool opens a new one for the next
+    request.
     """
-    connection = await session.connection()
-    conn: asyncpg.Connection = (await connection.get_raw_connection()).driver_connection
     try:
         return await statement(conn)
     except TimeoutError:
-        # Only the statement is awaited here (the connection was checked out above), so this is
-        # the statement's timeout, never a connection attempt's.
-        await connection.invalidate()
+        # Only the statement is awaited here (the connection was lent before), so this is the
+        # statement's timeout, never a connection attempt's.
+        await _close(conn)
         raise StatementTimeout() from None
     except Exception as exc:
-        if conn.is_closed():
+        if conn.is_closed() or _still_reading_a_farewell(exc):
             # The server went away: whatever asyncpg made of it (a connection error, or a protocol
             # still waiting on a server that sent its last message), the request met an outage.
-            await connection.invalidate()
+            conn.terminate()
             raise ConnectionLost(first_line(exc)) from exc
         if not isinstance(exc, asyncpg.PostgresError) or request_fault(exc) == "unavailable":
-            await connection.invalidate()
+            await _close(conn)
         raise
 
 
-async def fetch_one(session: AsyncSession, statement: Statement, **params: Any) -> asyncpg.Record | None:
-    return await _run(session, lambda conn: conn.fetchrow(statement.sql, *statement.args(params)))
+async def _close(conn: asyncpg.Connection) -> None:
+    """Close a connection in doubt politely: the cancellation asyncpg sent for a timed-out statement
+    reaches the server first, so the statement stops there too (a lock wait included); a
+    connection that cannot say goodbye within 2 s is dropped."""
+    try:
+        await conn.close(timeout=2)
+    except Exception:
+        conn.terminate()
 
 
-async def fetch_all(session: AsyncSession, statement: Statement, **params: Any) -> list[asyncpg.Record]:
-    return list(await _run(session, lambda conn: conn.fetch(statement.sql, *statement.args(params))))
+def _still_reading_a_farewell(exc: Exception) -> bool:
+    """A pooled connection the server ended while it sat idle (a FATAL sent at shutdown): asyncpg
+    is still reading that error when the next statement comes, a moment before the socket closes."""
+    return isinstance(exc, asyncpg.InterfaceError) and "another operation is in progress" in str(exc)
 
 
-async def execute(session: AsyncSession, statement: Statement, **params: Any) -> str:
+async def fetch_one(conn: asyncpg.Connection, statement: Statement, **params: Any) -> asyncpg.Record | None:
+    return await _run(conn, lambda conn: conn.fetchrow(statement.sql, *statement.args(params)))
+
+
+async def fetch_all(conn: asyncpg.Connection, statement: Statement, **params: Any) -> list[asyncpg.Record]:
+    return list(await _run(conn, lambda conn: conn.fetch(statement.sql, *statement.args(params))))
+
+
+async def execute(conn: asyncpg.Connection, statement: Statement, **params: Any) -> str:
     """Run a statement that returns no rows; its command tag (``DELETE 1``)."""
-    status: str = await _run(session, lambda conn: conn.execute(statement.sql, *statement.args(params)))
+    status: str = await _run(conn, lambda conn: conn.execute(statement.sql, *statement.args(params)))
     return status
 
 
 @asynccontextmanager
-async def transaction(session: AsyncSession) -> AsyncIterator[None]:
+async def transaction(conn: asyncpg.Connection) -> AsyncIterator[None]:
     """Run the block's statements in one transaction: the caller's when one is open, else one of its own."""
-    conn = await driver(session)
     if conn.is_in_transaction():
         yield
         return

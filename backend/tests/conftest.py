@@ -17,7 +17,7 @@ import httpx
 import pytest
 from alembic.config import Config
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from backend.config import Settings
 from backend.db.admin import create_database, drop_databases
@@ -27,7 +27,7 @@ from backend.db.url import DatabaseTarget, parse_database_url
 from backend.main import create_app
 from backend.migrations.revisions import alembic_config as script_config
 from backend.migrations.runner import run_migrations
-from backend.tests.helpers import API_KEY, AUTH, RUN_ID, url_of
+from backend.tests.helpers import API_KEY, AUTH, RUN_ID, SavepointLender, driver_of, url_of
 
 DatabaseFactory = Callable[[], DatabaseTarget]
 
@@ -128,6 +128,9 @@ async def db_connection(migrated_db: DatabaseTarget) -> AsyncIterator[AsyncConne
     try:
         async with engine.connect() as connection:
             transaction = await connection.begin()
+            # SQLAlchemy's asyncpg adapter sends BEGIN with its first statement; the service's
+            # statements go to asyncpg directly, and must find the transaction open.
+            await connection.exec_driver_sql("SELECT 1")
             try:
                 yield connection
             finally:
@@ -142,18 +145,11 @@ def api_settings(migrated_db: DatabaseTarget, settings_for: Callable[..., Settin
 
 
 @pytest.fixture
-def app(db_connection: AsyncConnection, api_settings: Settings) -> FastAPI:
-    """The app on the test's transaction.
-
-    The real get_session runs, on sessions joined to that transaction: their commits release a
-    savepoint and their rollbacks return to it, so requests behave as in production and the
-    test leaves nothing behind. (Replacing the session factory keeps get_session itself under
-    test, which overriding the dependency would not.)
-    """
+async def app(db_connection: AsyncConnection, api_settings: Settings) -> FastAPI:
+    """The app on the test's transaction: the real request path (RequestContext's lease, the
+    service's statements), with connections lent by a SavepointLender instead of the pool."""
     application = create_app(api_settings)
-    application.state.session_factory = async_sessionmaker(
-        bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-    )
+    application.state.lender = SavepointLender(await driver_of(db_connection))
     return application
 
 

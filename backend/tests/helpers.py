@@ -399,3 +399,34 @@ def assert_schema_002(db: DatabaseTarget) -> None:
     assert {key: definition for key, (definition, _) in found.items()} == EXPECTED_CONSTRAINTS
     assert all(validated for _, validated in found.values())
     assert indexes(db) == {name: (columns, True) for name, columns in EXPECTED_INDEXES.items()}
+
+
+# --- the request path on a test's transaction ------------------------------------------------
+
+
+class SavepointLender:
+    """Lends the test's connection, each request in a savepoint of the test's transaction: a
+    request that fails rolls back to it, as a failed statement does in production, and the test
+    leaves nothing behind."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self.connection = connection
+
+    async def lend(self) -> SavepointLender:
+        await self.connection.execute("SAVEPOINT request")
+        return self
+
+    async def give_back(self, succeeded: bool) -> None:
+        if succeeded:
+            try:
+                await self.connection.execute("RELEASE SAVEPOINT request")
+                return
+            except asyncpg.InFailedSQLTransactionError:
+                pass  # a statement failed and the request answered anyway (a handled unique violation)
+        await self.connection.execute("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
+
+
+async def driver_of(connection: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a SQLAlchemy one."""
+    driver: asyncpg.Connection = (await connection.get_raw_connection()).driver_connection
+    return driver

@@ -7,14 +7,13 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from sqlalchemy import text
 from starlette.types import Message
 
 from backend.conversations import service
 from backend.conversations.schemas import TurnCreate
-from backend.db.engine import connect, create_session_factory
+from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
-from backend.main import create_app, create_service_engine
+from backend.main import create_app
 from backend.tests.helpers import API_KEY, CONVERSATION, new_conversation, turn_body
 
 
@@ -80,26 +79,24 @@ async def test_ending_while_appending_keeps_totals_equal_to_the_stored_turns(liv
     assert len(view["turns"]) == accepted
 
 
-async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(live_client, live_db, settings_for):
+async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(live_client, live_db):
     """The append commits while the delete waits for it: the delete must still leave no turn behind."""
     conversation = await new_conversation(live_client)
     conversation_id = uuid.UUID(conversation["id"])
-    engine = create_service_engine(live_db, settings_for(live_db))
+    in_flight = await connect(live_db)
     try:
-        async with create_session_factory(engine)() as in_flight:
-            # An open transaction, which the append's statement joins: its row lock is held until
-            # the commit below, the widest window a real append (one statement) leaves open.
-            await in_flight.execute(text("SELECT 1"))
+        # An open transaction, which the append's statement joins: its row lock is held until
+        # the commit below, the widest window a real append (one statement) leaves open.
+        async with in_flight.transaction():
             recorded = await service.append_turn(
                 in_flight, conversation_id, TurnCreate.model_validate(turn_body()), tool_result_max_bytes=10240
             )
             turn = recorded.value
             delete = asyncio.create_task(live_client.delete(f"/conversations/{conversation['id']}"))
             await _until_a_query_waits_for_a_lock(live_db)
-            await in_flight.commit()
         response = await delete
     finally:
-        await engine.dispose()
+        await in_flight.close()
 
     assert response.status_code == 204, response.text
     assert await fetch(live_db, "SELECT 1 FROM kraken_conversations WHERE id = $1", conversation_id) == []

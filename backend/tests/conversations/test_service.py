@@ -4,13 +4,13 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.conversations import errors, service
 from backend.conversations.schemas import (
@@ -23,9 +23,9 @@ from backend.conversations.schemas import (
     dumps,
 )
 from backend.db import engine as db_engine
-from backend.db.engine import create_session_factory
+from backend.db.leases import Lease, PoolLender
 from backend.main import create_service_engine
-from backend.tests.helpers import CONVERSATION, rows, turn_body
+from backend.tests.helpers import CONVERSATION, driver_of, rows, turn_body
 
 # --- store_tool_result ---------------------------------------------------------------------
 
@@ -106,9 +106,9 @@ def test_a_cursor_not_of_the_documented_form_is_refused(cursor):
 
 
 @pytest.fixture
-async def session(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
-    async with AsyncSession(bind=db_connection, join_transaction_mode="create_savepoint") as s:
-        yield s
+async def conn(db_connection: AsyncConnection) -> asyncpg.Connection:
+    """The test's connection as the service gets it: asyncpg's, inside the test's transaction."""
+    return await driver_of(db_connection)
 
 
 TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE")
@@ -134,22 +134,22 @@ async def statements(db_connection: AsyncConnection) -> list[str]:
     return sent
 
 
-async def _conversation(session: AsyncSession) -> uuid.UUID:
-    return (await service.create_conversation(session, ConversationCreate.model_validate(CONVERSATION))).value.id
+async def _conversation(conn: asyncpg.Connection) -> uuid.UUID:
+    return (await service.create_conversation(conn, ConversationCreate.model_validate(CONVERSATION))).value.id
 
 
-async def _append(session: AsyncSession, conversation_id: uuid.UUID) -> TurnPublic:
+async def _append(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> TurnPublic:
     turn = TurnCreate.model_validate(turn_body())
-    return (await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)).value
+    return (await service.append_turn(conn, conversation_id, turn, tool_result_max_bytes=10240)).value
 
 
-async def test_a_turn_with_its_tool_calls_and_totals_is_one_statement(session, statements):
-    conversation_id = await _conversation(session)
-    await _append(session, conversation_id)  # asyncpg learns jsonb[] once per connection
+async def test_a_turn_with_its_tool_calls_and_totals_is_one_statement(conn, statements):
+    conversation_id = await _conversation(conn)
+    await _append(conn, conversation_id)  # asyncpg learns jsonb[] once per connection
     await logged()
     statements.clear()
 
-    turn = await _append(session, conversation_id)
+    turn = await _append(conn, conversation_id)
 
     await logged()
     assert statements == [service.APPEND.sql]
@@ -166,31 +166,31 @@ async def test_the_service_path_sends_one_statement_and_no_begin_or_commit(live_
         "connect",
         lambda conn, _: conn.driver_connection.add_query_logger(lambda q: sent.append(q.query)),
     )
-    sessions = create_session_factory(engine)
+    lender = PoolLender(engine)
     try:
-        async with sessions() as session:  # a fresh connection: not pinged, learns jsonb[]
-            conversation_id = await _conversation(session)
-            await _append(session, conversation_id)
-            await session.commit()
+        lease = Lease(lender)  # a fresh connection: not pinged, learns jsonb[]
+        conversation_id = await _conversation(await lease.connection())
+        await _append(await lease.connection(), conversation_id)
+        await lease.end(succeeded=True)
         await logged()
         sent.clear()
-        async with sessions() as session:  # what a request's session does
-            await _append(session, conversation_id)
-            await session.commit()
+        lease = Lease(lender)  # what a request's lease does
+        await _append(await lease.connection(), conversation_id)
+        await lease.end(succeeded=True)
         await logged()
     finally:
         await engine.dispose()
     assert sent == [service.APPEND.sql]
 
 
-async def test_the_shared_view_is_one_statement_with_exactly_the_schema_fields(session, statements):
-    conversation_id = await _conversation(session)
+async def test_the_shared_view_is_one_statement_with_exactly_the_schema_fields(conn, statements):
+    conversation_id = await _conversation(conn)
     for _ in range(2):
-        await _append(session, conversation_id)
+        await _append(conn, conversation_id)
     await logged()
     statements.clear()
 
-    document = await service.shared_view_json(session, conversation_id)
+    document = await service.shared_view_json(conn, conversation_id)
 
     await logged()
     assert statements == [service.SHARED_VIEW.sql]
@@ -201,17 +201,17 @@ async def test_the_shared_view_is_one_statement_with_exactly_the_schema_fields(s
     assert ConversationDetail.model_validate_json(document).turns[1].turn_number == 2
 
 
-async def test_appending_to_an_unknown_or_ended_conversation_raises(session):
+async def test_appending_to_an_unknown_or_ended_conversation_raises(conn):
     turn = TurnCreate.model_validate(turn_body())
     with pytest.raises(errors.ConversationNotFound):
-        await service.append_turn(session, uuid.uuid4(), turn, tool_result_max_bytes=10240)
-    conversation_id = await _conversation(session)
-    await service.end_conversation(session, conversation_id, "error")
+        await service.append_turn(conn, uuid.uuid4(), turn, tool_result_max_bytes=10240)
+    conversation_id = await _conversation(conn)
+    await service.end_conversation(conn, conversation_id, "error")
     with pytest.raises(errors.ConversationEnded, match="status error"):
-        await service.append_turn(session, conversation_id, turn, tool_result_max_bytes=10240)
+        await service.append_turn(conn, conversation_id, turn, tool_result_max_bytes=10240)
 
 
-async def test_delete_removes_children_without_relying_on_cascades(session, db_connection):
+async def test_delete_removes_children_without_relying_on_cascades(conn, db_connection):
     # Put the foreign keys back as revision 001 made them, without ON DELETE CASCADE (in this
     # test's transaction only): this passes only if the service deletes every level itself.
     for table, column, parent in (
@@ -222,17 +222,17 @@ async def test_delete_removes_children_without_relying_on_cascades(session, db_c
             f"ALTER TABLE {table} DROP CONSTRAINT {table}_{column}_fkey,"
             f" ADD CONSTRAINT {table}_{column}_fkey FOREIGN KEY ({column}) REFERENCES {parent} (id)"
         )
-    conversation_id = await _conversation(session)
-    turn = await _append(session, conversation_id)
+    conversation_id = await _conversation(conn)
+    turn = await _append(conn, conversation_id)
 
-    await service.delete_conversation(session, conversation_id)
+    await service.delete_conversation(conn, conversation_id)
 
     assert await rows(db_connection, "SELECT 1 FROM kraken_tool_calls WHERE turn_id = :id", id=turn.id) == []
     assert await rows(db_connection, "SELECT 1 FROM kraken_turns WHERE id = :id", id=turn.id) == []
     with pytest.raises(errors.ConversationNotFound):
-        await service.delete_conversation(session, conversation_id)
+        await service.delete_conversation(conn, conversation_id)
 
 
-async def test_usage_of_an_empty_window_has_no_groups(session):
-    report = await service.usage(session, datetime(1990, 1, 1), datetime(1990, 1, 2), "day")
+async def test_usage_of_an_empty_window_has_no_groups(conn):
+    report = await service.usage(conn, datetime(1990, 1, 1), datetime(1990, 1, 2), "day")
     assert report.groups == []

@@ -1,0 +1,103 @@
+"""A request's database connection: lent on its first statement, given back when the request ends.
+
+Requests use the pooled asyncpg connection itself, without an ORM session or a SQLAlchemy
+``Connection`` around it: every statement the service sends goes to asyncpg directly
+(``backend.db.statements``) and commits on its own, so a request has nothing to commit or roll
+back at its end, only a connection to return. The pool stays SQLAlchemy's (bounded, with
+overflow, a checkout timeout that answers 503, a liveness check on checkout); what goes is the
+session and connection machinery set up and torn down around every request.
+
+``RequestContext`` (the outermost middleware) holds one ``Lease`` per request and ends it after
+the response is sent; routes reach the connection through ``backend.api.deps.ConnectionDep``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import asyncpg
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+
+class Lent(Protocol):
+    """A connection out of its lender, and how it goes back."""
+
+    connection: asyncpg.Connection
+
+    async def give_back(self, succeeded: bool) -> None:
+        """Return the connection; ``succeeded``: the request ended without a server or database error."""
+
+
+class Lender(Protocol):
+    async def lend(self) -> Lent: ...
+
+
+class _Pooled:
+    __slots__ = ("_fairy", "connection")
+
+    def __init__(self, fairy: Any) -> None:
+        self._fairy = fairy
+        self.connection: asyncpg.Connection = fairy.driver_connection
+
+    async def give_back(self, succeeded: bool) -> None:
+        # A connection that closed, or that a failed statement left in doubt (statements.py
+        # terminates those), leaves the pool now rather than failing the next checkout's check.
+        # Both run the pool's sync code, which may await the driver: hence greenlet_spawn.
+        if self.connection.is_closed():
+            await greenlet_spawn(self._fairy.invalidate)
+        else:
+            await greenlet_spawn(self._fairy.close)
+
+
+class PoolLender:
+    """Lends connections from the service engine's pool: its size, overflow, checkout timeout and checks."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._pool = engine.sync_engine.pool
+        self._dialect = engine.dialect
+
+    async def lend(self) -> Lent:
+        try:
+            return _Pooled(await greenlet_spawn(self._pool.connect))
+        except self._dialect.loaded_dbapi.Error as exc:
+            # The dialect's adapter wraps the driver's connect errors in its own DB-API classes;
+            # wrapped once more as the engine would (DBAPIError, the driver's error as the cause),
+            # backend.db.errors reads them as it reads every other.
+            raise DBAPIError.instance(None, None, exc, self._dialect.loaded_dbapi.Error, dialect=self._dialect) from exc
+
+
+class NotStarted:
+    """The lender of an app whose lifespan has not started: it has no engine yet."""
+
+    async def lend(self) -> Lent:
+        raise RuntimeError("no database connections before the app's lifespan has started")
+
+
+class Lease:
+    """One request's claim on a connection: taken on first use, so a request that sends no
+    statement (a validation error, /health) never waits for the pool."""
+
+    __slots__ = ("_lender", "_lent", "lent_at")
+
+    def __init__(self, lender: Lender) -> None:
+        self._lender = lender
+        self._lent: Lent | None = None
+        self.lent_at = 0.0  # time.monotonic() when the connection was lent
+
+    async def connection(self) -> asyncpg.Connection:
+        if self._lent is None:
+            self._lent = await self._lender.lend()
+            self.lent_at = time.monotonic()
+        return self._lent.connection
+
+    @property
+    def used(self) -> bool:
+        return self._lent is not None
+
+    async def end(self, succeeded: bool) -> None:
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            await lent.give_back(succeeded)
