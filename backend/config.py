@@ -6,6 +6,7 @@ names the variable and the problem, never a value that could hold a password.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_format: LogFormat = "text"
+    # Processes serving requests under `kraken-backend`: one per CPU this process may run on.
+    workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1, le=512)
+    # Seconds requests in flight get to finish after SIGTERM before they are cut off.
+    shutdown_grace: int = Field(default=20, ge=0, le=3600)
 
     # Unprefixed names: these are the conventional variables deployments already set.
     database_url: SecretStr | None = Field(default=None, validation_alias="DATABASE_URL")

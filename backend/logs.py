@@ -19,7 +19,8 @@ LogFormat = Literal["text", "json"]
 # The id of the request being handled (set by backend.api.middleware.RequestContext).
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# With the process id: under `kraken-backend` several worker processes write to one stream.
+TEXT_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s [%(request_id)s] %(message)s"
 # uvicorn configures these itself (with handlers of their own) before it imports the app.
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
@@ -33,11 +34,12 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, request_id, message, and the traceback if any."""
+    """One JSON object per line: time, pid, level, logger, request_id, message, and the traceback if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "pid": record.process,
             "level": record.levelname,
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),

@@ -1,14 +1,16 @@
-"""The FastAPI application and the ``kraken-backend`` command that serves it."""
+"""The FastAPI application (``uvicorn backend.main:app``; ``kraken-backend`` serves it: backend/serve.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-import sys
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -78,12 +80,41 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.schema_status = status
     app.state.engine = engine
     app.state.lender = PoolLender(engine)
+    app.state.draining = False
+    restore_sigterm = _drain_on_sigterm(app)
     try:
         yield
     finally:
+        restore_sigterm()
         await engine.dispose()
         if settings.database_url is None:
             await asyncio.to_thread(release_servers)
+
+
+def _drain_on_sigterm(app: FastAPI) -> Callable[[], None]:
+    """On SIGTERM, /ready answers 503 from then on, before the server's own handler starts its
+    graceful shutdown: it stops accepting, lets requests in flight finish (within
+    KRAKEN_SHUTDOWN_GRACE under ``kraken-backend``, ``--timeout-graceful-shutdown`` under uvicorn),
+    then the lifespan closes the pool."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signals reach the main thread only (a test's server in a thread)
+    server_handler = signal.getsignal(signal.SIGTERM)
+
+    def drain(signum: int, frame: FrameType | None) -> None:
+        if not app.state.draining:
+            app.state.draining = True
+            # A fresh context: the handler runs inside whatever code the signal interrupted,
+            # perhaps a request's, whose id this line is not about.
+            contextvars.Context().run(logger.info, "SIGTERM: draining; /ready answers 503 until this process exits")
+        if callable(server_handler):
+            server_handler(signum, frame)
+
+    signal.signal(signal.SIGTERM, drain)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, server_handler)
+
+    return restore
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -94,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is not None:
         application.state.settings = settings
     application.state.lender = NotStarted()  # the lifespan lends from the engine it creates
+    application.state.draining = False  # set by SIGTERM (the lifespan installs the handler)
     install_error_handlers(application)
     application.add_middleware(BodySizeLimit)
     application.add_middleware(RequestContext)  # outermost: its id is on every response and log line
@@ -103,29 +135,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 app = create_app()
-
-
-async def _serve(settings: Settings) -> int:
-    app.state.settings = settings
-    try:
-        app.state.schema_status = await prepare_schema(settings)
-    except STARTUP_ERRORS as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on", log_config=None)
-    server = uvicorn.Server(config)
-    await server.serve()
-    return 0 if server.started else 3
-
-
-def main() -> None:
-    """Entry point of `uv run kraken-backend`."""
-    configure_logging()  # text until the settings say otherwise; a bad setting is told in it
-    try:
-        settings = get_settings()
-        check_serving(settings)
-    except ConfigError as exc:
-        logger.error("cannot start: %s", exc)
-        sys.exit(2)
-    configure_logging(settings.log_format)
-    sys.exit(asyncio.run(_serve(settings)))

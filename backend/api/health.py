@@ -35,7 +35,7 @@ class Ready(BaseModel):
 
 class NotReady(BaseModel):
     status: Literal["unavailable"]
-    reason: Literal["database unreachable", "schema is not at head", "schema is ahead of this code"]
+    reason: Literal["database unreachable", "schema is not at head", "schema is ahead of this code", "shutting down"]
     revision: str | None = Field(None, description=f"{_REVISION} Absent when the database is unreachable.")
     head: list[str] = Field(description="This code's head revision(s).")
 
@@ -54,8 +54,9 @@ async def health(request: Request) -> Health:
         503: {
             # ErrorBody: no pooled connection was free in time (type database_busy).
             "model": NotReady | ErrorBody,
-            "description": "The database is unreachable, or its schema is not at this code's head (or is "
-            "ahead of it with KRAKEN_SCHEMA_AHEAD=refuse); or no pooled connection was free in time "
+            "description": "The process is shutting down (SIGTERM), the database is unreachable, or its schema "
+            "is not at this code's head (or is ahead of it with KRAKEN_SCHEMA_AHEAD=refuse); or no pooled "
+            "connection was free in time "
             "(the API's error shape, type `database_busy`, with Retry-After).",
             "headers": {"Retry-After": {**RETRY_AFTER, "required": False}},
         }
@@ -67,6 +68,8 @@ async def ready(request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     revisions = read_revisions()
     heads = sorted(revisions.heads)
+    if request.app.state.draining:  # SIGTERM: send new work elsewhere while requests in flight finish
+        return JSONResponse({"status": "unavailable", "reason": "shutting down", "head": heads}, 503)
     try:
         async with engine.connect() as conn:
             rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()

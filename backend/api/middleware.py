@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -54,6 +55,16 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if status or not state.draining:
+                raise
+            # Shutting down, past KRAKEN_SHUTDOWN_GRACE: the server cancelled the request. Whatever
+            # statement it was running is cancelled with it (nothing of it stays): the client may
+            # retry it, with its Idempotency-Key, against a process that is not going away.
+            logger.warning("cut off at shutdown: %s %s", scope.get("method"), scope.get("path"))
+            detail = [{"loc": [], "msg": "the service is shutting down; retry", "type": "shutting_down"}]
+            answer = ErrorResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
+            await answer(scope, receive, send_with_id)
         except Exception:
             logger.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
             if not status:

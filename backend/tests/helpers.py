@@ -227,6 +227,9 @@ class Service:
     """`kraken-backend` (or ``command``) in a child process, its output collected line by line as it comes."""
 
     def __init__(self, env: dict[str, str], command: list[str] | None = None) -> None:
+        # One process unless a test asks for workers: they cost seconds to start and are what
+        # backend/tests/test_workers.py is about.
+        env = {"KRAKEN_WORKERS": "1", **env}
         self.process = subprocess.Popen(
             command or [SERVICE], cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -92,7 +92,7 @@ def test_bad_settings_name_the_variable(
 )
 def test_service_refuses_bad_configuration_with_one_line(env: dict[str, str], fragment: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "from backend.main import main; main()"],
+        [sys.executable, "-c", "from backend.serve import main; main()"],
         env=child_env(None, **env),
         capture_output=True,
         text=True,

@@ -32,13 +32,13 @@ def test_kraken_backend_logs_every_line_as_json_with_request_ids(empty_db: Datab
         request(port, "/health", "probe-1")
         output = running.stop()
     lines = json_lines(output)  # every line parses: no second format
-    assert {"time", "level", "logger", "request_id", "message"} <= set(lines[0])
+    assert {"time", "pid", "level", "logger", "request_id", "message"} <= set(lines[0])
     assert any(
         line["logger"] == "backend.migrations.runner" and "applied revision 001" in line["message"] for line in lines
     )
     [access] = [line for line in lines if line["logger"] == "uvicorn.access" and "probe-1" == line["request_id"]]
     assert '"GET /health HTTP/1.1" 200' in access["message"]
-    assert all(line["request_id"] == "-" for line in lines if line["logger"] != "uvicorn.access")
+    assert [line for line in lines if line["logger"] != "uvicorn.access" and line["request_id"] != "-"] == []
 
 
 def test_uvicorn_serving_the_app_logs_as_kraken_backend_does(empty_db: DatabaseTarget) -> None:

@@ -1,0 +1,133 @@
+"""The ``kraken-backend`` command: prepare the schema once, then serve from KRAKEN_WORKERS processes.
+
+One process (``KRAKEN_WORKERS=1``) serves the app in itself. More: this process binds the
+socket, prepares the schema, and supervises that many worker processes (uvicorn's supervisor:
+a worker that dies is replaced), each importing ``backend.main:app`` and accepting on the
+shared socket. Workers only read the schema's status: the migrations ran here, once, instead of
+N processes queueing on the migration lock.
+
+This module imports the app only once the environment is set for the workers: prometheus-client
+decides at import whether its values live in memory or in ``PROMETHEUS_MULTIPROC_DIR``, where
+the workers' series (and the migration facts recorded here) are summed for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from typing import Any
+
+import uvicorn
+import uvloop
+from uvicorn.supervisors import Multiprocess
+
+from backend.config import ConfigError, Settings, check_serving, get_settings
+from backend.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+APP = "backend.main:app"
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def main() -> None:
+    """Entry point of `uv run kraken-backend`."""
+    configure_logging()  # text until the settings say otherwise; a bad setting is told in it
+    try:
+        settings = get_settings()
+        check_serving(settings)
+    except ConfigError as exc:
+        logger.error("cannot start: %s", exc)
+        sys.exit(2)
+    configure_logging(settings.log_format)
+    sys.exit(serve(settings))
+
+
+def serve(settings: Settings) -> int:
+    """Prepare the schema, then serve until SIGTERM or SIGINT; the exit status."""
+    own_metrics_dir = None
+    if settings.workers > 1 and not os.environ.get(MULTIPROC_DIR):
+        own_metrics_dir = os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="kraken-metrics-")
+    try:
+        return _serve(settings)
+    finally:
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+def _serve(settings: Settings) -> int:
+    # Imported here, after the environment is set (see the module's docstring).
+    from backend.db.embedded import release_servers
+    from backend.main import STARTUP_ERRORS, app, prepare_schema
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            try:
+                status = runner.run(prepare_schema(settings))
+            except STARTUP_ERRORS as exc:
+                logger.error("cannot start: %s", exc)
+                return 1
+        if settings.workers == 1:
+            app.state.settings = settings
+            app.state.schema_status = status
+            server = uvicorn.Server(uvicorn_config(app, settings))
+            server.run()
+            return 0 if server.started else 3
+        # The workers read the settings from the environment, as this process did; the schema
+        # is prepared: they only read its status.
+        os.environ["KRAKEN_MIGRATE_ON_STARTUP"] = "off"
+        config = uvicorn_config(APP, settings, workers=settings.workers)
+        supervisor = Supervisor(config, [listening_socket(config)])
+        supervisor.run()
+        return 0
+    finally:
+        if settings.database_url is None:
+            release_servers()
+
+
+def uvicorn_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,  # backend.logs configures logging, in every process
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        # A worker's startup waits for the database (KRAKEN_DB_CONNECT_TIMEOUT) before it answers
+        # the supervisor's health check; uvicorn's default of 5 s would kill it meanwhile.
+        timeout_worker_healthcheck=max(60, int(settings.db_connect_timeout) + 10),
+        **options,
+    )
+
+
+def listening_socket(config: uvicorn.Config) -> socket.socket:
+    """The socket every worker accepts on, listening before any of them has started.
+
+    uvicorn's supervisor only binds it (each worker starts listening when it is up): until then
+    a client is refused, although the log says the server is running. Listening here, clients
+    queue in the backlog instead, and are served as soon as a worker is.
+    """
+    sock = config.bind_socket()
+    sock.listen(config.backlog)
+    return sock
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, which also stops listening the moment it is told to stop.
+
+    Its copy of the socket would otherwise keep accepting connections into the backlog while the
+    workers drain, and those clients would wait for nothing; closed, they are refused at once
+    and try another instance.
+    """
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
