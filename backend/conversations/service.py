@@ -37,6 +37,7 @@ from backend.conversations.errors import (
 )
 from backend.conversations.schemas import (
     CURSOR_PATTERN,
+    DEFAULT_VIEW_TURNS,
     MAX_TOTAL_COST_USD,
     MAX_TOTAL_TOKENS,
     MAX_TOTAL_TURNS,
@@ -186,8 +187,18 @@ STORED_TURN = Statement.of(f"SELECT {TURN_JSON}::text FROM kraken_turns t WHERE 
 
 # The shared view, rendered by PostgreSQL in one query: a conversation of hundreds of tool calls
 # goes out as the text PostgreSQL built, without being parsed and re-serialized in Python. Keys
-# and formats match schemas.ConversationDetail (a test holds them together).
+# and formats match schemas.ConversationDetail (a test holds them together). One page of turns:
+# up to :limit + 1 turns after :after_turn, read in order from the unique (conversation_id,
+# turn_number) index; the page is the first :limit, and the one more says whether another follows.
 SHARED_VIEW = Statement.of(f"""
+WITH page AS MATERIALIZED (
+    SELECT t.* FROM kraken_turns t
+    WHERE t.conversation_id = :id AND t.turn_number > CAST(:after_turn AS integer)
+    ORDER BY t.turn_number, t.id
+    LIMIT CAST(:limit AS integer) + 1
+), shown AS (
+    SELECT * FROM page ORDER BY turn_number, id LIMIT CAST(:limit AS integer)
+)
 SELECT json_build_object(
     'id', c.id, 'session_id', c.session_id, 'model', c.model,
     'system_prompt_hash', c.system_prompt_hash, 'agent_version', c.agent_version, 'status', c.status,
@@ -195,9 +206,10 @@ SELECT json_build_object(
     'ended_at', to_char(c.ended_at, {TIMESTAMP_FORMAT}),
     'total_turns', c.total_turns, 'total_tokens', c.total_tokens, 'total_cost_usd', c.total_cost_usd,
     'turns', COALESCE((
-        SELECT json_agg({TURN_JSON} ORDER BY t.turn_number, t.id)
-        FROM kraken_turns t WHERE t.conversation_id = c.id
-    ), CAST('[]' AS json))
+        SELECT json_agg({TURN_JSON} ORDER BY t.turn_number, t.id) FROM shown t
+    ), CAST('[]' AS json)),
+    'next_after_turn', CASE WHEN (SELECT count(*) FROM page) > CAST(:limit AS integer)
+        THEN (SELECT max(turn_number) FROM shown) END
 )::text
 FROM kraken_conversations c
 WHERE c.id = :id
@@ -406,9 +418,16 @@ async def end_conversation(session: AsyncSession, conversation_id: uuid.UUID, st
     raise ConversationEnded(state["status"])
 
 
-async def shared_view_json(session: AsyncSession, conversation_id: uuid.UUID) -> str:
-    """The conversation with its turns and their tool calls, in order, as JSON text."""
-    row = await fetch_one(session, SHARED_VIEW, id=conversation_id)
+async def shared_view_json(
+    session: AsyncSession,
+    conversation_id: uuid.UUID,
+    *,
+    after_turn: int = 0,
+    limit: int = DEFAULT_VIEW_TURNS,
+) -> str:
+    """The conversation with a page of its turns (``limit`` after turn ``after_turn``) and their tool
+    calls, in order, as JSON text."""
+    row = await fetch_one(session, SHARED_VIEW, id=conversation_id, after_turn=after_turn, limit=limit)
     if row is None:
         raise ConversationNotFound()
     document: str = row[0]
