@@ -7,18 +7,26 @@ names the variable and the problem, never a value that could hold a password.
 from __future__ import annotations
 
 import os
+import re
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from backend.db.embedded import embedded_database
 from backend.db.url import DatabaseTarget, DatabaseUrlError, parse_database_url
 from backend.logs import LogFormat
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# A web origin as browsers send it: scheme, host (a name, an IPv4 or a bracketed IPv6 address),
+# and a port when not the scheme's default; no path, not even "/".
+_ORIGIN = re.compile(
+    r"^https?://(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*|\[[0-9a-f:.]+\])"
+    r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?$"
+)
 
 
 class ConfigError(Exception):
@@ -70,6 +78,27 @@ class Settings(BaseSettings):
     tool_result_max_bytes: int = Field(default=10240, ge=256, le=16 * 1024 * 1024)
     # Request bodies over this many bytes are refused with 413 before they are parsed.
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+
+    # Browser pages on these origins may read the shared view (GET) across origins; "*": any origin.
+    # Comma-separated in the environment; none (the default): no CORS headers at all.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        origins = tuple(part.strip() for part in value.split(",") if part.strip())
+        if "*" in origins and len(origins) > 1:
+            raise ValueError("* (any origin) stands alone, without other origins")
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin.lower()):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port] without a path, "
+                    "like https://share.example.com, or * for any"
+                )
+        # Browsers send scheme and host in lower case; the comparison is exact.
+        return tuple(origin.lower() for origin in origins)
 
     @field_validator("database_url", "migrations_database_url", "api_key", mode="before")
     @classmethod

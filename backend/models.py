@@ -121,11 +121,25 @@ class Turn(Base):
             unique=True,
             postgresql_where=_WITH_A_KEY,
         ),
+        # Revision 004: GET /usage reads a time range of these columns only, from the index alone.
+        Index(
+            "ix_kraken_turns_created_at",
+            "created_at",
+            postgresql_include=[
+                "model",
+                "input_tokens",
+                "output_tokens",
+                "cache_creation_tokens",
+                "cache_read_tokens",
+                "cost_usd",
+            ],
+        ),
     )
 
     id: Mapped[uuid.UUID] = _uuid_pk()
+    # No index of its own (dropped by 004): the unique (conversation_id, turn_number) one leads with it.
     conversation_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("kraken_conversations.id", ondelete="CASCADE"), nullable=False, index=True
+        Uuid, ForeignKey("kraken_conversations.id", ondelete="CASCADE"), nullable=False
     )
     turn_number: Mapped[int] = mapped_column(Integer, nullable=False)
     user_query: Mapped[str] = mapped_column(Text, nullable=False)
@@ -148,9 +162,8 @@ class ToolCall(Base):
     __table_args__ = (UniqueConstraint("turn_id", "sequence_order"),)
 
     id: Mapped[uuid.UUID] = _uuid_pk()
-    turn_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, ForeignKey("kraken_turns.id", ondelete="CASCADE"), nullable=False, index=True
-    )
+    # No index of its own (dropped by 004): the unique (turn_id, sequence_order) one leads with it.
+    turn_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("kraken_turns.id", ondelete="CASCADE"), nullable=False)
     tool_name: Mapped[str] = mapped_column(String, nullable=False)
     tool_args: Mapped[Any] = mapped_column(JSONB, nullable=False)
     tool_result: Mapped[Any] = mapped_column(JSONB, nullable=False)

@@ -2,9 +2,11 @@
 
     uv run python bench/insert_wait.py --revision 002 --conversations 200000 --turns 5
     uv run python bench/insert_wait.py --revision 003 --conversations 200000 --turns 5
+    uv run python bench/insert_wait.py --revision 004 --conversations 200000 --turns 5
 
 Creates a scratch database on DATABASE_URL's server (or the embedded one when it is unset),
-migrates it to the revision before --revision and fills it (the columns of 001), then runs
+migrates it to the revision before --revision and fills it (bench/support.py: the columns of
+001, turns spread over 100 days), then runs
 `alembic upgrade <revision>` in a subprocess while one
 connection keeps writing a conversation, a turn and a tool call per transaction, with
 lock_timeout = KRAKEN_DDL_LOCK_TIMEOUT like the migration. Prints the waits overall and while a
@@ -16,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import sys
 import time
 
 import asyncpg
+from support import alembic, bench_server, fill, migrate, say
 
-from backend.config import PROJECT_ROOT, Settings
+from backend.config import Settings
 from backend.db.admin import scratch_database
-from backend.db.embedded import embedded_server
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations.revisions import read_revisions
@@ -42,40 +42,6 @@ INSERT INTO kraken_tool_calls (turn_id, tool_name, tool_args, tool_result, seque
 SELECT id, 'search', '{}', '{}', 1 FROM t
 """
 POLL = 0.005
-
-
-async def alembic(db: DatabaseTarget, *args: str) -> tuple[int, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MIGRATIONS_DATABASE_URL"}
-    env["DATABASE_URL"] = db.dsn
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "alembic", *args,
-        cwd=PROJECT_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    output = (await process.communicate())[0].decode()
-    assert process.returncode is not None
-    return process.returncode, output
-
-
-async def fill(db: DatabaseTarget, conversations: int, turns: int) -> None:
-    conn = await connect(db)
-    try:
-        await conn.execute(
-            "INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, total_turns)"
-            f" SELECT 's' || g, 'm', 'h', 'v', {turns} FROM generate_series(1, {conversations}) g"
-        )
-        await conn.execute(
-            "INSERT INTO kraken_turns (conversation_id, turn_number, user_query, assistant_response, model,"
-            " input_tokens, output_tokens, duration_ms)"
-            f" SELECT c.id, n, repeat('q', 200), repeat('a', 800), 'm', 100 * n, 300, 1200"
-            f" FROM kraken_conversations c, generate_series(1, {turns}) n"
-        )
-        await conn.execute(
-            "INSERT INTO kraken_tool_calls (turn_id, tool_name, tool_args, tool_result, sequence_order)"
-            " SELECT id, 'search', '{\"q\": 1}', '{\"hits\": 3}', 1 FROM kraken_turns"
-        )
-        await conn.execute("VACUUM ANALYZE")
-    finally:
-        await conn.close()
 
 
 async def measure(db: DatabaseTarget, revision: str, lock_timeout: float) -> None:
@@ -119,10 +85,10 @@ async def measure(db: DatabaseTarget, revision: str, lock_timeout: float) -> Non
         return f"{len(ms)} writes, median {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, longest {ms[-1]:.1f} ms"
 
     during = [(b, e) for b, e in waits if any(b - POLL <= t <= e + POLL for t in building)]
-    print(f"revision {revision} took {time.monotonic() - started:.1f} s (including the alembic process start)")
-    print(f"all writes meanwhile:          {describe(waits)}")
-    print(f"during concurrent index builds: {describe(during)}")
-    print(f"writes that hit the lock timeout ({lock_timeout:g} s): {failures}")
+    say(f"revision {revision} took {time.monotonic() - started:.1f} s (including the alembic process start)")
+    say(f"all writes meanwhile:          {describe(waits)}")
+    say(f"during concurrent index builds: {describe(during)}")
+    say(f"writes that hit the lock timeout ({lock_timeout:g} s): {failures}")
 
 
 async def main() -> None:
@@ -133,20 +99,13 @@ async def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
-    server = settings.database_target() or await embedded_server(settings.embedded_pgdata)
+    server = await bench_server(settings)
     downs = read_revisions().graph.get(args.revision)
     if not downs:
         raise SystemExit(f"--revision {args.revision}: pick a revision after 001 (it runs on a filled table)")
     async with scratch_database(server, "kraken_bench") as db:
-        code, output = await alembic(db, "upgrade", downs[0])
-        if code != 0:
-            raise SystemExit(output)
-        started = time.monotonic()
+        await migrate(db, "upgrade", downs[0])
         await fill(db, args.conversations, args.turns)
-        print(
-            f"{args.conversations} conversations, {args.conversations * args.turns} turns and as many tool calls "
-            f"written in {time.monotonic() - started:.0f} s"
-        )
         await measure(db, args.revision, settings.ddl_lock_timeout)
 
 

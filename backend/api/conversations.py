@@ -17,6 +17,7 @@ from backend.conversations.schemas import (
     ConversationListQuery,
     ConversationPage,
     ConversationPublic,
+    ConversationViewQuery,
     TurnCreate,
     TurnPublic,
 )
@@ -113,10 +114,16 @@ async def end_conversation(
     return await service.end_conversation(conn, conversation_id, body.status)
 
 
-@router.get("/{conversation_id}", response_model=ConversationDetail, responses=documented(404))
-async def get_conversation(conversation_id: ConversationId, conn: ConnectionDep) -> Response:
-    """The shared view: the conversation with its turns and their tool calls, in order. No key needed."""
-    document = await service.shared_view_json(conn, conversation_id)
+@router.get("/{conversation_id}", response_model=ConversationDetail, responses=documented(404, 422))
+async def get_conversation(
+    conversation_id: ConversationId, query: Annotated[ConversationViewQuery, Query()], conn: ConnectionDep
+) -> Response:
+    """The shared view: the conversation with its turns and their tool calls, in order. No key needed.
+
+    Turns come in pages: `limit` turns numbered after `after_turn`; `next_after_turn` says where the
+    next page starts (null on the last). Other query parameters are refused (422).
+    """
+    document = await service.shared_view_json(conn, conversation_id, after_turn=query.after_turn, limit=query.limit)
     return Response(document, media_type="application/json")
 
 

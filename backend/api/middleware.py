@@ -9,6 +9,7 @@ import uuid
 
 from starlette.datastructures import Headers
 from starlette.middleware.body_limit import RequestBodyLimitResponder
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from backend.api.deps import LEASE_SCOPE_KEY
@@ -17,6 +18,10 @@ from backend.db.leases import Lease
 from backend.logs import request_id
 
 logger = logging.getLogger(__name__)
+
+# Responses from this many bytes are gzip-compressed for clients that accept it; below, the
+# header and the compressor's work cost more than they save.
+GZIP_MINIMUM_BYTES = 1024
 
 # A client's X-Request-ID is kept when it is a token a log line can carry as it is.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -105,3 +110,37 @@ class BodySizeLimit:
             await ErrorResponse({"detail": detail}, status_code=413)(scope, receive, send)
             return
         await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
+
+
+class Cors:
+    """CORS for the browser pages that open share links (KRAKEN_CORS_ORIGINS); none set: no CORS headers.
+
+    Only GET is allowed, without credentials: the shared view is a GET that needs no key, and a
+    page in a browser should never hold the API key the writes need, so neither POST/DELETE nor
+    the Authorization header is allowed cross-origin. X-Request-ID may be sent and is readable,
+    so a page can quote it in a report. The origins are read from the app's settings at the
+    first request, as BodySizeLimit reads its limit: the module-level app exists before them.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.inner: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.inner is None:
+            origins: tuple[str, ...] = scope["app"].state.settings.cors_origins
+            self.inner = self.app
+            if origins:
+                self.inner = CORSMiddleware(
+                    self.app,
+                    allow_origins=origins,
+                    allow_methods=("GET",),
+                    allow_headers=("X-Request-ID",),
+                    expose_headers=("X-Request-ID",),
+                    allow_credentials=False,
+                    max_age=600,
+                )
+        await self.inner(scope, receive, send)

@@ -58,6 +58,11 @@ MAX_TOTAL_TOKENS = 2**31 - 1
 MAX_TOTAL_TURNS = 2**31 - 1
 MAX_TOTAL_COST_USD = Decimal("9999.999999")
 MICRODOLLAR = Decimal("0.000001")
+# Turns per page of the shared view: the default serves ordinary conversations whole in one answer
+# (clients written before paging keep working for them); the maximum bounds one answer's size (a
+# turn can carry up to MAX_TOOL_CALLS tool results of KRAKEN_TOOL_RESULT_MAX_BYTES each).
+DEFAULT_VIEW_TURNS = 200
+MAX_VIEW_TURNS = 1000
 
 # --- the forms OpenAPI states as patterns (JSON Schema regexes; also read by Python's re) -----
 
@@ -388,8 +393,31 @@ class TurnPublic(BaseModel):
     tool_calls: list[ToolCallPublic]
 
 
+class ConversationViewQuery(BaseModel):
+    """Which turns of the shared view: ``limit`` turns after turn number ``after_turn``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    after_turn: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=MAX_TOTAL_TURNS,
+            description="Turns numbered after this one: 0 (the default) for the first page, "
+            "`next_after_turn` of the previous page for the next.",
+        ),
+    ] = 0
+    limit: Annotated[
+        int, Field(ge=1, le=MAX_VIEW_TURNS, description=f"At most this many turns (default {DEFAULT_VIEW_TURNS}).")
+    ] = DEFAULT_VIEW_TURNS
+
+
 class ConversationDetail(ConversationPublic):
-    turns: list[TurnPublic]
+    turns: list[TurnPublic] = Field(description="A page of the turns, in turn order (see `next_after_turn`).")
+    next_after_turn: int | None = Field(
+        description="Pass as `after_turn` for the next page of turns: the last turn number of this page when "
+        "more turns follow; null when this page ends the conversation."
+    )
 
 
 # --- usage ---------------------------------------------------------------------------------

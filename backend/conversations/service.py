@@ -36,6 +36,7 @@ from backend.conversations.errors import (
 )
 from backend.conversations.schemas import (
     CURSOR_PATTERN,
+    DEFAULT_VIEW_TURNS,
     MAX_TOTAL_COST_USD,
     MAX_TOTAL_TOKENS,
     MAX_TOTAL_TURNS,
@@ -185,8 +186,18 @@ STORED_TURN = Statement.of(f"SELECT {TURN_JSON}::text FROM kraken_turns t WHERE 
 
 # The shared view, rendered by PostgreSQL in one query: a conversation of hundreds of tool calls
 # goes out as the text PostgreSQL built, without being parsed and re-serialized in Python. Keys
-# and formats match schemas.ConversationDetail (a test holds them together).
+# and formats match schemas.ConversationDetail (a test holds them together). One page of turns:
+# up to :limit + 1 turns after :after_turn, read in order from the unique (conversation_id,
+# turn_number) index; the page is the first :limit, and the one more says whether another follows.
 SHARED_VIEW = Statement.of(f"""
+WITH page AS MATERIALIZED (
+    SELECT t.* FROM kraken_turns t
+    WHERE t.conversation_id = :id AND t.turn_number > CAST(:after_turn AS integer)
+    ORDER BY t.turn_number, t.id
+    LIMIT CAST(:limit AS integer) + 1
+), shown AS (
+    SELECT * FROM page ORDER BY turn_number, id LIMIT CAST(:limit AS integer)
+)
 SELECT json_build_object(
     'id', c.id, 'session_id', c.session_id, 'model', c.model,
     'system_prompt_hash', c.system_prompt_hash, 'agent_version', c.agent_version, 'status', c.status,
@@ -194,9 +205,10 @@ SELECT json_build_object(
     'ended_at', to_char(c.ended_at, {TIMESTAMP_FORMAT}),
     'total_turns', c.total_turns, 'total_tokens', c.total_tokens, 'total_cost_usd', c.total_cost_usd,
     'turns', COALESCE((
-        SELECT json_agg({TURN_JSON} ORDER BY t.turn_number, t.id)
-        FROM kraken_turns t WHERE t.conversation_id = c.id
-    ), CAST('[]' AS json))
+        SELECT json_agg({TURN_JSON} ORDER BY t.turn_number, t.id) FROM shown t
+    ), CAST('[]' AS json)),
+    'next_after_turn', CASE WHEN (SELECT count(*) FROM page) > CAST(:limit AS integer)
+        THEN (SELECT max(turn_number) FROM shown) END
 )::text
 FROM kraken_conversations c
 WHERE c.id = :id
@@ -225,6 +237,8 @@ WITH turns AS (
 DELETE FROM kraken_conversations WHERE id = :id
 """)
 
+# Grouped by the value itself (a model, a date), the key written once per group: formatting each
+# row's time as text before grouping cost a day's report (10,000 turns) more than its index scan.
 _USAGE = """
 SELECT {key} AS key,
        count(*) AS turns,
@@ -236,12 +250,13 @@ SELECT {key} AS key,
        COALESCE(sum(cost_usd), 0) AS cost_usd
 FROM kraken_turns
 WHERE created_at >= :start AND created_at < :end
-GROUP BY 1
-ORDER BY 1
+GROUP BY {group}
+ORDER BY {group}
 """
+_DAY = "CAST(created_at AS date)"
 USAGE: dict[UsageGrouping, Statement] = {
-    "model": Statement.of(_USAGE.format(key="model")),
-    "day": Statement.of(_USAGE.format(key="to_char(created_at, 'YYYY-MM-DD')")),
+    "model": Statement.of(_USAGE.format(key="model", group="model")),
+    "day": Statement.of(_USAGE.format(key=f"to_char({_DAY}, 'YYYY-MM-DD')", group=_DAY)),
 }
 
 
@@ -407,9 +422,16 @@ async def end_conversation(
     raise ConversationEnded(state["status"])
 
 
-async def shared_view_json(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> str:
-    """The conversation with its turns and their tool calls, in order, as JSON text."""
-    row = await fetch_one(conn, SHARED_VIEW, id=conversation_id)
+async def shared_view_json(
+    conn: asyncpg.Connection,
+    conversation_id: uuid.UUID,
+    *,
+    after_turn: int = 0,
+    limit: int = DEFAULT_VIEW_TURNS,
+) -> str:
+    """The conversation with a page of its turns (``limit`` after turn ``after_turn``) and their tool
+    calls, in order, as JSON text."""
+    row = await fetch_one(conn, SHARED_VIEW, id=conversation_id, after_turn=after_turn, limit=limit)
     if row is None:
         raise ConversationNotFound()
     document: str = row[0]

@@ -178,20 +178,30 @@ def _in_write_transaction() -> bool:
 
 
 def create_index_concurrently(
-    name: str, table: str, columns: Sequence[str], *, unique: bool = False, where: str | None = None
+    name: str,
+    table: str,
+    columns: Sequence[str],
+    *,
+    unique: bool = False,
+    where: str | None = None,
+    include: Sequence[str] = (),
 ) -> None:
     """``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS``, outside the revision's transaction.
 
     Writes continue during the build (it takes SHARE UPDATE EXCLUSIVE). A build that was cancelled
     (lock_timeout, a killed runner) leaves an INVALID index behind, which IF NOT EXISTS alone
     would keep forever: it is dropped and built again. A unique build that finds duplicates
-    drops what it left and says so. ``where`` makes a partial index (its predicate, as SQL); an
-    existing index is compared by table, columns and uniqueness, not by predicate.
+    drops what it left and says so. ``where`` makes a partial index (its predicate, as SQL);
+    ``include`` adds non-key columns (``INCLUDE``), so queries that read only those can be answered
+    from the index alone. An existing index is compared by table, key columns and uniqueness, not
+    by predicate or included columns.
     """
     ddl = (
         f"CREATE {'UNIQUE ' if unique else ''}INDEX CONCURRENTLY IF NOT EXISTS {ident(name)}"
         f" ON {ident(table)} ({_columns(columns)})"
     )
+    if include:
+        ddl += f" INCLUDE ({_columns(include)})"
     if where is not None:
         ddl += f" WHERE {where}"
     ctx = _context()

@@ -1,5 +1,5 @@
 """What tests share besides fixtures: running the CLI as a user would, one-off SQL, running
-revision helpers, the API's test data, and the schema revision 002 leaves."""
+revision helpers, the API's test data, and the schema revisions leave."""
 
 from __future__ import annotations
 
@@ -377,6 +377,28 @@ EXPECTED_INDEXES = {
 }
 
 
+# What 003 adds (partial unique indexes for Idempotency-Keys) and what 004 changes: the usage index
+# by time covering what GET /usage reads, and 001's two single-column indexes that 002's unique
+# indexes made redundant, gone.
+INDEXES_003_ADDS = {
+    "ix_kraken_conversations_idempotency_key": "(idempotency_key) WHERE (idempotency_key IS NOT NULL)",
+    "ix_kraken_turns_conversation_id_idempotency_key": (
+        "(conversation_id, idempotency_key) WHERE (idempotency_key IS NOT NULL)"
+    ),
+}
+INDEXES_004_ADDS = {
+    "ix_kraken_turns_created_at": (
+        "(created_at) INCLUDE (model, input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens, cost_usd)"
+    ),
+}
+INDEXES_004_DROPS = {"ix_kraken_turns_conversation_id", "ix_kraken_tool_calls_turn_id"}
+EXPECTED_INDEXES_003 = {**EXPECTED_INDEXES, **INDEXES_003_ADDS}
+EXPECTED_INDEXES_004 = {
+    **{name: columns for name, columns in EXPECTED_INDEXES_003.items() if name not in INDEXES_004_DROPS},
+    **INDEXES_004_ADDS,
+}
+
+
 def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:
     rows = sql(
         db,
@@ -402,6 +424,11 @@ def assert_schema_002(db: DatabaseTarget) -> None:
     assert {key: definition for key, (definition, _) in found.items()} == EXPECTED_CONSTRAINTS
     assert all(validated for _, validated in found.values())
     assert indexes(db) == {name: (columns, True) for name, columns in EXPECTED_INDEXES.items()}
+
+
+def assert_indexes(db: DatabaseTarget, expected: dict[str, str]) -> None:
+    """The tables' indexes are exactly ``expected`` (name -> columns), all valid."""
+    assert indexes(db) == {name: (columns, True) for name, columns in expected.items()}
 
 
 # --- the request path on a test's transaction ------------------------------------------------

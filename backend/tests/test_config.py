@@ -88,6 +88,7 @@ def test_bad_settings_name_the_variable(
         ({"KRAKEN_ENV": "production", "DATABASE_URL": "postgresql://app@db:5432/kraken"}, "KRAKEN_API_KEY is not set"),
         ({"DATABASE_URL": f"mysql://root:{PASSWORD}@db/app"}, "unsupported scheme"),
         ({"KRAKEN_PORT": "-1"}, "KRAKEN_PORT"),
+        ({"KRAKEN_CORS_ORIGINS": "https://share.example.com/"}, "KRAKEN_CORS_ORIGINS"),
     ],
 )
 def test_service_refuses_bad_configuration_with_one_line(env: dict[str, str], fragment: str) -> None:
@@ -104,6 +105,50 @@ def test_service_refuses_bad_configuration_with_one_line(env: dict[str, str], fr
     assert fragment in output
     assert "Traceback" not in output
     assert PASSWORD not in output
+
+
+@pytest.mark.parametrize(
+    ("value", "origins"),
+    [
+        ("", ()),
+        ("*", ("*",)),
+        ("https://share.example.com", ("https://share.example.com",)),
+        # Spaces around commas are ignored; browsers send scheme and host in lower case.
+        (" https://Share.Example.com , http://127.0.0.1:8080,", ("https://share.example.com", "http://127.0.0.1:8080")),
+        ("http://[::1]:3000", ("http://[::1]:3000",)),
+    ],
+)
+def test_cors_origins_are_a_comma_separated_list(
+    monkeypatch: pytest.MonkeyPatch, value: str, origins: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("KRAKEN_CORS_ORIGINS", value)
+    assert load_settings().cors_origins == origins
+
+
+def test_cors_origins_default_to_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KRAKEN_CORS_ORIGINS", raising=False)
+    assert load_settings().cors_origins == ()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "share.example.com",  # no scheme
+        "https://share.example.com/",  # a path, even "/"
+        "https://share.example.com/view",
+        "ftp://share.example.com",
+        "https://share.example.com:70000",
+        "https://user@share.example.com",
+        "*, https://share.example.com",  # any origin, and some: which?
+    ],
+)
+def test_a_malformed_cors_origin_is_one_line_naming_the_setting(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("KRAKEN_CORS_ORIGINS", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith("KRAKEN_CORS_ORIGINS: ")
+    assert "\n" not in message
 
 
 def test_migrations_url_alone_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

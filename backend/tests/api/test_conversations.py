@@ -273,6 +273,7 @@ async def test_the_shared_view_is_what_was_posted_in_order(client, anonymous):
         "total_turns": 3,
         "total_tokens": 450,
         "total_cost_usd": 0.003702,
+        "next_after_turn": None,  # all of it in one page
     }
 
 
@@ -292,7 +293,94 @@ async def test_rows_from_before_the_service_are_still_readable(client, db_connec
 async def test_the_shared_view_of_a_conversation_without_turns(client):
     conversation = await new_conversation(client)
     view = (await client.get(f"/conversations/{conversation['id']}")).json()
-    assert view == {**conversation, "turns": []}
+    assert view == {**conversation, "turns": [], "next_after_turn": None}
+
+
+async def add_turns(db_connection, conversation_id: str, count: int) -> None:
+    """``count`` turns (a tool call on every tenth) written at once in SQL, as if appended one by one."""
+    await rows(
+        db_connection,
+        "WITH t AS (INSERT INTO kraken_turns (conversation_id, turn_number, user_query, assistant_response, model)"
+        " SELECT :id, n, 'q' || n, 'a', 'm' FROM generate_series(1, :count) n RETURNING id, turn_number)"
+        " INSERT INTO kraken_tool_calls (turn_id, tool_name, tool_args, tool_result, sequence_order)"
+        " SELECT id, 'search', '{}', '[]', 1 FROM t WHERE turn_number % 10 = 0",
+        id=conversation_id,
+        count=count,
+    )
+    await rows(
+        db_connection,
+        "UPDATE kraken_conversations SET total_turns = :count WHERE id = :id",
+        id=conversation_id,
+        count=count,
+    )
+
+
+async def test_a_10000_turn_conversation_is_served_in_pages_each_turn_once_in_order(anonymous, client, db_connection):
+    conversation = await new_conversation(client)
+    await add_turns(db_connection, conversation["id"], 10_000)
+
+    seen: list[int] = []
+    pages = 0
+    after_turn = 0
+    while after_turn is not None:
+        response = await anonymous.get(
+            f"/conversations/{conversation['id']}", params={"after_turn": after_turn, "limit": 1000}
+        )
+        assert response.status_code == 200, response.text
+        view = response.json()
+        numbers = [turn["turn_number"] for turn in view["turns"]]
+        assert len(numbers) == 1000
+        assert view["next_after_turn"] == (numbers[-1] if numbers[-1] < 10_000 else None)
+        assert [len(turn["tool_calls"]) for turn in view["turns"]] == [int(n % 10 == 0) for n in numbers]
+        seen += numbers
+        pages += 1
+        after_turn = view["next_after_turn"]
+
+    assert pages == 10
+    assert seen == list(range(1, 10_001))
+
+
+async def test_the_shared_view_pages_by_default_and_from_any_turn(client, db_connection):
+    conversation = await new_conversation(client)
+    await add_turns(db_connection, conversation["id"], 250)
+    url = f"/conversations/{conversation['id']}"
+
+    first = (await client.get(url)).json()  # no parameters: the first 200 turns
+    assert [t["turn_number"] for t in first["turns"]] == list(range(1, 201))
+    assert first["next_after_turn"] == 200
+    rest = (await client.get(url, params={"after_turn": 200})).json()
+    assert [t["turn_number"] for t in rest["turns"]] == list(range(201, 251))
+    assert rest["next_after_turn"] is None
+    assert {k: v for k, v in rest.items() if k not in ("turns", "next_after_turn")} == {
+        k: v for k, v in first.items() if k not in ("turns", "next_after_turn")
+    }
+
+    middle = (await client.get(url, params={"after_turn": 7, "limit": 3})).json()
+    assert [t["turn_number"] for t in middle["turns"]] == [8, 9, 10]
+    assert middle["next_after_turn"] == 10
+    exact = (await client.get(url, params={"after_turn": 240, "limit": 10})).json()  # ends on the last turn
+    assert [t["turn_number"] for t in exact["turns"]] == list(range(241, 251))
+    assert exact["next_after_turn"] is None
+    past = (await client.get(url, params={"after_turn": 2_147_483_647})).json()
+    assert (past["turns"], past["next_after_turn"], past["total_turns"]) == ([], None, 250)
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [
+        ({"after_turn": -1}, ["query", "after_turn"]),
+        ({"after_turn": 2_147_483_648}, ["query", "after_turn"]),
+        ({"after_turn": "first"}, ["query", "after_turn"]),
+        ({"limit": 0}, ["query", "limit"]),
+        ({"limit": 1001}, ["query", "limit"]),
+        ({"page": 2}, ["query", "page"]),
+    ],
+)
+async def test_bad_shared_view_parameters_are_422_naming_them(anonymous, client, params, loc):
+    conversation = await new_conversation(client)
+    response = await anonymous.get(f"/conversations/{conversation['id']}", params=params)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == loc
 
 
 MALFORMED_IDS = ["nope", "123", "00000000-0000-0000-0000-00000000000g", "' OR '1'='1", "%00", "%F0%9F%90%99"]

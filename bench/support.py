@@ -1,0 +1,107 @@
+"""What the benchmarks share: the server to use, alembic in a subprocess, and a large table of turns.
+
+Imported by the scripts beside it (``uv run python bench/<script>.py`` puts bench/ on the path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from datetime import UTC, datetime
+
+from backend.config import PROJECT_ROOT, Settings
+from backend.db.embedded import embedded_server
+from backend.db.engine import connect
+from backend.db.url import DatabaseTarget
+
+
+def say(line: str) -> None:
+    """A progress or result line, out at once (a long run shows where it is)."""
+    print(line, flush=True)
+
+
+async def bench_server(settings: Settings) -> DatabaseTarget:
+    """DATABASE_URL's server, or the embedded one when it is unset: where scratch databases go."""
+    return settings.database_target() or await embedded_server(settings.embedded_pgdata)
+
+
+async def alembic(db: DatabaseTarget, *args: str) -> tuple[int, str]:
+    """Run the alembic CLI on ``db`` as an operator would; (exit code, everything it printed)."""
+    env = {k: v for k, v in os.environ.items() if k != "MIGRATIONS_DATABASE_URL"}
+    env["DATABASE_URL"] = db.dsn
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "alembic", *args,
+        cwd=PROJECT_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    output = (await process.communicate())[0].decode()
+    assert process.returncode is not None
+    return process.returncode, output
+
+
+async def migrate(db: DatabaseTarget, *args: str) -> None:
+    """``alembic`` that stops the benchmark, with alembic's output, when it fails."""
+    code, output = await alembic(db, *args)
+    if code != 0:
+        raise SystemExit(f"alembic {' '.join(args)} failed:\n{output}")
+
+
+def last_day(now: datetime | None = None) -> datetime:
+    """Midnight UTC today (naive, as stored): the filled turns end there."""
+    now = now or datetime.now(UTC)
+    return now.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+
+
+# One batch of conversations with their turns (one tool call each) in one statement. Turns are
+# spread evenly over [$5 - $4 days, $5), in the order they are written, as a live service writes them.
+# Only 001's columns: it fills a database at any revision.
+_FILL_BATCH = """
+WITH c AS (
+    INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, total_turns, started_at)
+    SELECT 's' || g, 'claude-' || (g % 3), 'h', 'v', $3::int,
+           $5::timestamp - make_interval(days => $4::int)
+           + ((g - 1) * $3::int) * ($4::int * 86400.0 / $6::bigint) * interval '1 second'
+    FROM generate_series($1::int, $2::int) g
+    RETURNING id, session_id, model, started_at
+), t AS (
+    INSERT INTO kraken_turns (conversation_id, turn_number, user_query, assistant_response, model,
+                              input_tokens, output_tokens, cache_read_tokens, cost_usd, duration_ms, created_at)
+    SELECT c.id, n, repeat('q', 200), repeat('a', 800), c.model, 100 * n, 300, 50, 0.0042, 1200,
+           c.started_at + (n - 1) * ($4::int * 86400.0 / $6::bigint) * interval '1 second'
+    FROM c, generate_series(1, $3::int) n
+    RETURNING id
+)
+INSERT INTO kraken_tool_calls (turn_id, tool_name, tool_args, tool_result, sequence_order)
+SELECT id, 'search', '{"q": 1}', '{"hits": 3}', 1 FROM t
+"""
+
+
+async def fill(
+    db: DatabaseTarget,
+    conversations: int,
+    turns: int,
+    *,
+    days: int = 100,
+    batches: int = 20,
+    end: datetime | None = None,
+) -> None:
+    """``conversations`` conversations of ``turns`` turns each (one tool call per turn), created
+    over the ``days`` days before ``end`` (default: midnight UTC today); then VACUUM ANALYZE, as
+    autovacuum would do on a live table (index-only scans need its visibility map)."""
+    end = end or last_day()
+    total = conversations * turns
+    size = max(1, -(-conversations // batches))
+    started = time.monotonic()
+    conn = await connect(db)
+    try:
+        for first in range(1, conversations + 1, size):
+            last = min(conversations, first + size - 1)
+            await conn.execute(_FILL_BATCH, first, last, turns, days, end, total)
+            say(f"  loaded {last * turns:,} of {total:,} turns ({time.monotonic() - started:.0f} s)")
+        say("  VACUUM ANALYZE (as autovacuum would after such a load) ...")
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+    say(f"{conversations:,} conversations, {total:,} turns and as many tool calls over {days} days before "
+        f"{end:%Y-%m-%d} written in {time.monotonic() - started:.0f} s")  # fmt: skip
