@@ -22,10 +22,10 @@ import sys
 import time
 
 import asyncpg
+from support import bench_server
 
 from backend.config import PROJECT_ROOT, Settings
 from backend.db.admin import scratch_database
-from backend.db.embedded import embedded_server
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations.revisions import read_revisions
@@ -133,7 +133,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     settings = Settings()
-    server = settings.database_target() or await embedded_server(settings.embedded_pgdata)
+    server = await bench_server()
     downs = read_revisions().graph.get(args.revision)
     if not downs:
         raise SystemExit(f"--revision {args.revision}: pick a revision after 001 (it runs on a filled table)")
