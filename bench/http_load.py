@@ -91,7 +91,9 @@ class Server:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        """Its last lines, the access log's left out (it would hide the rest under load)."""
+        logged = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join([line for line in logged if ' HTTP/1.1" ' not in line][-lines:])
 
     def wait_until_up(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -181,6 +183,8 @@ def run_wrk(
     command += ["-s", str(LUA), server.url(""), "--", method, str(body_file or "-"), API_KEY, str(threads), *paths]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line.split() for line in finished.stdout.splitlines() if line.startswith("wrk-result ")]
+    if server.process.poll() is not None:
+        raise SystemExit(f"{server.name} exited ({server.process.returncode}) during the run:\n{server.log_tail()}")
     if finished.returncode != 0 or not lines:
         raise SystemExit(f"wrk failed ({finished.returncode}): {finished.stderr.strip() or finished.stdout.strip()}")
     requests, duration_us, p50_us, p99_us, bad_status, socket_errors = (int(field) for field in lines[0][1:])
