@@ -63,6 +63,7 @@ CONVERSATIONS = 64
 VIEW_TURNS = 20
 SCENARIOS = ("append", "view", "health")
 APPS = ("kraken", "minimal")
+MAX_ERROR_SHARE = 0.01  # of a run's requests; more stops the benchmark
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Run:
     rate: float  # requests/s
     p50_ms: float
     p99_ms: float
+    errors: int  # non-2xx answers and socket errors
 
 
 class Server:
@@ -188,13 +190,16 @@ def run_wrk(
     if finished.returncode != 0 or not lines:
         raise SystemExit(f"wrk failed ({finished.returncode}): {finished.stderr.strip() or finished.stdout.strip()}")
     requests, duration_us, p50_us, p99_us, bad_status, socket_errors = (int(field) for field in lines[0][1:])
-    if bad_status or socket_errors:
-        # Error answers are cheaper than the real work: a rate that includes them means nothing.
+    errors = bad_status + socket_errors
+    if errors > MAX_ERROR_SHARE * requests:
+        # Error answers are cheaper than the real work: a rate made of them means nothing.
         raise SystemExit(
             f"{server.name} {method} {paths[0]}: {bad_status} non-2xx answers, {socket_errors} socket errors"
             f" out of {requests}; its log ends:\n{server.log_tail()}"
         )
-    return Run(requests / (duration_us / 1e6), p50_us / 1000, p99_us / 1000)
+    # A few errors (a 503 when a stalled machine kept a request from the pool for 5 s) are
+    # counted, shown, and left out of the rate.
+    return Run((requests - bad_status) / (duration_us / 1e6), p50_us / 1000, p99_us / 1000, errors)
 
 
 def scenario_requests(scenario: str, ids: list[str], view_id: str) -> tuple[str, list[str]]:
@@ -229,6 +234,11 @@ def report(results: dict[tuple[str, int, str], list[Run]], args: argparse.Namesp
                 f"  {scenario:8} {connections:>5} {medians(kraken)} {medians(minimal)}  "
                 f"{statistics.median(ratios):>13.0%}  {' '.join(f'{r:.0%}' for r in ratios)}"
             )
+    errors = {
+        name: sum(run.errors for (_, _, app), runs in results.items() if app == name for run in runs) for name in APPS
+    }
+    if any(errors.values()):
+        print(f"  errors (left out of the rates): {', '.join(f'{name} {count}' for name, count in errors.items())}")
     if 16 in args.connections:
         kraken, minimal = results[("append", 16, "kraken")], results[("append", 16, "minimal")]
         ratio = statistics.median(k.rate / m.rate for k, m in zip(kraken, minimal, strict=True))
@@ -315,7 +325,8 @@ def measure(servers: dict[str, Server], logs: Path, args: argparse.Namespace) ->
                     results.setdefault((scenario, connections, name), []).append(figures)
                     print(
                         f"round {round_number + 1}/{args.rounds}  {scenario:6} c={connections:<3} {name:7}"
-                        f" {figures.rate:8.0f} req/s  p50 {figures.p50_ms:6.1f} ms  p99 {figures.p99_ms:6.1f} ms",
+                        f" {figures.rate:8.0f} req/s  p50 {figures.p50_ms:6.1f} ms  p99 {figures.p99_ms:6.1f} ms"
+                        + (f"  ({figures.errors} errors)" if figures.errors else ""),
                         flush=True,
                     )
     report(results, args)
