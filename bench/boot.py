@@ -26,11 +26,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from support import bench_server
+
 from backend.config import PROJECT_ROOT, Settings
 from backend.db.admin import scratch_database
-from backend.db.embedded import embedded_server
 from backend.db.engine import connect
-from backend.db.url import DatabaseTarget, parse_database_url
+from backend.db.url import DatabaseTarget
 from backend.migrations.checksums import read_checksums
 from backend.migrations.revisions import ALEMBIC_DIR, read_revisions
 from backend.migrations.runner import run_migrations
@@ -38,11 +39,6 @@ from backend.migrations.runner import run_migrations
 ROUNDS = 200
 CLI_ROUNDS = 5
 SIZES = (1, 50, 200)
-
-
-async def server() -> DatabaseTarget:
-    raw = os.environ.get("DATABASE_URL", "").strip()
-    return parse_database_url(raw) if raw else await embedded_server(Settings().embedded_pgdata)
 
 
 async def median_ms(call: Callable[[], Awaitable[object]], rounds: int = ROUNDS) -> float:
@@ -103,7 +99,7 @@ async def bare_query(target: DatabaseTarget) -> None:
 
 
 async def main() -> None:
-    base = await server()
+    base = await bench_server()
     async with scratch_database(base, "kraken_bench_boot") as target:
         settings = settings_for(target)
         await run_migrations(settings)

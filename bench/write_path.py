@@ -33,7 +33,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,18 +44,19 @@ from pathlib import Path
 
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from support import bench_server, conversation, turn_payload
 
 from backend.config import PROJECT_ROOT, Settings, load_settings
 from backend.conversations import service
-from backend.conversations.schemas import ConversationCreate, TurnCreate, dumps
+from backend.conversations.schemas import TurnCreate, dumps
 from backend.db.admin import scratch_database
-from backend.db.embedded import embedded_server
 from backend.db.engine import create_session_factory
 from backend.db.leases import Lease, PoolLender
 from backend.db.url import DatabaseTarget
 from backend.main import create_service_engine
 from backend.migrations.runner import run_migrations
 from backend.models import Conversation, ToolCall, Turn
+from backend.tests.helpers import free_port
 
 API_KEY = "bench-" + secrets.token_hex(8)
 POOL = 20  # >= the highest concurrency, so no variant pays for opening connections
@@ -74,41 +74,6 @@ class Db:
 
 
 Writer = Callable[[Db, uuid.UUID, TurnCreate], Awaitable[None]]
-
-
-# --- the workload --------------------------------------------------------------------------
-
-
-def conversation() -> ConversationCreate:
-    return ConversationCreate(
-        session_id="bench-" + uuid.uuid4().hex[:8], model="claude-bench", system_prompt_hash="0" * 16, agent_version="1"
-    )
-
-
-def turn_payload(tool_calls: int) -> dict[str, object]:
-    """A turn like the chatbot's: a question, a few paragraphs, tool calls with ~400-byte results."""
-    rows = [
-        {"id": i, "name": f"Station {i}", "temp_c": 20.5 + i, "wind_kmh": 12, "sky": "partly cloudy"} for i in range(5)
-    ]
-    return {
-        "user_query": "What is the weather like in Paris this afternoon, and should I take an umbrella? " * 2,
-        "assistant_response": "It is partly cloudy in Paris with temperatures around 21 degrees. " * 8,
-        "model": "claude-bench",
-        "input_tokens": 1500,
-        "output_tokens": 300,
-        "cache_creation_tokens": 0,
-        "cache_read_tokens": 1200,
-        "cost_usd": 0.0123,
-        "duration_ms": 2400,
-        "tool_calls": [
-            {
-                "tool_name": f"weather_{j}",
-                "tool_args": {"city": "Paris", "when": "15:00", "units": "metric"},
-                "tool_result": {"stations": rows},
-            }
-            for j in range(tool_calls)
-        ],
-    }
 
 
 # --- (a) and the baselines -----------------------------------------------------------------
@@ -339,13 +304,6 @@ def _p95(values: Sequence[float]) -> float:
 # --- HTTP ----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -421,7 +379,7 @@ async def http_figures(
 ) -> tuple[float, float, float, float, float, float]:
     """(requests/s, median ms, p95 ms of POST .../turns; server and load generator CPU ms per request;
     median ms of the shared view)."""
-    port = _free_port()
+    port = free_port()
     server = start_server(target, port)
     body = dumps(turn_payload(tool_calls=3)).encode()
     connections = [HttpConnection(port) for _ in range(concurrency)]
@@ -485,9 +443,8 @@ async def http_figures(
 
 
 async def main(args: argparse.Namespace) -> None:
-    settings = load_settings()
-    server = settings.database_target() or await embedded_server(settings.embedded_pgdata)
-    print(f"server: {'DATABASE_URL ' + server.safe if settings.database_target() else 'embedded PostgreSQL'}")
+    server = await bench_server()
+    print(f"server: {'DATABASE_URL ' + server.safe if load_settings().database_target() else 'embedded PostgreSQL'}")
     async with scratch_database(server, "kraken_bench") as scratch:
         print(f"scratch database: {scratch.database}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
         bench_settings = Settings.model_validate({"DATABASE_URL": scratch.dsn, "db_pool_size": POOL})
