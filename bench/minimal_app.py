@@ -24,8 +24,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from backend.conversations.schemas import dumps
-from backend.conversations.schemas import DEFAULT_VIEW_TURNS
+from backend.conversations.schemas import DEFAULT_VIEW_TURNS, dumps
 from backend.conversations.service import APPEND, SHARED_VIEW
 
 
