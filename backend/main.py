@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.gzip import GZipMiddleware
 
-from backend.api import api_router
+from backend.api import ROUTERS
 from backend.api.errors import install_error_handlers
 from backend.api.middleware import GZIP_MINIMUM_BYTES, BodySizeLimit, Cors, RequestContext
 from backend.api.openapi import install_openapi, operation_id
@@ -133,7 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     application.add_middleware(GZipMiddleware, minimum_size=GZIP_MINIMUM_BYTES, compresslevel=6)
     application.add_middleware(Cors)
     application.add_middleware(RequestContext)  # outermost: its id is on every response and log line
-    application.include_router(api_router)
+    for router in ROUTERS:
+        application.include_router(router)
     install_openapi(application)
     return application
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
-from backend.api.deps import ConnectionDep, ConversationId, IdempotencyKey, RequireApiKey, SettingsDep
+from backend.api.deps import ConnectionDep, ConversationId, IdempotencyKey, RequireApiKey, app_settings
 from backend.api.errors import documented
 from backend.api.openapi import link
 from backend.conversations import service
@@ -78,7 +78,7 @@ async def append_turn(
     conversation_id: ConversationId,
     body: TurnCreate,
     conn: ConnectionDep,
-    settings: SettingsDep,
+    request: Request,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> TurnPublic:
@@ -96,7 +96,7 @@ async def append_turn(
         conn,
         conversation_id,
         body,
-        tool_result_max_bytes=settings.tool_result_max_bytes,
+        tool_result_max_bytes=app_settings(request).tool_result_max_bytes,
         idempotency_key=idempotency_key,
     )
     return replayed(recorded, response)
