@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import asyncpg
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import greenlet_spawn
 
 
@@ -36,18 +37,24 @@ class Lender(Protocol):
 
 
 class _Pooled:
-    __slots__ = ("_fairy", "connection")
+    __slots__ = ("_fairy", "_pool", "connection")
 
-    def __init__(self, fairy: Any) -> None:
+    def __init__(self, fairy: Any, pool: QueuePool) -> None:
         self._fairy = fairy
+        self._pool = pool
         self.connection: asyncpg.Connection = fairy.driver_connection
 
     async def give_back(self, succeeded: bool) -> None:
         # A connection that closed, or that a failed statement left in doubt (statements.py
-        # terminates those), leaves the pool now rather than failing the next checkout's check.
-        # Both run the pool's sync code, which may await the driver: hence greenlet_spawn.
+        # closes those), leaves the pool now rather than failing the next checkout's check.
+        # The pool's code is synchronous and awaits the driver through greenlet_spawn; but a
+        # connection that goes back into a pool with room for it is only queued (the reset on
+        # return is a no-op: no transaction was begun through SQLAlchemy), so the common case
+        # skips the greenlet's cost. A full pool closes the connection (an overflow one): that awaits.
         if self.connection.is_closed():
             await greenlet_spawn(self._fairy.invalidate)
+        elif self._pool.checkedin() < self._pool.size():
+            self._fairy.close()
         else:
             await greenlet_spawn(self._fairy.close)
 
@@ -56,12 +63,14 @@ class PoolLender:
     """Lends connections from the service engine's pool: its size, overflow, checkout timeout and checks."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self._pool = engine.sync_engine.pool
+        pool = engine.sync_engine.pool
+        assert isinstance(pool, QueuePool)  # the service engine's (backend.db.engine.create_engine)
+        self._pool = pool
         self._dialect = engine.dialect
 
     async def lend(self) -> Lent:
         try:
-            return _Pooled(await greenlet_spawn(self._pool.connect))
+            return _Pooled(await greenlet_spawn(self._pool.connect), self._pool)
         except self._dialect.loaded_dbapi.Error as exc:
             # The dialect's adapter wraps the driver's connect errors in its own DB-API classes;
             # wrapped once more as the engine would (DBAPIError, the driver's error as the cause),
