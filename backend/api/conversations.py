@@ -6,6 +6,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Response, status
 
+from backend import metrics
 from backend.api.deps import ConnectionDep, ConversationId, IdempotencyKey, RequireApiKey, SettingsDep
 from backend.api.errors import documented
 from backend.api.openapi import link
@@ -99,6 +100,8 @@ async def append_turn(
         tool_result_max_bytes=settings.tool_result_max_bytes,
         idempotency_key=idempotency_key,
     )
+    if settings.metrics and not recorded.replayed:
+        metrics.record_append(recorded.value)
     return replayed(recorded, response)
 
 
