@@ -57,7 +57,6 @@ class Series:
     pool_in_use: Gauge
     pool_idle: Gauge
     pool_overflow: Gauge
-    pool_size: Gauge
     database_errors: Counter
     turns: Counter
     tool_calls: Counter
@@ -96,9 +95,6 @@ def series() -> Series:
             "kraken_db_pool_connections_overflow",
             "Service pool connections open beyond KRAKEN_DB_POOL_SIZE (at most KRAKEN_DB_MAX_OVERFLOW).",
             multiprocess_mode="livesum",
-        ),
-        pool_size=Gauge(
-            "kraken_db_pool_size", "Service pool size, KRAKEN_DB_POOL_SIZE per process.", multiprocess_mode="livesum"
         ),
         database_errors=Counter(
             "kraken_database_errors", "Requests answered 503/504 for a database fault, by kind.", ["kind"]
@@ -227,19 +223,17 @@ class PoolWatch:
 
     def refresh(self) -> None:
         self._scheduled_on = None
-        in_use = idle = overflow = size = 0
+        in_use = idle = overflow = 0
         for engine in list(self.engines):
             pool = engine.pool  # dispose() replaces it with a new, empty one
             if isinstance(pool, QueuePool):
                 in_use += pool.checkedout()
                 idle += pool.checkedin()
                 overflow += max(pool.overflow(), 0)  # negative while the pool is below its size
-                size += pool.size()
         found = series()
         found.pool_in_use.set(in_use)
         found.pool_idle.set(idle)
         found.pool_overflow.set(overflow)
-        found.pool_size.set(size)
 
 
 _pools = PoolWatch()
