@@ -73,8 +73,11 @@ def series() -> Series:
     # Imported here, not at the top: prometheus_client chooses its storage (memory, or the files of
     # PROMETHEUS_MULTIPROC_DIR) when it is first imported, and `kraken-backend` sets that variable
     # after this module was imported with backend.main.
-    from prometheus_client import Counter, Gauge, Histogram
+    from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
+    # No `_created` sample beside every counter and histogram: they double the series, and worker
+    # processes (the files) cannot export them, so both modes answer the same series.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     created = Series(
         requests=Counter("kraken_http_requests", "HTTP requests answered.", ["route", "method", "status"]),
         request_seconds=Histogram(

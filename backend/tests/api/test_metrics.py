@@ -42,6 +42,7 @@ async def test_metrics_answers_prometheus_text(client: httpx.AsyncClient) -> Non
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     for family in ("kraken_http_requests_total", "kraken_db_pool_connections_in_use", "kraken_turns_written_total"):
         assert f"# TYPE {family.removesuffix('_total')}" in response.text
+    assert "_created" not in response.text  # as with worker processes, which cannot export them
     # A scraper that asks for OpenMetrics gets it.
     open_metrics = await client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert open_metrics.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
