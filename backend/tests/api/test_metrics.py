@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncConnection, async_sessionmaker
 
 from backend import metrics
 from backend.config import Settings
@@ -152,13 +151,10 @@ async def test_boot_migrations_record_the_schema_and_what_they_did(empty_db: Dat
 
 
 @pytest.fixture
-def app_without_metrics(db_connection: AsyncConnection, api_settings: Settings) -> FastAPI:
-    """The ``app`` fixture's app, with KRAKEN_METRICS=off."""
-    application = create_app(api_settings.model_copy(update={"metrics": False}))
-    application.state.session_factory = async_sessionmaker(
-        bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-    )
-    return application
+def app_without_metrics(app: FastAPI) -> FastAPI:
+    """The ``app`` fixture's app, with KRAKEN_METRICS=off (settings are read per request)."""
+    app.state.settings = app.state.settings.model_copy(update={"metrics": False})
+    return app
 
 
 @pytest.fixture
