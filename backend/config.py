@@ -100,6 +100,9 @@ class Settings(BaseSettings):
         # Browsers send scheme and host in lower case; the comparison is exact.
         return tuple(origin.lower() for origin in origins)
 
+    # GET /metrics and the instrumentation behind it (on|off; pydantic also takes true/false).
+    metrics: bool = True
+
     @field_validator("database_url", "migrations_database_url", "api_key", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:

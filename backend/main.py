@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.gzip import GZipMiddleware
 
+from backend import metrics
 from backend.api import ROUTERS
 from backend.api.errors import install_error_handlers
 from backend.api.middleware import GZIP_MINIMUM_BYTES, BodySizeLimit, Cors, RequestContext
@@ -33,7 +34,7 @@ from backend.migrations.runner import (
     check_schema,
     migrations_target,
     read_schema_status,
-    run_migrations,
+    run_migrations_measured,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,10 +46,17 @@ STARTUP_ERRORS = (ConfigError, DatabaseUnavailable, MigrationError, SchemaNotAtH
 async def prepare_schema(settings: Settings) -> SchemaStatus:
     """Apply KRAKEN_MIGRATE_ON_STARTUP: upgrade to head, check that it is there, or only look."""
     if settings.migrate_on_startup == "upgrade":
-        return await run_migrations(settings)
+        run = await run_migrations_measured(settings)
+        if settings.metrics:
+            metrics.record_migration(run)
+        return run.status
     if settings.migrate_on_startup == "check":
-        return await check_schema(settings)
-    return await read_schema_status(await migrations_target(settings), wait=settings.db_connect_timeout)
+        status = await check_schema(settings)
+    else:
+        status = await read_schema_status(await migrations_target(settings), wait=settings.db_connect_timeout)
+    if settings.metrics:
+        metrics.record_schema(status)
+    return status
 
 
 def create_service_engine(target: DatabaseTarget, settings: Settings) -> AsyncEngine:
@@ -76,6 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
     target = await resolve_target(settings)
     engine = create_service_engine(target, settings)
+    if settings.metrics:
+        metrics.watch_pool(engine)
     app.state.fault_log.where = target.safe
     app.state.settings = settings
     app.state.schema_status = status
@@ -132,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Level 6 (zlib's default): JSON compresses nearly as well as at 9 for much less CPU per response.
     application.add_middleware(GZipMiddleware, minimum_size=GZIP_MINIMUM_BYTES, compresslevel=6)
     application.add_middleware(Cors)
+    application.add_middleware(metrics.RequestMetrics)
     application.add_middleware(RequestContext)  # outermost: its id is on every response and log line
     for router in ROUTERS:
         application.include_router(router)

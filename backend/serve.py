@@ -28,6 +28,7 @@ from uvicorn.supervisors import Multiprocess
 
 from backend.config import ConfigError, Settings, check_serving, get_settings
 from backend.logs import configure_logging
+from backend.metrics import mark_worker_dead
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +132,11 @@ class Supervisor(Multiprocess):
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
+
+    def keep_subprocess_alive(self) -> None:
+        before = {process.pid for process in self.processes}
+        super().keep_subprocess_alive()
+        # A worker that died (and was replaced) leaves the pool gauges summed over live workers.
+        for pid in before - {process.pid for process in self.processes}:
+            if pid is not None:
+                mark_worker_dead(pid)

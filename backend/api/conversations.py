@@ -6,6 +6,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response, status
 
+from backend import metrics
 from backend.api.deps import ConnectionDep, ConversationId, IdempotencyKey, RequireApiKey, app_settings
 from backend.api.errors import documented
 from backend.api.openapi import link
@@ -92,13 +93,16 @@ async def append_turn(
     (`totals_full`: total_tokens up to 2147483647, total_cost_usd up to 9999.999999), or the
     database refused the turn (`turn_rejected`).
     """
+    settings = app_settings(request)
     recorded = await service.append_turn(
         conn,
         conversation_id,
         body,
-        tool_result_max_bytes=app_settings(request).tool_result_max_bytes,
+        tool_result_max_bytes=settings.tool_result_max_bytes,
         idempotency_key=idempotency_key,
     )
+    if settings.metrics and not recorded.replayed:
+        metrics.record_append(recorded.value)
     return replayed(recorded, response)
 
 

@@ -25,6 +25,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from backend import metrics
 from backend.conversations.errors import (
     ConversationEnded,
     ConversationError,
@@ -198,6 +199,8 @@ async def _database_error(request: Request, exc: Exception) -> ErrorResponse:
         raise exc  # not an expected fault: the server error handler answers it
     faults: FaultLog = request.app.state.fault_log
     faults.record(fault, exc)
+    if request.app.state.settings.metrics:
+        metrics.record_database_error(fault)
     status_code, retry_after, type_, msg = DATABASE_FAULTS[fault]
     return ErrorResponse(
         {"detail": [{"loc": [], "msg": msg, "type": type_}]},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, text
@@ -101,11 +101,18 @@ def through_transaction_pooler(lock: Connection, work: Connection) -> bool:
 
 
 @contextmanager
-def migration_lock(engine: Engine, timeout: float, *, work: Connection | None = None) -> Iterator[Connection]:
+def migration_lock(
+    engine: Engine,
+    timeout: float,
+    *,
+    work: Connection | None = None,
+    on_acquired: Callable[[float], None] | None = None,
+) -> Iterator[Connection]:
     """Hold the migration lock for the block, polling pg_try_advisory_lock for up to ``timeout`` s.
 
     With ``work`` (the connection revisions run on), first make sure the two connections are not
-    behind a transaction-pooling proxy, where a session lock means nothing.
+    behind a transaction-pooling proxy, where a session lock means nothing. ``on_acquired`` is
+    told how many seconds the polling waited for another runner.
 
     Yields the lock's autocommit connection: what is written on it (the ledger's record of a step
     that failed) survives the rollback of the work connection's transaction.
@@ -114,7 +121,8 @@ def migration_lock(engine: Engine, timeout: float, *, work: Connection | None = 
         conn = raw.execution_options(isolation_level="AUTOCOMMIT")
         if work is not None and through_transaction_pooler(conn, work):
             raise TransactionPooler()
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         wait = 0.05
         while not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar_one():
             remaining = deadline - time.monotonic()
@@ -124,6 +132,8 @@ def migration_lock(engine: Engine, timeout: float, *, work: Connection | None = 
                 )
             sleep(min(wait, remaining))
             wait = min(wait * 2, 1.0)
+        if on_acquired is not None:
+            on_acquired(time.monotonic() - started)
         try:
             yield conn
         finally:

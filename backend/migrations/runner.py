@@ -204,8 +204,32 @@ async def run_on_connection(
         await engine.dispose()
 
 
+@dataclass(frozen=True)
+class MigrationRun:
+    """What a boot's ``run_migrations_measured()`` did, for the caller to report (the metrics)."""
+
+    status: SchemaStatus  # where the schema ended
+    seconds: float  # the whole call: reaching the database, waiting for the lock, applying
+    lock_wait_seconds: float  # waiting for another runner's migration lock; 0 when no lock was needed
+    applied: int  # revisions this call applied (0 when the schema was at head, or another runner did it)
+
+
+# Where migrate_locked() leaves the seconds it waited for the lock and the number of revisions it
+# applied, on the work connection's info: env.py sits between the two, and Alembic hands nothing back.
+LOCK_WAIT = "kraken_migration_lock_wait"
+APPLIED = "kraken_revisions_applied"
+
+
 async def run_migrations(settings: Settings | None = None, *, script_location: Path = ALEMBIC_DIR) -> SchemaStatus:
     """Bring the schema to head; return where it ended. Safe to call from many processes at once."""
+    return (await run_migrations_measured(settings, script_location=script_location)).status
+
+
+async def run_migrations_measured(
+    settings: Settings | None = None, *, script_location: Path = ALEMBIC_DIR
+) -> MigrationRun:
+    """``run_migrations()``, with what it took."""
+    started = time.monotonic()
     settings = settings or get_settings()
     target = await migrations_target(settings)
     state = await read_boot_state(target, wait=settings.db_connect_timeout, script_location=script_location)
@@ -213,27 +237,31 @@ async def run_migrations(settings: Settings | None = None, *, script_location: P
     if status.ahead:
         enforce_checksums(verdict, settings)
         schema_ahead(status, settings, action="start")
-        return status
+        return MigrationRun(status, time.monotonic() - started, 0.0, 0)
     # At head with every applied revision on record, only validation is left; no lock is needed
     # to read. A database without the ledger, or with revisions not on record, is adopted under it.
     if status.at_head and verdict is not None and not verdict.unrecorded:
         enforce_checksums(verdict, settings)
-        return status
+        return MigrationRun(status, time.monotonic() - started, 0.0, 0)
+    facts: dict[str, Any] = {}
 
     def upgrade(connection: Connection) -> None:
         cfg = alembic_config(script_location)
         cfg.attributes["settings"] = settings
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        try:
+            command.upgrade(cfg, "head")
+        finally:
+            facts.update((key, connection.info.pop(key, 0)) for key in (LOCK_WAIT, APPLIED))
 
-    started = time.monotonic()
+    upgrading = time.monotonic()
     try:
         await run_on_connection(target, upgrade, statement_cache=settings.db_statement_cache)
     except CommandError as exc:
         raise MigrationError(str(exc).splitlines()[0]) from None
     status = await read_schema_status(target, script_location=script_location)
-    logger.info("schema at revision %s (%.0f ms)", status.revision, (time.monotonic() - started) * 1000)
-    return status
+    logger.info("schema at revision %s (%.0f ms)", status.revision, (time.monotonic() - upgrading) * 1000)
+    return MigrationRun(status, time.monotonic() - started, float(facts[LOCK_WAIT]), int(facts[APPLIED]))
 
 
 async def check_schema(settings: Settings) -> SchemaStatus:
@@ -315,12 +343,22 @@ def run_with_retries(run: Callable[[], None], settings: Settings) -> None:
 OnVersionApply = Callable[[MigrationContext, MigrationInfo, Collection[Any], Mapping[str, Any]], None]
 
 
-def _both(first: Callable[..., None], second: Callable[..., None]) -> OnVersionApply:
-    """Two ``on_version_apply`` hooks as one (Alembic's type takes one; it is called with keywords)."""
+def _all(*hooks: Callable[..., None]) -> OnVersionApply:
+    """Several ``on_version_apply`` hooks as one (Alembic's type takes one; it is called with keywords)."""
 
     def on_version_apply(*args: Any, **kwargs: Any) -> None:
-        first(*args, **kwargs)
-        second(*args, **kwargs)
+        for hook in hooks:
+            hook(*args, **kwargs)
+
+    return on_version_apply
+
+
+def count_applied(info: dict[Any, Any]) -> Callable[..., None]:
+    """An ``on_version_apply`` hook counting the revisions applied in ``info[APPLIED]``."""
+
+    def on_version_apply(*, ctx: MigrationContext, step: MigrationInfo, heads: set[str], run_args: Any) -> None:
+        if step.is_upgrade and not step.is_stamp:
+            info[APPLIED] = info.get(APPLIED, 0) + 1
 
     return on_version_apply
 
@@ -393,10 +431,15 @@ def migrate_locked(
     Failures become a ``CommandError`` of one line (Alembic prints ``FAILED: <line>``).
     """
     try:
-        with migration_lock(connection.engine, settings.migration_lock_timeout, work=connection) as lock:
+        with migration_lock(
+            connection.engine,
+            settings.migration_lock_timeout,
+            work=connection,
+            on_acquired=lambda waited: connection.info.__setitem__(LOCK_WAIT, waited),
+        ) as lock:
             _set_session_bounds(connection, settings)
             recorder = ledger.Recorder(lock, read_checksums(script_location))
-            ctx = configure(_both(log_applied(), recorder.on_version_apply))
+            ctx = configure(_all(log_applied(), recorder.on_version_apply, count_applied(connection.info)))
             if "destination_rev" not in ctx.opts:
                 run_with_retries(run, settings)
                 return

@@ -17,7 +17,7 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ import httpx
 import pytest
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -314,6 +316,15 @@ def turn_body(**overrides: Any) -> dict[str, Any]:
     return body
 
 
+@contextlib.asynccontextmanager
+async def live(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``app`` as it runs in production (lifespan, pooled engine, real commits), with the API key."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://kraken", headers=AUTH) as client:
+            yield client
+
+
 async def new_conversation(client: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
     response = await client.post("/conversations", json={**CONVERSATION, **overrides})
     assert response.status_code == 201, response.text
@@ -336,6 +347,18 @@ async def stored_counts(connection: AsyncConnection, conversation_id: str) -> tu
         id=conversation_id,
     )
     return row.turns, row.calls
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sample ``name`` with exactly ``labels`` in a Prometheus text exposition; 0 when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
 
 
 # --- the schema revision 002 leaves --------------------------------------------------------

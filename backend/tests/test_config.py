@@ -67,6 +67,7 @@ def test_migrations_url_falls_back_to_database_url(monkeypatch: pytest.MonkeyPat
         ("KRAKEN_PORT", "eighty", "KRAKEN_PORT"),
         ("KRAKEN_MIGRATE_ON_STARTUP", "sometimes", "KRAKEN_MIGRATE_ON_STARTUP"),
         ("KRAKEN_MIGRATION_VALIDATE", "strict", "KRAKEN_MIGRATION_VALIDATE"),
+        ("KRAKEN_METRICS", "sometimes", "KRAKEN_METRICS"),
         ("DATABASE_URL", f"mysql://root:{PASSWORD}@db/app", "unsupported scheme"),
         ("MIGRATIONS_DATABASE_URL", f"postgresql://u:{PASSWORD}@db:99999/app", "MIGRATIONS_DATABASE_URL"),
     ],

@@ -6,19 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget, parse_database_url
 from backend.main import create_app
 from backend.migrations.runner import run_migrations
 from backend.tests.conftest import settings_of
-from backend.tests.helpers import API_KEY, AUTH, CONVERSATION, fetch, new_conversation, turn_body
+from backend.tests.helpers import API_KEY, CONVERSATION, fetch, live, new_conversation, turn_body
 from backend.tests.rigs.cluster import Cluster, running_cluster
 
 
@@ -27,14 +25,6 @@ def own_server() -> Iterator[Cluster]:
     """A server of this test's own, to stop and start."""
     with running_cluster("faults") as cluster:
         yield cluster
-
-
-@asynccontextmanager
-async def live(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://kraken", headers=AUTH) as client:
-            yield client
 
 
 def fault_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
