@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -14,6 +17,7 @@ from types import FrameType
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.gzip import GZipMiddleware
+from uvicorn.config import STARTUP_FAILURE
 
 from backend import metrics
 from backend.api import ROUTERS
@@ -78,11 +82,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # `uvicorn backend.main:app`: the logging is ours from here on, uvicorn's own lines too.
         settings = get_settings()
         configure_logging(settings.log_format)
-    check_serving(settings)
-    # `kraken-backend` prepares the schema before serving (to fail with one line); other servers
-    # (`uvicorn backend.main:app`) get it done here.
-    status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
-    target = await resolve_target(settings)
+    try:
+        check_serving(settings)
+        # `kraken-backend` prepares the schema before serving (to fail with one line); its worker
+        # processes read its status, and other servers (`uvicorn backend.main:app`) prepare it here.
+        status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
+        target = await resolve_target(settings)
+    except STARTUP_ERRORS as exc:
+        if multiprocessing.parent_process() is None:
+            raise
+        # A worker of `kraken-backend` (the database went away since the supervisor prepared the
+        # schema, say): one line, and the exit status uvicorn's supervisor reads as "failed to
+        # start", which stops the service (non-zero: systemd restarts it). Raised instead, the
+        # error would reach the log as the traceback Starlette formats for a failed startup.
+        logger.error("cannot start: %s", exc)
+        os._exit(STARTUP_FAILURE)
     engine = create_service_engine(target, settings)
     if settings.metrics:
         metrics.watch_pool(engine)
@@ -151,3 +165,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 app = create_app()
+
+if multiprocessing.parent_process() is not None:
+    # A worker process (of `kraken-backend`, or `uvicorn --workers N`): uvicorn imports the app
+    # before it writes its first line ("Started server process"), so the logging is ours from
+    # that line on. (A bad setting is left for the lifespan to report.)
+    with contextlib.suppress(ConfigError):
+        configure_logging(get_settings().log_format)

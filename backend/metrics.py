@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from backend.migrations.runner import MigrationRun
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_PATH = "/metrics"
 
 # Request latency, in seconds: /health answers in well under a millisecond, an append in a few, a
 # long shared view in tens to hundreds; the top buckets are the pool (5 s) and statement (10 s) timeouts.
@@ -163,6 +164,10 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:
+            if status == 500 and scope["app"].state.draining:
+                status = 503  # cut off at shutdown, unanswered: RequestContext answers 503 shutting_down
+            raise
         finally:
             key = (route_template(scope), _METHODS.get(scope["method"], "other"), status)
             children = self._children.get(key)

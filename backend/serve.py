@@ -20,20 +20,21 @@ import shutil
 import socket
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 import uvloop
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from backend.config import ConfigError, Settings, check_serving, get_settings
 from backend.logs import configure_logging
-from backend.metrics import mark_worker_dead
+from backend.metrics import MULTIPROC_DIR, mark_worker_dead
 
 logger = logging.getLogger(__name__)
 
 APP = "backend.main:app"
-MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def main() -> None:
@@ -52,7 +53,12 @@ def main() -> None:
 def serve(settings: Settings) -> int:
     """Prepare the schema, then serve until SIGTERM or SIGINT; the exit status."""
     own_metrics_dir = None
-    if settings.workers > 1 and not os.environ.get(MULTIPROC_DIR):
+    if given := os.environ.get(MULTIPROC_DIR):
+        # The client library's rule: the directory is emptied between runs, or the last run's
+        # processes would still be counted (and their gauges summed as if alive).
+        for stale in Path(given).glob("*.db"):
+            stale.unlink()
+    elif settings.workers > 1:
         own_metrics_dir = os.environ[MULTIPROC_DIR] = tempfile.mkdtemp(prefix="kraken-metrics-")
     try:
         return _serve(settings)
@@ -85,6 +91,8 @@ def _serve(settings: Settings) -> int:
         config = uvicorn_config(APP, settings, workers=settings.workers)
         supervisor = Supervisor(config, [listening_socket(config)])
         supervisor.run()
+        if any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes):
+            return 1  # a worker could not start (it said why in one line): the supervisor stopped
         return 0
     finally:
         if settings.database_url is None:
@@ -100,7 +108,7 @@ def uvicorn_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Conf
         http="httptools",
         lifespan="on",
         log_config=None,  # backend.logs configures logging, in every process
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        timeout_graceful_shutdown=settings.shutdown_grace,
         # A worker's startup waits for the database (KRAKEN_DB_CONNECT_TIMEOUT) before it answers
         # the supervisor's health check; uvicorn's default of 5 s would kill it meanwhile.
         timeout_worker_healthcheck=max(60, int(settings.db_connect_timeout) + 10),
@@ -133,10 +141,23 @@ class Supervisor(Multiprocess):
             sock.close()
         super().terminate_all()
 
+    # A worker that is gone (died and was replaced, or retired by SIGHUP's restart or SIGTTOU)
+    # leaves the gauges summed over live workers (the pool's).
+
     def keep_subprocess_alive(self) -> None:
-        before = {process.pid for process in self.processes}
+        before = self._pids()
         super().keep_subprocess_alive()
-        # A worker that died (and was replaced) leaves the pool gauges summed over live workers.
-        for pid in before - {process.pid for process in self.processes}:
-            if pid is not None:
-                mark_worker_dead(pid)
+        self._forget(before - self._pids())
+
+    def handle_signals(self) -> None:
+        before = self._pids()
+        super().handle_signals()
+        self._forget(before - self._pids())
+
+    def _pids(self) -> set[int]:
+        return {process.pid for process in self.processes if process.pid is not None}
+
+    @staticmethod
+    def _forget(pids: set[int]) -> None:
+        for pid in pids:
+            mark_worker_dead(pid)

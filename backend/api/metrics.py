@@ -14,7 +14,7 @@ router = APIRouter(tags=["metrics"])
 
 # Not in the OpenAPI document: it is for the operator's scraper, not the API's clients (README.md
 # documents every series), and it exists only while KRAKEN_METRICS is on.
-@router.get("/metrics", include_in_schema=False)
+@router.get(metrics.METRICS_PATH, include_in_schema=False)
 async def get_metrics(request: Request) -> Response:
     """Prometheus text format (OpenMetrics when the scraper asks for it); every worker's series."""
     settings: Settings = request.app.state.settings

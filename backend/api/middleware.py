@@ -16,6 +16,7 @@ from backend.api.deps import LEASE_SCOPE_KEY
 from backend.api.errors import ErrorResponse, FaultLog
 from backend.db.leases import Lease
 from backend.logs import request_id
+from backend.metrics import METRICS_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class Cors:
         self.inner: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] == METRICS_PATH:
+            # /metrics needs no key: the scraper reads it, never a page in a browser.
             await self.app(scope, receive, send)
             return
         if self.inner is None:

@@ -51,7 +51,10 @@ class _Pooled:
         # connection that goes back into a pool with room for it is only queued (the reset on
         # return is a no-op: no transaction was begun through SQLAlchemy), so the common case
         # skips the greenlet's cost. A full pool closes the connection (an overflow one): that awaits.
-        if self.connection.is_closed():
+        if self.connection.is_closed() or not succeeded or self.connection.is_in_transaction():
+            # Also one whose request failed (a fault, a bug, cut off at shutdown: a statement may
+            # have been interrupted mid-flight) or that is still in a transaction (an interrupted
+            # delete): SQLAlchemy's reset on return only ends transactions begun through it.
             await greenlet_spawn(self._fairy.invalidate)
         elif self._pool.checkedin() < self._pool.size():
             self._fairy.close()

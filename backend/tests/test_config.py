@@ -1,5 +1,6 @@
 """Settings: what is refused, and how it is reported (no database needed)."""
 
+import os
 import subprocess
 import sys
 
@@ -68,6 +69,9 @@ def test_migrations_url_falls_back_to_database_url(monkeypatch: pytest.MonkeyPat
         ("KRAKEN_MIGRATE_ON_STARTUP", "sometimes", "KRAKEN_MIGRATE_ON_STARTUP"),
         ("KRAKEN_MIGRATION_VALIDATE", "strict", "KRAKEN_MIGRATION_VALIDATE"),
         ("KRAKEN_METRICS", "sometimes", "KRAKEN_METRICS"),
+        ("KRAKEN_WORKERS", "0", "KRAKEN_WORKERS"),
+        ("KRAKEN_WORKERS", "two", "KRAKEN_WORKERS"),
+        ("KRAKEN_SHUTDOWN_GRACE", "-1", "KRAKEN_SHUTDOWN_GRACE"),
         ("DATABASE_URL", f"mysql://root:{PASSWORD}@db/app", "unsupported scheme"),
         ("MIGRATIONS_DATABASE_URL", f"postgresql://u:{PASSWORD}@db:99999/app", "MIGRATIONS_DATABASE_URL"),
     ],
@@ -158,3 +162,8 @@ def test_migrations_url_alone_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("MIGRATIONS_DATABASE_URL", "postgresql://owner@primary:5432/kraken")
     with pytest.raises(ConfigError, match="MIGRATIONS_DATABASE_URL is set but DATABASE_URL is not"):
         load_settings()
+
+
+def test_workers_default_to_the_cpus_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KRAKEN_WORKERS", raising=False)
+    assert load_settings().workers == len(os.sched_getaffinity(0))

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from backend.db.engine import connect
-from backend.db.url import DatabaseTarget
+from backend.db.url import DatabaseTarget, parse_database_url
 from backend.migrations.revisions import read_revisions
 from backend.tests.helpers import (
     API_KEY,
@@ -33,6 +33,7 @@ from backend.tests.helpers import (
     service,
     turn_body,
 )
+from backend.tests.rigs.cluster import running_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -251,3 +252,22 @@ async def test_ready_answers_503_from_sigterm_on_while_other_requests_are_served
     assert draining.json()["reason"] == "shutting down"
     assert (await live_client.get("/health")).status_code == 200
     assert (await live_client.post("/conversations", json=CONVERSATION)).status_code == 201
+
+
+def test_a_worker_that_cannot_reach_the_database_stops_the_service_with_one_line() -> None:
+    """The database goes away between the supervisor's migrations and the workers' start: each
+    worker says why in one line, and the service stops with a failure status (systemd restarts
+    it), not with 0 (which it would not), nor with a traceback."""
+    with running_cluster("workers") as cluster:
+        port = free_port()
+        env = child_env(
+            parse_database_url(cluster.url()), KRAKEN_PORT=str(port), KRAKEN_WORKERS="2", KRAKEN_DB_CONNECT_TIMEOUT="1"
+        )
+        with service(env) as running:
+            running.wait_for("schema at revision")  # the supervisor's migrations are done
+            cluster.stop("immediate")
+            code = running.process.wait(timeout=90)
+            output = running.stop()
+    assert code == 1, output
+    assert "cannot start: " in output
+    assert "Traceback" not in output

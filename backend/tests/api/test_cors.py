@@ -56,3 +56,9 @@ async def test_another_origin_gets_no_cors_headers(client, anonymous):
     preflight = await anonymous.options(url, headers=preflight_headers(ELSEWHERE))
     assert preflight.status_code == 400
     assert "access-control-allow-origin" not in preflight.headers
+
+
+async def test_metrics_are_not_readable_across_origins(anonymous):
+    response = await anonymous.get("/metrics", headers={"Origin": SHARE_PAGE})
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers
