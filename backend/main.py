@@ -27,7 +27,7 @@ from backend.api.openapi import install_openapi, operation_id
 from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
 from backend.db.embedded import release_servers
 from backend.db.engine import create_engine
-from backend.db.leases import NotStarted, PoolLender
+from backend.db.leases import SETTLE_SECONDS, NotStarted, PoolLender
 from backend.db.url import DatabaseTarget
 from backend.logs import configure_logging
 from backend.migrations.revisions import SchemaStatus
@@ -111,6 +111,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         restore_sigterm()
+        # Requests cut off at shutdown still settle their connections (their statements cancelled
+        # on the database) before the pool goes.
+        if not await app.state.lender.all_returned(timeout=SETTLE_SECONDS + 1):
+            logger.warning("closing the pool with connections still out (their requests did not settle)")
         await engine.dispose()
         if settings.database_url is None:
             await asyncio.to_thread(release_servers)

@@ -64,11 +64,13 @@ class RequestContext:
         except asyncio.CancelledError:
             if status or not state.draining:
                 raise
-            # Shutting down, past KRAKEN_SHUTDOWN_GRACE: the server cancelled the request. Whatever
-            # statement it was running is cancelled with it (nothing of it stays): the client may
-            # retry it, with its Idempotency-Key, against a process that is not going away.
+            # Shutting down, past KRAKEN_SHUTDOWN_GRACE: the server cancelled the request, and the
+            # statement it was running is cancelled on the database (the lease waits for that).
+            # One that completed just before may have been stored: the client retries with its
+            # Idempotency-Key, against a process that is not going away.
             logger.warning("cut off at shutdown: %s %s", scope.get("method"), scope.get("path"))
-            detail = [{"loc": [], "msg": "the service is shutting down; retry", "type": "shutting_down"}]
+            msg = "the service is shutting down; retry (a write with its Idempotency-Key)"
+            detail = [{"loc": [], "msg": msg, "type": "shutting_down"}]
             answer = ErrorResponse({"detail": detail}, status_code=503, headers={"Retry-After": "1"})
             await answer(scope, receive, send_with_id)
         except Exception:
