@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -26,6 +27,7 @@ from backend.tests.helpers import (
     API_KEY,
     AUTH,
     CONVERSATION,
+    SERVICE,
     Service,
     child_env,
     fetch,
@@ -271,3 +273,18 @@ def test_a_worker_that_cannot_reach_the_database_stops_the_service_with_one_line
     assert code == 1, output
     assert "cannot start: " in output
     assert "Traceback" not in output
+
+
+def test_an_operators_metrics_directory_is_emptied_at_start(tmp_path: Path) -> None:
+    """prometheus-client's rule for PROMETHEUS_MULTIPROC_DIR: emptied between runs, or the last
+    run's processes are still counted (and their pool gauges summed as if alive)."""
+    stale = tmp_path / "counter_4242.db"
+    stale.write_bytes(b"from the last run")
+    kept = tmp_path / "README"
+    kept.write_text("not ours")
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/kraken"
+    env = child_env(None, DATABASE_URL=nowhere, KRAKEN_DB_CONNECT_TIMEOUT="0", PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    result = subprocess.run([SERVICE], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr  # the database is not there: it stops, having emptied it first
+    assert not stale.exists()
+    assert kept.exists()
