@@ -101,7 +101,7 @@ async def serving_pids(port: int, running: Service, batch: str) -> set[int]:
     return {int(m["pid"]) for m in matches if m is not None and m["rid"].startswith(f"{batch}-")}
 
 
-async def test_the_schema_is_prepared_once_then_every_worker_serves_and_a_dead_one_is_replaced(
+async def test_the_schema_is_prepared_once_every_worker_serves_a_dead_one_is_replaced_and_sigterm_drains(
     empty_db: DatabaseTarget,
 ) -> None:
     port = free_port()
@@ -129,8 +129,22 @@ async def test_the_schema_is_prepared_once_then_every_worker_serves_and_a_dead_o
             assert time.monotonic() < deadline, "\n".join(running.lines)
             time.sleep(0.1)
         wait_for_workers(running, 3)
-        assert post(port, "/conversations", CONVERSATION)[0] == 201
-        output = running.stop()
+
+        # SIGTERM with a request in flight (an append waiting for a row lock the test holds for
+        # a second): new connections are refused at once, the request finishes, the service ends.
+        results, refused_after, _, output, code, conversation = await _drain_with_an_append_in_flight(
+            empty_db, running, port, hold=1.0
+        )
+    assert refused_after < 2
+    [outcome] = results
+    assert not isinstance(outcome, Exception), output
+    status, turn = outcome
+    assert status == 201, output
+    assert turn["turn_number"] == 1
+    assert code in (0, -signal.SIGTERM), output
+    [[total]] = await fetch(empty_db, "SELECT total_turns FROM kraken_conversations WHERE id = $1", conversation)
+    assert total == 1
+    assert "Traceback" not in output
 
     # Migrations ran once, in the supervisor, before any worker started.
     applied = [line for line in output.splitlines() if "applied revision 001" in line]
@@ -165,65 +179,50 @@ async def _until_an_append_waits_for_the_lock(db: DatabaseTarget) -> None:
 
 
 async def _drain_with_an_append_in_flight(
-    db: DatabaseTarget, grace: int, hold: float
+    db: DatabaseTarget, running: Service, port: int, hold: float
 ) -> tuple[list[Outcome], float, float, str, int, str]:
-    """SIGTERM while an append waits ``hold`` seconds for a row lock; (results, seconds until new
-    connections were refused, seconds until exit, output, exit code, conversation id)."""
-    port = free_port()
-    with service(workers_env(db, port, KRAKEN_SHUTDOWN_GRACE=str(grace))) as running:
-        wait_for_workers(running, 2)
-        status, conversation = post(port, "/conversations", CONVERSATION)
-        assert status == 201
-        conversation_id = str(conversation["id"])
-        blocker = await connect(db)
-        results: list[Outcome] = []
-        try:
-            transaction = blocker.transaction()
-            await transaction.start()
-            await blocker.execute("SELECT 1 FROM kraken_conversations WHERE id = $1 FOR UPDATE", conversation["id"])
-            thread = _append_in_thread(port, conversation_id, results)
-            await _until_an_append_waits_for_the_lock(db)
-            signalled = time.monotonic()
-            running.process.send_signal(signal.SIGTERM)
-            while not refused(port):
-                assert time.monotonic() - signalled < 10, "still accepting connections after SIGTERM"
-                await asyncio.sleep(0.05)
-            refused_after = time.monotonic() - signalled
-            exited_after = float("inf")
-            while time.monotonic() - signalled < hold:  # the lock held: does the service wait, or go?
-                if exited_after == float("inf") and running.process.poll() is not None:
-                    exited_after = time.monotonic() - signalled
-                await asyncio.sleep(0.05)
-            await transaction.rollback()
-        finally:
-            await blocker.close()
-        await asyncio.to_thread(thread.join, 60)
-        code = await asyncio.to_thread(running.process.wait, 60)
-        exited_after = min(exited_after, time.monotonic() - signalled)
-        output = running.stop()
+    """SIGTERM to a running `kraken-backend` while an append waits ``hold`` seconds for a row lock;
+    (results, seconds until new connections were refused, seconds until exit, output, exit code,
+    conversation id)."""
+    status, conversation = post(port, "/conversations", CONVERSATION)
+    assert status == 201
+    conversation_id = str(conversation["id"])
+    blocker = await connect(db)
+    results: list[Outcome] = []
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        await blocker.execute("SELECT 1 FROM kraken_conversations WHERE id = $1 FOR UPDATE", conversation["id"])
+        thread = _append_in_thread(port, conversation_id, results)
+        await _until_an_append_waits_for_the_lock(db)
+        signalled = time.monotonic()
+        running.process.send_signal(signal.SIGTERM)
+        while not refused(port):
+            assert time.monotonic() - signalled < 10, "still accepting connections after SIGTERM"
+            await asyncio.sleep(0.05)
+        refused_after = time.monotonic() - signalled
+        exited_after = float("inf")
+        while time.monotonic() - signalled < hold:  # the lock held: does the service wait, or go?
+            if exited_after == float("inf") and running.process.poll() is not None:
+                exited_after = time.monotonic() - signalled
+            await asyncio.sleep(0.05)
+        await transaction.rollback()
+    finally:
+        await blocker.close()
+    await asyncio.to_thread(thread.join, 60)
+    code = await asyncio.to_thread(running.process.wait, 60)
+    exited_after = min(exited_after, time.monotonic() - signalled)
+    output = running.stop()
     return results, refused_after, exited_after, output, code, conversation_id
 
 
-async def test_sigterm_refuses_new_connections_and_lets_requests_in_flight_finish(live_db: DatabaseTarget) -> None:
-    results, refused_after, _, output, code, conversation = await _drain_with_an_append_in_flight(
-        live_db, grace=20, hold=1.0
-    )
-    assert refused_after < 2
-    [outcome] = results
-    assert not isinstance(outcome, Exception), output
-    status, turn = outcome
-    assert status == 201, output
-    assert turn["turn_number"] == 1
-    assert code in (0, -signal.SIGTERM), output
-    [[total]] = await fetch(live_db, "SELECT total_turns FROM kraken_conversations WHERE id = $1", conversation)
-    assert total == 1
-    assert "Traceback" not in output
-
-
 async def test_a_request_past_the_shutdown_grace_is_cut_off_and_stores_nothing(live_db: DatabaseTarget) -> None:
-    results, _, exited_after, output, code, conversation = await _drain_with_an_append_in_flight(
-        live_db, grace=1, hold=6.0
-    )
+    port = free_port()
+    with service(workers_env(live_db, port, KRAKEN_SHUTDOWN_GRACE="1")) as running:
+        wait_for_workers(running, 2)
+        results, _, exited_after, output, code, conversation = await _drain_with_an_append_in_flight(
+            live_db, running, port, hold=6.0
+        )
     # Gone within the grace (plus the time to stop), while the lock was still held.
     assert exited_after < 5.0, output
     [outcome] = results
@@ -262,9 +261,10 @@ def test_a_worker_that_cannot_reach_the_database_stops_the_service_with_one_line
     it), not with 0 (which it would not), nor with a traceback."""
     with running_cluster("workers") as cluster:
         port = free_port()
-        env = child_env(
-            parse_database_url(cluster.url()), KRAKEN_PORT=str(port), KRAKEN_WORKERS="2", KRAKEN_DB_CONNECT_TIMEOUT="1"
-        )
+        # connect_timeout: an attempt that meets the server half-way through its shutdown would
+        # otherwise wait asyncpg's default minute for an answer.
+        target = parse_database_url(cluster.url(connect_timeout="2"))
+        env = child_env(target, KRAKEN_PORT=str(port), KRAKEN_WORKERS="2", KRAKEN_DB_CONNECT_TIMEOUT="1")
         with service(env) as running:
             running.wait_for("schema at revision")  # the supervisor's migrations are done
             cluster.stop("immediate")
