@@ -50,7 +50,6 @@ from backend.config import PROJECT_ROOT, Settings, load_settings
 from backend.conversations import service
 from backend.conversations.schemas import TurnCreate, dumps
 from backend.db.admin import scratch_database
-from backend.db.engine import create_session_factory
 from backend.db.leases import Lease, PoolLender
 from backend.db.url import DatabaseTarget
 from backend.main import create_service_engine
@@ -450,7 +449,7 @@ async def main(args: argparse.Namespace) -> None:
         bench_settings = Settings.model_validate({"DATABASE_URL": scratch.dsn, "db_pool_size": POOL})
         await run_migrations(bench_settings)
         engine = create_service_engine(scratch, bench_settings)
-        db = Db(PoolLender(engine), create_session_factory(engine))
+        db = Db(PoolLender(engine), async_sessionmaker(engine, expire_on_commit=False))
         try:
             turn = TurnCreate.model_validate(turn_payload(tool_calls=3))
             figures = await measure_writes(db, turn, args.rounds, args.turns_c1, args.turns_c16)

@@ -1,4 +1,5 @@
-"""Engines and bare connections: the service's pooled engine, the migration engine, sessions.
+"""Engines and bare connections: the service's pooled engine (requests lease its connections:
+backend.db.leases), the migration engine.
 
 Every connection this service opens gets here, so each is recognisable in ``pg_stat_activity``
 by its ``application_name`` and honours the same URL options.
@@ -12,7 +13,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import URL, event
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.util import await_
 
@@ -128,7 +129,3 @@ def create_migration_engine(target: DatabaseTarget, *, statement_cache: bool = T
     return _engine(
         target, connect_kwargs(target, MIGRATION_APPLICATION_NAME, statement_cache), statement_cache, poolclass=NullPool
     )
-
-
-def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.db import engine as db_engine
 from backend.db.engine import connect
+from backend.db.leases import Lease, PoolLender
 from backend.main import create_service_engine
 
 
@@ -62,3 +63,23 @@ async def test_only_connections_idle_past_the_window_are_pinged(live_db, setting
         await engine.dispose()
     queries = [q for q in sent if q.startswith("SELECT")]
     assert queries == (["SELECT 2", "SELECT 1", "SELECT 3"] if pinged else ["SELECT 2", "SELECT 3"])
+
+
+async def test_a_lease_given_back_inside_a_transaction_does_not_pool_it(live_db, settings_for):
+    """SQLAlchemy's reset on return only ends transactions begun through SQLAlchemy; one begun on
+    the asyncpg connection (an interrupted delete) must not reach the next request."""
+    engine = create_service_engine(live_db, settings_for(live_db, db_pool_size=1, db_max_overflow=0))
+    lender = PoolLender(engine)
+    try:
+        lease = Lease(lender)
+        left_open = await lease.connection()
+        await left_open.execute("BEGIN")
+        await lease.end(succeeded=True)
+
+        lease = Lease(lender)
+        conn = await lease.connection()
+        assert conn is not left_open
+        assert not conn.is_in_transaction()
+        await lease.end(succeeded=True)
+    finally:
+        await engine.dispose()
