@@ -53,6 +53,25 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
+def settled_pool(directory: Path) -> dict[int, float]:
+    """pid -> idle pool connections of each worker, read once the pools are quiet.
+
+    A worker updates its gauges a moment after a connection moves (its request's response may reach
+    the client first), so a read right after the last response can catch one in between. Quiet:
+    nothing in use in any worker, and two reads a little apart agree.
+    """
+    deadline = time.monotonic() + 30
+    before: dict[int, float] | None = None
+    while True:
+        idle = per_worker(directory, "kraken_db_pool_connections_idle")
+        in_use = per_worker(directory, "kraken_db_pool_connections_in_use")
+        if idle == before and not any(in_use.values()):
+            return idle
+        assert time.monotonic() < deadline, (idle, in_use)
+        before = idle
+        time.sleep(0.2)
+
+
 def until_every_worker(directory: Path, labels: dict[str, str], send: Callable[[], T]) -> list[T]:
     """Call ``send`` 8 at a time until every worker counted a request with ``labels``; the answers."""
     answers: list[T] = []
@@ -80,7 +99,7 @@ def test_every_worker_answers_for_all_of_them(database_factory: DatabaseFactory,
 
         created = until_every_worker(directory, CREATED, lambda: create(port))
         assert set(created) == {201}
-        idle = per_worker(directory, "kraken_db_pool_connections_idle")
+        idle = settled_pool(directory)
         assert len(idle) == WORKERS
         assert min(idle.values()) >= 1  # each opened its own pool
 
