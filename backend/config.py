@@ -6,8 +6,10 @@ names the variable and the problem, never a value that could hold a password.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -33,8 +35,21 @@ class ConfigError(Exception):
     """A configuration mistake: reported as one line, never with a traceback."""
 
 
+# PostgreSQL's lock_timeout and statement_timeout are int4 milliseconds; 0 is "no limit".
+POSTGRES_MAX_MS = 2**31 - 1
+POSTGRES_MAX_SECONDS = POSTGRES_MAX_MS / 1000
+
+
+def postgres_ms(seconds: float) -> int:
+    """Seconds as PostgreSQL's whole milliseconds, rounded up: any positive value is at least 1 ms,
+    never the 0 that PostgreSQL reads as "no limit". 0 stays 0 (where a setting documents it)."""
+    # Through the decimal as written, so 0.007 s is 7 ms, not 8 (0.007 * 1000 is 7.000000000000001).
+    return math.ceil(Decimal(repr(seconds)) * 1000)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="KRAKEN_", extra="ignore", frozen=True)
+    # No "inf" or "nan": an infinite timeout would mean "no limit", which only a documented 0 may say.
+    model_config = SettingsConfigDict(env_prefix="KRAKEN_", extra="ignore", frozen=True, allow_inf_nan=False)
 
     env: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
@@ -55,8 +70,9 @@ class Settings(BaseSettings):
     schema_ahead: Literal["serve", "refuse"] = "serve"
     db_connect_timeout: float = Field(default=30.0, ge=0)
     migration_lock_timeout: float = Field(default=60.0, ge=0)
-    ddl_lock_timeout: float = Field(default=5.0, gt=0)
-    ddl_statement_timeout: float = Field(default=1800.0, ge=0)
+    # PostgreSQL timeouts (postgres_ms()): lock_timeout has no "no limit"; statement_timeout's is 0.
+    ddl_lock_timeout: float = Field(default=5.0, gt=0, le=POSTGRES_MAX_SECONDS)
+    ddl_statement_timeout: float = Field(default=1800.0, ge=0, le=POSTGRES_MAX_SECONDS)
     ddl_lock_retries: int = Field(default=4, ge=0)
     # Applied revisions whose files changed since: stop the run, warn, or do not check.
     migration_validate: Literal["error", "warn", "off"] = "error"

@@ -24,7 +24,7 @@ import time
 import asyncpg
 from support import alembic, bench_server, fill, migrate, say
 
-from backend.config import Settings
+from backend.config import Settings, postgres_ms
 from backend.db.admin import scratch_database
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
@@ -47,7 +47,7 @@ POLL = 0.005
 async def measure(db: DatabaseTarget, revision: str, lock_timeout: float) -> None:
     live = await connect(db)
     watcher = await connect(db)
-    await live.execute(f"SET lock_timeout = '{int(lock_timeout * 1000)}ms'")
+    await live.execute(f"SET lock_timeout = '{postgres_ms(lock_timeout)}ms'")
     waits: list[tuple[float, float]] = []
     building: list[float] = []
     started = time.monotonic()

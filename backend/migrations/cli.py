@@ -30,11 +30,12 @@ from backend.config import ConfigError, Settings, get_settings
 from backend.db.errors import first_line, sqlstate
 from backend.migrations import ledger
 from backend.migrations.checksums import read_checksums
-from backend.migrations.lock import MigrationLockTimeout, migration_lock
+from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, read_revisions
 from backend.migrations.runner import (
     DatabaseUnavailable,
     MigrationError,
+    ahead_of_code,
     migrations_target,
     open_connection,
     run_on_connection,
@@ -108,10 +109,7 @@ async def show_ledger(settings: Settings, script_location: Path, args: argparse.
 
 
 def _ahead_note(status: SchemaStatus) -> str:
-    return (
-        f"the database is at revision {','.join(status.unknown)}, which this code does not know: "
-        "checking the revisions it knows"
-    )
+    return ahead_of_code(status) + ": checking the revisions it knows"
 
 
 async def validate(settings: Settings, script_location: Path, args: argparse.Namespace) -> None:
@@ -153,7 +151,8 @@ async def validate(settings: Settings, script_location: Path, args: argparse.Nam
 def _repair(connection: Connection, settings: Settings, script_location: Path) -> list[str]:
     revisions, files = read_revisions(script_location), read_checksums(script_location)
     run_id = uuid.uuid4()  # one run, like a migration's
-    with migration_lock(connection.engine, settings.migration_lock_timeout):
+    # Like a migration: the pooler check first (a session lock behind one serializes nothing).
+    with migration_lock(connection.engine, settings.migration_lock_timeout, work=connection):
         ledger.prepare(connection)
         connection.commit()
         status = SchemaStatus(ledger.read_versions(connection), revisions)
@@ -181,7 +180,7 @@ async def repair(settings: Settings, script_location: Path, args: argparse.Names
     def work(connection: Connection) -> None:
         lines.extend(_repair(connection, settings, script_location))
 
-    await run_on_connection(await migrations_target(settings), work)
+    await run_on_connection(await migrations_target(settings), work, statement_cache=settings.db_statement_cache)
     for line in lines:
         _out(line)
 
@@ -226,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Failed as exc:
         _out(str(exc))
         sys.exit(1)
-    except (DatabaseUnavailable, MigrationError, MigrationLockTimeout) as exc:
+    except (DatabaseUnavailable, MigrationError, MigrationLockTimeout, TransactionPooler) as exc:
         _out(f"FAILED: {exc}")
         sys.exit(1)
     except (DBAPIError, asyncpg.PostgresError) as exc:

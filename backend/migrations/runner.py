@@ -30,7 +30,7 @@ from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
-from backend.config import Settings, get_settings, resolve_target
+from backend.config import Settings, get_settings, postgres_ms, resolve_target
 from backend.db.engine import connect, create_migration_engine
 from backend.db.errors import describe, first_line, is_connection_error, is_pooler_symptom, is_retriable, sqlstate
 from backend.db.url import DatabaseTarget
@@ -144,6 +144,11 @@ _AHEAD_OUTCOME = {
 }
 
 
+def ahead_of_code(status: SchemaStatus) -> str:
+    """The sentence every report of a database ahead of this code starts with."""
+    return f"database schema is at revision {','.join(status.unknown)}, which this code does not know"
+
+
 def schema_ahead(status: SchemaStatus, settings: Settings, *, action: Literal["start", "upgrade"]) -> None:
     """The database records a revision this code does not know (a deploy was rolled back).
 
@@ -153,7 +158,7 @@ def schema_ahead(status: SchemaStatus, settings: Settings, *, action: Literal["s
     would refuse to do: "start" (the service) or "upgrade" (the CLI).
     """
     refused, served = _AHEAD_OUTCOME[action]
-    message = f"database schema is at revision {','.join(status.unknown)}, which this code does not know"
+    message = ahead_of_code(status)
     heads = ",".join(sorted(status.heads))
     if settings.schema_ahead == "refuse":
         raise MigrationError(message + refused.format(heads=heads))
@@ -186,10 +191,12 @@ async def migrations_target(settings: Settings) -> DatabaseTarget:
 
 
 async def run_on_connection(
-    target: DatabaseTarget, work: Callable[[Connection], None], *, statement_cache: bool = True
+    target: DatabaseTarget, work: Callable[[Connection], None], *, statement_cache: bool
 ) -> None:
     """Run ``work`` (Alembic, through env.py) on a migration connection of its own; an unreachable
-    database becomes DatabaseUnavailable, one behind a transaction pooler MigrationError."""
+    database becomes DatabaseUnavailable, one behind a transaction pooler MigrationError.
+
+    ``statement_cache`` is KRAKEN_DB_STATEMENT_CACHE, which every caller passes on (no default to forget)."""
     engine = create_migration_engine(target, statement_cache=statement_cache)
     try:
         async with engine.connect() as connection:
@@ -287,8 +294,8 @@ async def check_schema(settings: Settings) -> SchemaStatus:
 def timeout_statements(settings: Settings) -> list[str]:
     """The DDL bounds: set on every online run's session, and at the top of the offline SQL."""
     return [
-        f"SET lock_timeout = '{int(settings.ddl_lock_timeout * 1000)}ms'",
-        f"SET statement_timeout = '{int(settings.ddl_statement_timeout * 1000)}ms'",
+        f"SET lock_timeout = '{postgres_ms(settings.ddl_lock_timeout)}ms'",
+        f"SET statement_timeout = '{postgres_ms(settings.ddl_statement_timeout)}ms'",
     ]
 
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from backend.config import ConfigError, check_serving, load_settings
+from backend.config import ConfigError, check_serving, load_settings, postgres_ms
 from backend.tests.helpers import child_env
 
 PASSWORD = "hunter2-very-secret"
@@ -72,6 +72,14 @@ def test_migrations_url_falls_back_to_database_url(monkeypatch: pytest.MonkeyPat
         ("KRAKEN_WORKERS", "0", "KRAKEN_WORKERS"),
         ("KRAKEN_WORKERS", "two", "KRAKEN_WORKERS"),
         ("KRAKEN_SHUTDOWN_GRACE", "-1", "KRAKEN_SHUTDOWN_GRACE"),
+        # Timeouts that would mean "no limit" (only KRAKEN_DDL_STATEMENT_TIMEOUT documents 0 for that),
+        # or that PostgreSQL's int4 milliseconds cannot hold.
+        ("KRAKEN_DDL_LOCK_TIMEOUT", "0", "KRAKEN_DDL_LOCK_TIMEOUT"),
+        ("KRAKEN_DDL_LOCK_TIMEOUT", "inf", "KRAKEN_DDL_LOCK_TIMEOUT"),
+        ("KRAKEN_DDL_LOCK_TIMEOUT", "nan", "KRAKEN_DDL_LOCK_TIMEOUT"),
+        ("KRAKEN_DDL_STATEMENT_TIMEOUT", "inf", "KRAKEN_DDL_STATEMENT_TIMEOUT"),
+        ("KRAKEN_DDL_STATEMENT_TIMEOUT", "2147484", "KRAKEN_DDL_STATEMENT_TIMEOUT"),
+        ("KRAKEN_MIGRATION_LOCK_TIMEOUT", "inf", "KRAKEN_MIGRATION_LOCK_TIMEOUT"),
         ("DATABASE_URL", f"mysql://root:{PASSWORD}@db/app", "unsupported scheme"),
         ("MIGRATIONS_DATABASE_URL", f"postgresql://u:{PASSWORD}@db:99999/app", "MIGRATIONS_DATABASE_URL"),
     ],
@@ -84,6 +92,15 @@ def test_bad_settings_name_the_variable(
         load_settings()
     assert fragment in str(caught.value)
     assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "ms"),
+    [(0, 0), (0.0004, 1), (1e-10, 1), (0.0015, 2), (0.007, 7), (5, 5000), (1800, 1_800_000), (2147483.647, 2**31 - 1)],
+)
+def test_postgres_timeouts_round_up_to_whole_milliseconds(seconds: float, ms: int) -> None:
+    # Any positive value is at least 1 ms: PostgreSQL reads 0 as "no limit".
+    assert postgres_ms(seconds) == ms
 
 
 @pytest.mark.parametrize(

@@ -197,3 +197,13 @@ def test_a_revision_may_set_its_own_lock_timeout(tmp_path: Path, empty_db: Datab
     assert seen == {NEXT: "42s", second: "3s"}
     # statement_timeout is the configured bound in every revision.
     assert {r[0] for r in sql(empty_db, "SELECT DISTINCT statement_timeout FROM kraken_seen")} == {"90s"}
+
+
+def test_a_tiny_lock_timeout_is_one_millisecond_not_none(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_seen.py": OWN_LOCK_TIMEOUT.format(rev=NEXT, down=HEAD, set_local="pass")})
+    # int(0.0004 * 1000) was 0: PostgreSQL's "wait forever".
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_DDL_LOCK_TIMEOUT="0.0004")
+    assert result.returncode == 0, out(result)
+    assert sql(empty_db, "SELECT lock_timeout FROM kraken_seen") == [("1ms",)]
+    offline = run_alembic("upgrade", "base:001", "--sql", target=None, KRAKEN_DDL_LOCK_TIMEOUT="0.0004")
+    assert "SET lock_timeout = '1ms';" in offline.stdout

@@ -440,7 +440,7 @@ def test_a_revision_the_code_does_not_know_follows_the_ahead_rule(
     validated = run_kraken_migrations("validate", target=empty_db)
     assert validated.returncode == 0, out(validated)
     assert validated.stdout.splitlines()[0] == (
-        "the database is at revision 999, which this code does not know: checking the revisions it knows"
+        "database schema is at revision 999, which this code does not know: checking the revisions it knows"
     )
     assert f"{len(REVISIONS)} applied revision(s) match their files" in validated.stdout
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from backend.config import PROJECT_ROOT, Settings
+from backend.config import PROJECT_ROOT, Settings, postgres_ms
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
@@ -43,7 +43,7 @@ async def migrate(db: DatabaseTarget, *args: str) -> None:
 
 async def writer(db: DatabaseTarget) -> asyncpg.Connection:
     conn = await connect(db)
-    await conn.execute(f"SET lock_timeout = '{int(LOCK_TIMEOUT * 1000)}ms'")
+    await conn.execute(f"SET lock_timeout = '{postgres_ms(LOCK_TIMEOUT)}ms'")
     return conn
 
 
@@ -77,7 +77,7 @@ async def test_writes_continue_while_an_index_is_built_concurrently(
         run_ops_async(
             empty_db,
             lambda: ops.create_index_concurrently("ix_items_n", "items", ["n"]),
-            lock_timeout=f"{int(LOCK_TIMEOUT * 1000)}ms",
+            lock_timeout=f"{postgres_ms(LOCK_TIMEOUT)}ms",
         )
     )
     try:

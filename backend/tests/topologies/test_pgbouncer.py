@@ -31,6 +31,7 @@ from backend.tests.helpers import (
     fetch,
     out,
     run_alembic,
+    run_kraken_migrations,
     scratch_alembic,
     turn_body,
 )
@@ -130,6 +131,12 @@ async def test_migrations_through_a_transaction_pooler_are_refused_in_one_line(
         )
         assert cli.returncode != 0
         assert out(cli).strip() == f"FAILED: {REFUSAL}"
+    # The ledger's repair takes the migration lock too: refused the same way, whatever the cache setting.
+    repair = await asyncio.to_thread(
+        run_kraken_migrations, "repair", target=None, DATABASE_URL=url, KRAKEN_DB_STATEMENT_CACHE=statement_cache
+    )
+    assert repair.returncode == 1
+    assert out(repair).strip() == f"FAILED: {REFUSAL}"
 
     with pytest.raises(MigrationError) as caught:
         await run_migrations(settings_of(through(bouncer, database), db_statement_cache=statement_cache))
@@ -146,8 +153,10 @@ async def test_migrations_through_a_transaction_pooler_are_refused_in_one_line(
     assert boot.returncode == 1
     assert boot.stderr.strip().endswith(f"cannot start: {REFUSAL}")
     assert "Traceback" not in boot.stderr
-    # Nothing was attempted: not even the version table.
-    assert await pg_cluster.fetchval("SELECT to_regclass('alembic_version') IS NULL", database=database)
+    # Nothing was attempted: not even the version table or the ledger.
+    assert await pg_cluster.fetchval(
+        "SELECT to_regclass('alembic_version') IS NULL AND to_regclass('alembic_ledger') IS NULL", database=database
+    )
 
 
 @pytest.fixture
