@@ -33,7 +33,7 @@ def connect_kwargs(
     """``asyncpg.connect()`` arguments for ``target``: every connection this service opens, pooled or
     bare, is made from these, so a URL means the same everywhere."""
     kwargs: dict[str, Any] = {
-        "dsn": target.asyncpg_dsn(),
+        **target.asyncpg_arguments(),
         # A name given in the URL wins; otherwise holders of locks are recognisable in pg_stat_activity.
         "server_settings": {"application_name": target.application_name or application_name},
     }

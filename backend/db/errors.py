@@ -20,10 +20,12 @@ _FATAL = (
     asyncpg.InvalidAuthorizationSpecificationError,
     asyncpg.ClientConfigurationError,  # a certificate or password file asyncpg cannot use
     ssl.SSLError,  # the server's certificate does not verify, or TLS cannot be agreed
-    socket.gaierror,
 )
 # The server exists but is not accepting connections yet (starting up, shutting down, full), or
-# none of the hosts is what target_session_attrs asks for (a standby is being promoted).
+# none of the hosts is what target_session_attrs asks for (a standby is being promoted). Besides
+# these, any OSError is worth a retry: a refused connection, and a host name that does not resolve
+# yet (socket.gaierror: under docker compose or Kubernetes a database's name resolves only once its
+# container or service exists, often seconds after the app starts).
 _TRANSIENT = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
@@ -97,7 +99,7 @@ def describe(exc: BaseException, target: DatabaseTarget) -> str:
     if isinstance(root, asyncpg.ClientConfigurationError):
         return f"cannot connect to {where}: {first_line(root)}"
     if isinstance(root, socket.gaierror):
-        return f"cannot resolve the database host in {where}"
+        return f"cannot resolve the database host {_unresolved(target)} ({where})"
     if isinstance(root, ConnectionRefusedError):
         return f"connection refused by {where} (is PostgreSQL running there?)"
     if isinstance(root, TimeoutError):
@@ -109,6 +111,15 @@ def describe(exc: BaseException, target: DatabaseTarget) -> str:
     if isinstance(root, OSError):
         return f"cannot connect to {where}: {root.strerror or first_line(root)}"
     return f"{type(root).__name__}: {str(root).splitlines()[0] if str(root) else ''} ({where})"
+
+
+def _unresolved(target: DatabaseTarget) -> str:
+    """The host a name-resolution failure is about: asyncpg tries the hosts in order and raises the
+    last one's error, and only a host name (not a socket, not an address) is looked up."""
+    for host in reversed(target.hosts):
+        if not host.is_socket:
+            return host.name
+    return ",".join(host.name for host in target.hosts)
 
 
 def _sslmode(target: DatabaseTarget) -> str:
