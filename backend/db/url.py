@@ -179,7 +179,11 @@ class DatabaseTarget:
 
 
 def _decode(text: str, what: str, variable: str) -> str:
-    """libpq's percent-decoding: %XX only (``+`` stays ``+``), no %00."""
+    """libpq's percent-decoding: %XX only (``+`` stays ``+``), no %00; since libpq 17, spaces around
+    a part are dropped and one inside it is refused (an encoded one, %20, is kept)."""
+    text = text.strip(" ")
+    if " " in text:
+        raise DatabaseUrlError(f"{variable} has a space in {what}: percent-encode it as %20")
     if re.search(r"%(?![0-9A-Fa-f]{2})", text):
         raise DatabaseUrlError(f"{variable} has a '%' in {what} that is not followed by two hex digits")
     raw = unquote_to_bytes(text)

@@ -109,6 +109,28 @@ def test_gives_up_with_one_line_when_the_database_stays_down(empty_db: DatabaseT
     assert PASSWORD not in output
 
 
+def test_a_host_that_does_not_resolve_is_retried_until_the_timeout_and_named() -> None:
+    # Under docker compose or Kubernetes the database's name resolves only once its container or
+    # service exists: like a refused connection, worth waiting for. ".invalid" never resolves.
+    url = f"postgresql://postgres:{PASSWORD}@no-such-host.invalid:5432/kraken"
+    env = child_env(None, DATABASE_URL=url, KRAKEN_DB_CONNECT_TIMEOUT="2")
+    started = time.monotonic()
+    result = subprocess.run([SERVICE], env=env, capture_output=True, text=True, timeout=60)
+    waited = time.monotonic() - started
+    output = out(result)
+    where = "postgres@no-such-host.invalid:5432/kraken"
+    attempts = [line for line in output.splitlines() if "database not reachable (attempt" in line]
+    assert len(attempts) >= 2, output
+    assert all(f"cannot resolve the database host no-such-host.invalid ({where})" in line for line in attempts)
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, output
+    assert f"cannot start: cannot resolve the database host no-such-host.invalid ({where}) (waited 2 s)" in errors[0]
+    assert waited >= 2  # it gave up no earlier than KRAKEN_DB_CONNECT_TIMEOUT
+    assert result.returncode == 1
+    assert "Traceback" not in output
+    assert PASSWORD not in output
+
+
 def bad_urls(db: DatabaseTarget) -> list[tuple[str, str]]:
     host = db.hosts[0]
     where = f"@/{{}}?host={host.name}" if host.is_socket else f"@{host.name}:{host.port or 5432}/{{}}"
