@@ -31,6 +31,14 @@ _ORIGIN = re.compile(
 )
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (Python 3.13's ``os.process_cpu_count()``)."""
+    # Linux only: macOS and the BSDs have no affinity call in `os`; there every CPU counts.
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # None: the platform cannot tell
+
+
 class ConfigError(Exception):
     """A configuration mistake: reported as one line, never with a traceback."""
 
@@ -56,7 +64,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     log_format: LogFormat = "text"
     # Processes serving requests under `kraken-backend`: one per CPU this process may run on.
-    workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1, le=512)
+    workers: int = Field(default_factory=usable_cpus, ge=1, le=512)
     # Seconds requests in flight get to finish after SIGTERM before they are cut off.
     shutdown_grace: int = Field(default=20, ge=0, le=3600)
 

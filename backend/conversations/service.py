@@ -277,12 +277,28 @@ class Recorded(Generic[T]):
 
 def fingerprint(body: BaseModel) -> bytes:
     """What an Idempotency-Key is checked against: sha256 of the request's validated fields, so
-    key order and spacing in the JSON do not matter, but any value does."""
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).digest()
+    key order and spacing in the JSON do not matter, but any value does.
+
+    A field at its default counts as absent: a release that adds a field with a default computes
+    the fingerprint of a body sent to the release before it as that release did. (A release that
+    changes how a value is validated or normalised changes fingerprints: retries that span it get 409.)
+    """
+    return _digest(body.model_dump(mode="json", exclude_defaults=True))
+
+
+def _fingerprint_with_defaults(body: BaseModel) -> bytes:
+    """The fingerprint releases before ``fingerprint``'s rule stored: defaults included. Rows keep
+    their keys for as long as the conversation lives, so a retry of a request first sent to such a
+    release may come at any time; only a mismatch pays for this second hash."""
+    return _digest(body.model_dump(mode="json"))
+
+
+def _digest(fields: dict[str, Any]) -> bytes:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
 
 
 def _check_replay(prior_fingerprint: bytes, body: BaseModel) -> None:
-    if prior_fingerprint != fingerprint(body):
+    if prior_fingerprint != fingerprint(body) and prior_fingerprint != _fingerprint_with_defaults(body):
         raise IdempotencyKeyReused()
 
 

@@ -181,6 +181,15 @@ def test_migrations_url_alone_is_refused(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings()
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
 def test_workers_default_to_the_cpus_this_process_may_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KRAKEN_WORKERS", raising=False)
     assert load_settings().workers == len(os.sched_getaffinity(0))
+
+
+def test_without_cpu_affinity_as_on_macos_workers_default_to_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KRAKEN_WORKERS", raising=False)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert load_settings().workers == os.cpu_count()
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # a platform that cannot tell
+    assert load_settings().workers == 1

@@ -1,10 +1,12 @@
 """Idempotency-Key: a retried create or append answers what the first attempt stored, and stores nothing new."""
 
 import asyncio
+import hashlib
 import json
 
 import httpx
 
+from backend.conversations.schemas import TurnCreate
 from backend.tests.helpers import CONVERSATION, new_conversation, rows, stored_counts, turn_body
 
 
@@ -58,6 +60,36 @@ async def test_the_same_key_with_another_body_is_refused(client: httpx.AsyncClie
     [error] = other.json()["detail"]
     assert error["type"] == "idempotency_key_reused"
     assert error["loc"] == ["header", "Idempotency-Key"]
+    assert await stored_counts(db_connection, conversation["id"]) == (1, 2)
+
+
+async def test_a_key_first_used_before_defaults_left_the_fingerprint_still_replays(
+    client: httpx.AsyncClient, db_connection
+) -> None:
+    """Rows stored by releases that fingerprinted every field, defaults included (they live as
+    long as their conversation): a retry of the same body is replayed, another body refused."""
+    conversation = await new_conversation(client)
+    url = f"/conversations/{conversation['id']}/turns"
+    key = {"Idempotency-Key": "sent-before-the-deploy"}
+    body = turn_body(cache_creation_tokens=0, cache_read_tokens=0)  # defaults, in that form's hash
+    first = await client.post(url, json=body, headers=key)
+    assert first.status_code == 201
+    fields = TurnCreate.model_validate_json(json.dumps(body)).model_dump(mode="json")
+    earlier_form = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+    await rows(
+        db_connection,
+        "UPDATE kraken_turns SET idempotency_fingerprint = :fingerprint WHERE id = :id",
+        fingerprint=earlier_form,
+        id=first.json()["id"],
+    )
+
+    again = await client.post(url, json=body, headers=key)
+    other = await client.post(url, json={**body, "duration_ms": 851}, headers=key)
+
+    assert again.status_code == 201
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert other.status_code == 409
     assert await stored_counts(db_connection, conversation["id"]) == (1, 2)
 
 

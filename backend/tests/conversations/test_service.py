@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import BaseModel
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -17,6 +18,8 @@ from backend.conversations.schemas import (
     CURSOR_PATTERN,
     ConversationCreate,
     ConversationDetail,
+    Tokens,
+    ToolCallCreate,
     ToolCallPublic,
     TurnCreate,
     TurnPublic,
@@ -100,6 +103,48 @@ def test_a_cursor_not_of_the_documented_form_is_refused(cursor):
     assert not re.fullmatch(CURSOR_PATTERN, cursor)
     with pytest.raises(errors.InvalidCursor):
         service.decode_cursor(cursor)
+
+
+# --- fingerprints --------------------------------------------------------------------------
+
+
+class _NextToolCall(ToolCallCreate):
+    """ToolCallCreate as a later release may extend it: a field with a default."""
+
+    call_id: str | None = None
+
+
+class _NextTurn(TurnCreate):
+    """TurnCreate as a later release may extend it, in itself and in its tool calls."""
+
+    reasoning_tokens: Tokens = 0
+    tool_calls: list[_NextToolCall] = []  # type: ignore[assignment]
+
+
+class _NextConversation(ConversationCreate):
+    locale: str = "en"
+
+
+def _fingerprint(model: type[BaseModel], body: dict[str, Any]) -> bytes:
+    return service.fingerprint(model.model_validate_json(json.dumps(body)))
+
+
+@pytest.mark.parametrize(
+    ("model", "next_model", "body"),
+    [(TurnCreate, _NextTurn, turn_body()), (ConversationCreate, _NextConversation, CONVERSATION)],
+    ids=["turn", "conversation"],
+)
+def test_a_release_that_adds_a_field_with_a_default_fingerprints_a_body_as_the_one_before(model, next_model, body):
+    assert _fingerprint(next_model, body) == _fingerprint(model, body)
+
+
+def test_a_new_field_still_counts_once_it_is_not_at_its_default():
+    before = _fingerprint(TurnCreate, turn_body())
+    assert _fingerprint(_NextTurn, turn_body(reasoning_tokens=0)) == before  # its default, sent: the same request
+    assert _fingerprint(_NextTurn, turn_body(reasoning_tokens=3)) != before
+    nested = turn_body()
+    nested["tool_calls"][0]["call_id"] = "call-1"
+    assert _fingerprint(_NextTurn, nested) != before
 
 
 # --- SQL -----------------------------------------------------------------------------------
