@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import multiprocessing
 import os
@@ -30,7 +31,7 @@ from backend.db.engine import create_engine
 from backend.db.leases import SETTLE_SECONDS, NotStarted, PoolLender
 from backend.db.url import DatabaseTarget
 from backend.logs import configure_logging
-from backend.migrations.revisions import SchemaStatus
+from backend.migrations.revisions import SchemaStatus, read_revisions
 from backend.migrations.runner import (
     DatabaseUnavailable,
     MigrationError,
@@ -63,6 +64,29 @@ async def prepare_schema(settings: Settings) -> SchemaStatus:
     return status
 
 
+# Where `kraken-backend` hands its workers the schema's status (hand_schema_to_workers); not a setting.
+HANDED_SCHEMA = "KRAKEN_SUPERVISOR_SCHEMA"
+
+
+def hand_schema_to_workers(status: SchemaStatus) -> None:
+    """Worker processes started from now on, replacements included, take ``status`` instead of
+    reading it from the database: a worker's start needs no database, so one started during an
+    outage serves (503 until the database is back) rather than failing and stopping the service.
+
+    In the environment: uvicorn's supervisor starts every worker with this process's, the channel
+    their settings already come through; a file would have to be written, found and removed.
+    """
+    os.environ[HANDED_SCHEMA] = json.dumps(status.current)
+
+
+def handed_schema_status() -> SchemaStatus | None:
+    """The status `kraken-backend` handed this worker process; None outside one."""
+    handed = os.environ.get(HANDED_SCHEMA)
+    if handed is None or multiprocessing.parent_process() is None:
+        return None
+    return SchemaStatus(tuple(json.loads(handed)), read_revisions())
+
+
 def create_service_engine(target: DatabaseTarget, settings: Settings) -> AsyncEngine:
     """The engine requests use, sized and configured by the settings."""
     return create_engine(
@@ -78,25 +102,30 @@ def create_service_engine(target: DatabaseTarget, settings: Settings) -> AsyncEn
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings | None = getattr(app.state, "settings", None)
-    if settings is None:
-        # `uvicorn backend.main:app`: the logging is ours from here on, uvicorn's own lines too.
-        settings = get_settings()
-        configure_logging(settings.log_format)
     try:
+        if settings is None:
+            # `uvicorn backend.main:app`: the logging is ours from here on, uvicorn's own lines too.
+            settings = get_settings()
+            configure_logging(settings.log_format)
         check_serving(settings)
-        # `kraken-backend` prepares the schema before serving (to fail with one line); its worker
-        # processes read its status, and other servers (`uvicorn backend.main:app`) prepare it here.
-        status = getattr(app.state, "schema_status", None) or await prepare_schema(settings)
+        # `kraken-backend` prepares the schema before serving (to fail with one line) and hands
+        # its status to its worker processes; other servers (`uvicorn backend.main:app`) prepare
+        # it here.
+        status = getattr(app.state, "schema_status", None) or handed_schema_status() or await prepare_schema(settings)
         target = await resolve_target(settings)
     except STARTUP_ERRORS as exc:
         if multiprocessing.parent_process() is None:
             raise
-        # A worker of `kraken-backend` (the database went away since the supervisor prepared the
-        # schema, say): one line, and the exit status uvicorn's supervisor reads as "failed to
-        # start", which stops the service (non-zero: systemd restarts it). Raised instead, the
-        # error would reach the log as the traceback Starlette formats for a failed startup.
+        # A worker that cannot start for a reason its replacement would meet as well (a setting;
+        # the database, under `uvicorn --workers N`, which does not hand the status over): one
+        # line, and the exit status uvicorn's supervisor reads as "failed to start", which stops
+        # the service (non-zero: systemd restarts it) instead of respawning workers in a loop, as
+        # a bug does (its traceback logged). Raised instead, the error would reach the log as the
+        # traceback Starlette formats for a failed startup.
         logger.error("cannot start: %s", exc)
         os._exit(STARTUP_FAILURE)
+    # The pool connects on first use, not here: a worker started while the database is down
+    # serves 503 database_unavailable (and /ready 503) until it is back.
     engine = create_service_engine(target, settings)
     if settings.metrics:
         metrics.watch_pool(engine)

@@ -3,8 +3,9 @@
 One process (``KRAKEN_WORKERS=1``) serves the app in itself. More: this process binds the
 socket, prepares the schema, and supervises that many worker processes (uvicorn's supervisor:
 a worker that dies is replaced), each importing ``backend.main:app`` and accepting on the
-shared socket. Workers only read the schema's status: the migrations ran here, once, instead of
-N processes queueing on the migration lock.
+shared socket. Workers take the schema's status from this process (``hand_schema_to_workers``):
+the migrations ran here, once, instead of N processes queueing on the migration lock, and a
+worker starts without the database, so one replaced during an outage serves (503s) with the rest.
 
 This module imports the app only once the environment is set for the workers: prometheus-client
 decides at import whether its values live in memory or in ``PROMETHEUS_MULTIPROC_DIR``, where
@@ -70,7 +71,7 @@ def serve(settings: Settings) -> int:
 def _serve(settings: Settings) -> int:
     # Imported here, after the environment is set (see the module's docstring).
     from backend.db.embedded import release_servers
-    from backend.main import STARTUP_ERRORS, app, prepare_schema
+    from backend.main import STARTUP_ERRORS, app, hand_schema_to_workers, prepare_schema
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -85,9 +86,9 @@ def _serve(settings: Settings) -> int:
             server = uvicorn.Server(uvicorn_config(app, settings))
             server.run()
             return 0 if server.started else 3
-        # The workers read the settings from the environment, as this process did; the schema
-        # is prepared: they only read its status.
-        os.environ["KRAKEN_MIGRATE_ON_STARTUP"] = "off"
+        # The workers read the settings from the environment, as this process did, and take the
+        # schema's status from it too: they start without the database.
+        hand_schema_to_workers(status)
         config = uvicorn_config(APP, settings, workers=settings.workers)
         supervisor = Supervisor(config, [listening_socket(config)])
         supervisor.run()
@@ -109,9 +110,9 @@ def uvicorn_config(app: Any, settings: Settings, **options: Any) -> uvicorn.Conf
         lifespan="on",
         log_config=None,  # backend.logs configures logging, in every process
         timeout_graceful_shutdown=settings.shutdown_grace,
-        # A worker's startup waits for the database (KRAKEN_DB_CONNECT_TIMEOUT) before it answers
-        # the supervisor's health check; uvicorn's default of 5 s would kill it meanwhile.
-        timeout_worker_healthcheck=max(60, int(settings.db_connect_timeout) + 10),
+        # How long a worker may take to answer the supervisor's health check, and a new one
+        # (SIGHUP's restart) to start: uvicorn's default of 5 s is short for a busy or loaded host.
+        timeout_worker_healthcheck=60,
         **options,
     )
 

@@ -1,5 +1,6 @@
 """`kraken-backend` with worker processes: the schema prepared once, requests served by every
-worker, a dead worker replaced, and SIGTERM draining requests in flight (real processes)."""
+worker, a dead worker replaced (during a database outage too), and SIGTERM draining requests in
+flight (real processes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from backend.tests.helpers import (
     API_KEY,
     AUTH,
     CONVERSATION,
+    HEAD,
     SERVICE,
     Service,
     child_env,
@@ -88,53 +91,96 @@ def refused(port: int) -> bool:
     return False
 
 
-async def serving_pids(port: int, running: Service, batch: str) -> set[int]:
-    """The pids that served a burst of concurrent requests, each on a new connection, from the access log."""
+# What each kind of request answers from every worker: with the database down, and once it is back.
+DOWN = {"health": 200, "ready": 503, "write": 503}
+UP = {"health": 200, "ready": 200, "write": 201}
+
+
+async def answers_by_worker(port: int, running: Service, batch: str) -> dict[tuple[int, str], set[int]]:
+    """(pid, kind) -> the statuses it answered, for a burst of GET /health, GET /ready and
+    POST /conversations (each on a new connection); the pid from the access log, the kind in the
+    request id. Every answer's body is checked against its status."""
+    sends = {
+        "health": lambda client, rid: client.get("/health", headers={"X-Request-ID": rid}),
+        "ready": lambda client, rid: client.get("/ready", headers={"X-Request-ID": rid}),
+        "write": lambda client, rid: client.post(
+            "/conversations", json=CONVERSATION, headers={**AUTH, "X-Request-ID": rid}
+        ),
+    }
     async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_keepalive_connections=0)
+        base_url=f"http://127.0.0.1:{port}", limits=httpx.Limits(max_keepalive_connections=0), timeout=60
     ) as client:
-        ids = [f"{batch}-{n}" for n in range(32)]
-        responses = await asyncio.gather(*(client.get("/health", headers={"X-Request-ID": rid}) for rid in ids))
-    assert {r.status_code for r in responses} == {200}
+        ids = [f"{batch}-{kind}-{n}" for n in range(8) for kind in sends]
+        responses = await asyncio.gather(*(sends[rid.split("-")[1]](client, rid) for rid in ids))
+    statuses = {}
+    for rid, response in zip(ids, responses, strict=True):
+        statuses[rid] = response.status_code
+        body = response.json()
+        if rid.split("-")[1] == "health":
+            assert body["revision"] == HEAD  # the status the supervisor handed over
+        elif response.status_code == 503:
+            detail = body.get("reason") or body["detail"][0]["type"]
+            assert detail in ("database unreachable", "database_unavailable"), body
     await asyncio.sleep(0.2)  # the access log line follows the response
-    matches = [ACCESS.match(line) for line in list(running.lines)]
-    return {int(m["pid"]) for m in matches if m is not None and m["rid"].startswith(f"{batch}-")}
+    found: dict[tuple[int, str], set[int]] = {}
+    for m in (ACCESS.match(line) for line in list(running.lines)):
+        if m is not None and m["rid"] in statuses:
+            found.setdefault((int(m["pid"]), m["rid"].split("-")[1]), set()).add(statuses[m["rid"]])
+    return found
 
 
-async def test_the_schema_is_prepared_once_every_worker_serves_a_dead_one_is_replaced_and_sigterm_drains(
-    empty_db: DatabaseTarget,
-) -> None:
-    port = free_port()
-    with service(workers_env(empty_db, port)) as running:
-        running.wait_for("Uvicorn running")
-        # Listening from the moment it says so: a client that comes before the workers have
-        # started waits in the backlog, and is answered (not refused).
-        assert post(port, "/conversations", CONVERSATION)[0] == 201
-        wait_for_workers(running, 2)
-        parent = running.process.pid
-        workers = children(parent)
-        assert len(workers) == 2
+async def every_worker_answers(port: int, running: Service, workers: set[int], expected: dict[str, int]) -> None:
+    """Until each worker has answered each kind of request, with its expected status only."""
+    seen: dict[tuple[int, str], set[int]] = {}
+    for _ in range(20):  # which worker accepts a connection is the kernel's choice
+        for key, statuses in (await answers_by_worker(port, running, uuid.uuid4().hex)).items():
+            seen.setdefault(key, set()).update(statuses)
+        if set(seen) >= {(pid, kind) for pid in workers for kind in expected}:
+            break
+    assert seen == {(pid, kind): {status} for pid in workers for kind, status in expected.items()}, "\n".join(
+        running.lines[-40:]
+    )
 
-        seen: set[int] = set()
-        for attempt in range(20):  # which worker accepts a connection is the kernel's choice
-            seen |= await serving_pids(port, running, f"burst{attempt}")
-            if seen == workers:
-                break
-        assert seen == workers
 
-        victim = min(workers)
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 90
-        while not (len(children(parent)) == 2 and victim not in children(parent)):
-            assert time.monotonic() < deadline, "\n".join(running.lines)
-            time.sleep(0.1)
-        wait_for_workers(running, 3)
+async def test_the_schema_is_prepared_once_workers_outlive_an_outage_and_sigterm_drains() -> None:
+    """Migrations run once, in the supervisor, which hands its workers the schema's status: a
+    worker starts without the database, so one replaced during an outage answers 503 (and /ready
+    503) like the others, the service keeps running, and every worker serves again once the
+    database is back. Then SIGTERM drains a request in flight."""
+    with running_cluster("workers") as cluster:
+        port = free_port()
+        # connect_timeout: an attempt that meets the server half-way through its shutdown would
+        # otherwise wait asyncpg's default minute for an answer.
+        target = parse_database_url(cluster.url(connect_timeout="2"))
+        with service(workers_env(target, port)) as running:
+            running.wait_for("Uvicorn running")
+            # Listening from the moment it says so: a client that comes before the workers have
+            # started waits in the backlog, and is answered (not refused).
+            assert post(port, "/conversations", CONVERSATION)[0] == 201
+            wait_for_workers(running, 2)
+            parent = running.process.pid
+            first = children(parent)
+            assert len(first) == 2
+            await every_worker_answers(port, running, first, UP)
 
-        # SIGTERM with a request in flight (an append waiting for a row lock the test holds for
-        # a second): new connections are refused at once, the request finishes, the service ends.
-        results, refused_after, _, output, code, conversation = await _drain_with_an_append_in_flight(
-            empty_db, running, port, hold=1.0
-        )
+            cluster.stop("immediate")
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            wait_for_workers(running, 3)  # its replacement has started, the database still down
+            workers = children(parent)
+            assert victim not in workers
+            assert len(workers) == 2
+            await every_worker_answers(port, running, workers, DOWN)
+            cluster.start()
+            await every_worker_answers(port, running, workers, UP)
+
+            # SIGTERM with a request in flight (an append waiting for a row lock the test holds for
+            # a second): new connections are refused at once, the request finishes, the service ends.
+            results, refused_after, _, output, code, conversation = await _drain_with_an_append_in_flight(
+                target, running, port, hold=1.0
+            )
+        [[total]] = await fetch(target, "SELECT total_turns FROM kraken_conversations WHERE id = $1", conversation)
+        [[upgrades]] = await fetch(target, "SELECT count(*) FROM alembic_ledger WHERE direction = 'upgrade'")
     assert refused_after < 2
     [outcome] = results
     assert not isinstance(outcome, Exception), output
@@ -142,15 +188,14 @@ async def test_the_schema_is_prepared_once_every_worker_serves_a_dead_one_is_rep
     assert status == 201, output
     assert turn["turn_number"] == 1
     assert code in (0, -signal.SIGTERM), output
-    [[total]] = await fetch(empty_db, "SELECT total_turns FROM kraken_conversations WHERE id = $1", conversation)
     assert total == 1
     assert "Traceback" not in output
+    assert "cannot start" not in output
 
     # Migrations ran once, in the supervisor, before any worker started.
     applied = [line for line in output.splitlines() if "applied revision 001" in line]
     assert len(applied) == 1
     assert f" {parent} " in applied[0]
-    [[upgrades]] = await fetch(empty_db, "SELECT count(*) FROM alembic_ledger WHERE direction = 'upgrade'")
     assert upgrades == len(read_revisions().graph)
 
 
@@ -255,23 +300,20 @@ async def test_ready_answers_503_from_sigterm_on_while_other_requests_are_served
     assert (await live_client.post("/conversations", json=CONVERSATION)).status_code == 201
 
 
-def test_a_worker_that_cannot_reach_the_database_stops_the_service_with_one_line() -> None:
-    """The database goes away between the supervisor's migrations and the workers' start: each
-    worker says why in one line, and the service stops with a failure status (systemd restarts
-    it), not with 0 (which it would not), nor with a traceback."""
-    with running_cluster("workers") as cluster:
-        port = free_port()
-        # connect_timeout: an attempt that meets the server half-way through its shutdown would
-        # otherwise wait asyncpg's default minute for an answer.
-        target = parse_database_url(cluster.url(connect_timeout="2"))
-        env = child_env(target, KRAKEN_PORT=str(port), KRAKEN_WORKERS="2", KRAKEN_DB_CONNECT_TIMEOUT="1")
-        with service(env) as running:
-            running.wait_for("schema at revision")  # the supervisor's migrations are done
-            cluster.stop("immediate")
-            code = running.process.wait(timeout=90)
-            output = running.stop()
-    assert code == 1, output
-    assert "cannot start: " in output
+def test_a_worker_that_cannot_start_stops_the_service_with_one_line(live_db: DatabaseTarget, tmp_path: Path) -> None:
+    """A worker that cannot start would fail the same way in every replacement: it says why in one
+    line, and the service stops with status 1 (systemd restarts it) rather than respawning it in a
+    loop. Here the workers alone see a bad setting: a sitecustomize module, which every Python
+    process on PYTHONPATH runs, sets one in multiprocessing's spawned children."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nif '--multiprocessing-fork' in sys.argv:\n    os.environ['KRAKEN_API_KEY'] = 'has spaces'\n"
+    )
+    env = workers_env(live_db, free_port(), PYTHONPATH=str(tmp_path))
+    result = subprocess.run([SERVICE], env=env, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "cannot start: KRAKEN_API_KEY: " in output
+    assert "has spaces" not in output
     assert "Traceback" not in output
 
 
