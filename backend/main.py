@@ -119,9 +119,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A worker that cannot start for a reason its replacement would meet as well (a setting;
         # the database, under `uvicorn --workers N`, which does not hand the status over): one
         # line, and the exit status uvicorn's supervisor reads as "failed to start", which stops
-        # the service (non-zero: systemd restarts it) instead of respawning workers in a loop, as
-        # a bug does (its traceback logged). Raised instead, the error would reach the log as the
-        # traceback Starlette formats for a failed startup.
+        # the service (non-zero: systemd restarts it) rather than respawning workers in a loop;
+        # a bug ends the same way, its traceback logged. Raised instead, this error would reach
+        # the log as the traceback Starlette formats for a failed startup.
         logger.error("cannot start: %s", exc)
         os._exit(STARTUP_FAILURE)
     # The pool connects on first use, not here: a worker started while the database is down
