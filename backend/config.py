@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     ddl_lock_timeout: float = Field(default=5.0, gt=0, le=POSTGRES_MAX_SECONDS)
     ddl_statement_timeout: float = Field(default=1800.0, ge=0, le=POSTGRES_MAX_SECONDS)
     ddl_lock_retries: int = Field(default=4, ge=0)
+    # Seconds each wait of a concurrent index build (or drop, or a constraint's validation) may last:
+    # their locks block no read or write, so they wait for older transactions instead of failing
+    # within ddl_lock_timeout. 0: no limit.
+    index_build_timeout: float = Field(default=1800.0, ge=0)
     # Applied revisions whose files changed since: stop the run, warn, or do not check.
     migration_validate: Literal["error", "warn", "off"] = "error"
 

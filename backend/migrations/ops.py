@@ -9,7 +9,10 @@ stops it for longer than a moment:
 - a unique constraint is attached to a unique index built concurrently beforehand.
 
 Every lock wait is bounded by the session's ``lock_timeout`` (set by ``runner.py``); a revision
-that hits it is rolled back and run again. So every helper is idempotent: on a database it looks at the catalog
+that hits it is rolled back and run again. Statements whose lock blocks no read or write (an index
+built or dropped concurrently, a constraint validated) wait for older transactions instead, each
+wait within a bound of its own (``LongWaits``), and log once a minute what they wait for.
+So every helper is idempotent: on a database it looks at the catalog
 first and does only what is missing, which also finishes a revision that was interrupted
 half-way (an INVALID index left by a cancelled build is dropped and rebuilt). Each helper commits
 when done, so its locks end with it.
@@ -23,8 +26,12 @@ existing helper emits changes every revision that uses it, so keep it backwards 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +40,12 @@ from alembic import op
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
 logger = logging.getLogger(__name__)
 
 UNIQUE_VIOLATION = "23505"
+LOCK_NOT_AVAILABLE = "55P03"
 DATA_LOSS_FLAG = "-x allow_data_loss=true"
 # pg_constraint.confdeltype codes.
 _ON_DELETE = {None: "a", "NO ACTION": "a", "RESTRICT": "r", "CASCADE": "c", "SET NULL": "n", "SET DEFAULT": "d"}
@@ -169,9 +178,183 @@ def constraint_info(name: str, table: str) -> ConstraintInfo | None:
     )
 
 
-def _in_write_transaction() -> bool:
-    """Has the current transaction changed anything (so it holds locks worth releasing)?"""
-    return _bind().execute(sa.text("SELECT txid_current_if_assigned() IS NOT NULL")).scalar_one() is True
+def _holds_locks_worth_releasing() -> bool:
+    """Has the current transaction changed anything, or locked a table against reads or writes?"""
+    return (
+        _bind()
+        .execute(
+            sa.text(
+                "SELECT txid_current_if_assigned() IS NOT NULL OR EXISTS (SELECT FROM pg_locks"
+                " WHERE pid = pg_backend_pid() AND locktype = 'relation'"
+                " AND mode IN ('ShareLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock'))"
+            )
+        )
+        .scalar_one()
+        is True
+    )
+
+
+# --- waits that block no one ----------------------------------------------------------------
+
+# Where runner.py leaves the LongWaits of a run, on the migration connection's ``info``.
+LONG_WAITS = "kraken_long_waits"
+# Seconds between two log lines of a statement that waits; ``-x index_build_log_interval=N`` changes it.
+WAIT_LOG_INTERVAL = 60.0
+LOG_INTERVAL_ARGUMENT = "index_build_log_interval"
+
+
+@dataclass(frozen=True)
+class LongWaits:
+    """The ``lock_timeout`` of statements whose lock blocks no read or write, which only wait for
+    other transactions: a concurrent index build waits for every transaction older than it, in any
+    table, and the short DDL bound would cancel it (leaving an INVALID index) with nothing gained.
+
+    runner.py puts one on the migration connection's ``info`` (``LONG_WAITS``); without it such
+    statements keep the session's lock_timeout.
+    """
+
+    lock_timeout: str  # PostgreSQL's value, "1800000ms"; "0": no limit
+    limit: str  # how a message names it: "KRAKEN_INDEX_BUILD_TIMEOUT (1800 s)"
+
+
+def _log_interval() -> float:
+    environment = _context().environment_context
+    given = environment.get_x_argument(as_dictionary=True).get(LOG_INTERVAL_ARGUMENT) if environment else None
+    if given is None:
+        return WAIT_LOG_INTERVAL
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise CommandError(f"-x {LOG_INTERVAL_ARGUMENT}={given}: give the seconds between log lines, more than 0")
+    return seconds
+
+
+_WAITING_FOR = sa.text(
+    "SELECT (SELECT phase FROM pg_stat_progress_create_index WHERE pid = :pid), b.pid,"
+    " coalesce(b.application_name, ''), coalesce(host(b.client_addr), 'local socket'), b.state,"
+    " b.xact_start, b.query_start"
+    " FROM (SELECT 1) AS one LEFT JOIN pg_stat_activity AS b ON b.pid = ANY (pg_blocking_pids(:pid))"
+    " ORDER BY b.xact_start NULLS LAST"
+)
+
+
+def _at(moment: Any) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S%z}" if moment is not None else "-"
+
+
+def _log_waits(conn: sa.Connection, pid: int, what: str, seconds: float) -> None:
+    """One line: what the statement of backend ``pid`` waits for (the sessions blocking it, and
+    since when their transaction and query run), or that it runs."""
+    rows = conn.execute(_WAITING_FOR, {"pid": pid}).all()
+    phase = f" (phase: {rows[0][0]})" if rows and rows[0][0] else ""
+    blockers = [row for row in rows if row[1] is not None]
+    if not blockers:
+        logger.info("%s for %.0f s%s", what, seconds, phase)
+        return
+    sessions = "; ".join(
+        f"pid {b_pid} (application_name '{app or '-'}', {client}, {state}, transaction since {_at(xact)}, "
+        f"query since {_at(query)})"
+        for _, b_pid, app, client, state, xact, query in blockers
+    )
+    logger.warning(
+        "%s for %.0f s, now waiting for %d other session(s) to end their transaction%s: %s",
+        what,
+        seconds,
+        len(blockers),
+        phase,
+        sessions,
+    )
+
+
+def _watch(engine: sa.Engine, pid: int, what: str, interval: float, stopped: Callable[[float], bool]) -> None:
+    """Until ``stopped(interval)`` says so, log every ``interval`` s what backend ``pid`` waits for,
+    each time on a short-lived connection of its own (in autocommit: it holds no snapshot that the
+    statement would wait for). Never fails the statement it watches."""
+    started = time.monotonic()
+    try:
+        while not stopped(interval):
+            with engine.connect() as raw:
+                _log_waits(raw.execution_options(isolation_level="AUTOCOMMIT"), pid, what, time.monotonic() - started)
+    except Exception as exc:
+        logger.warning("%s: cannot tell what it waits for: %s", what, str(exc).splitlines()[0] if str(exc) else exc)
+
+
+async def _until(event: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def _spawn(fn: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+    return asyncio.ensure_future(greenlet_spawn(fn, *args))
+
+
+@contextlib.contextmanager
+def _watching(what: str) -> Iterator[None]:
+    """``_watch`` the migration connection's backend while the block runs: as a task on the event
+    loop when the connection is SQLAlchemy's sync facade of an asyncio driver (the block's waits
+    for the database hand the loop over to it), else in a thread."""
+    conn = _bind()
+    pid = int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+    interval = _log_interval()
+    if in_greenlet():
+        event = asyncio.Event()
+        task = await_(_spawn(_watch, conn.engine, pid, what, interval, lambda s: await_(_until(event, s))))
+        try:
+            yield
+        finally:
+            event.set()
+            await_(task)
+        return
+    stop = threading.Event()
+    thread = threading.Thread(target=_watch, args=(conn.engine, pid, what, interval, stop.wait), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def _waiting_patiently(what: str, after: str, *, in_transaction: bool = False) -> Iterator[None]:
+    """Run the block's statement, whose lock blocks no read or write, under ``LongWaits`` instead of
+    the DDL's short lock_timeout, logging what it waits for. When even that runs out, fail the
+    revision with one line (``after``: what the next run does about it) rather than let the runner
+    retry a statement that would start over and wait again.
+
+    ``in_transaction``: the statement runs inside the revision's transaction (SET LOCAL: the bound
+    ends with it); otherwise in autocommit, and the session's own bound comes back after it.
+    """
+    conn = _bind()
+    waits = conn.info.get(LONG_WAITS)
+    if not isinstance(waits, LongWaits):
+        with _watching(what):
+            yield
+        return
+    previous = conn.execute(
+        sa.text("SELECT current_setting('lock_timeout'), set_config('lock_timeout', :bound, :local)"),
+        {"bound": waits.lock_timeout, "local": in_transaction},
+    ).scalar_one()
+    try:
+        with _watching(what):
+            yield
+    except DBAPIError as exc:
+        if _sqlstate(exc) != LOCK_NOT_AVAILABLE:
+            raise
+        raise CommandError(
+            f"{what} waited longer than {waits.limit} for other transactions to end; {after}. The oldest "
+            "open ones: SELECT pid, xact_start, state, query FROM pg_stat_activity WHERE xact_start IS NOT NULL "
+            "ORDER BY xact_start"
+        ) from None
+    finally:
+        if not in_transaction:
+            with contextlib.suppress(DBAPIError):  # a lost connection is told by the error that ends the run
+                conn.execute(sa.text("SELECT set_config('lock_timeout', :bound, false)"), {"bound": previous})
 
 
 # --- indexes ---------------------------------------------------------------------------------
@@ -188,9 +371,11 @@ def create_index_concurrently(
 ) -> None:
     """``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS``, outside the revision's transaction.
 
-    Writes continue during the build (it takes SHARE UPDATE EXCLUSIVE). A build that was cancelled
-    (lock_timeout, a killed runner) leaves an INVALID index behind, which IF NOT EXISTS alone
-    would keep forever: it is dropped and built again. A unique build that finds duplicates
+    Reads and writes continue during the build (it takes SHARE UPDATE EXCLUSIVE); the build waits
+    for every transaction older than it, in any table, each wait within ``LongWaits``
+    (KRAKEN_INDEX_BUILD_TIMEOUT), not the short DDL lock_timeout. A build that was cancelled (that
+    bound, a killed runner) leaves an INVALID index behind, which IF NOT EXISTS alone
+    would keep forever: it is dropped and built again; a valid one is kept. A unique build that finds duplicates
     drops what it left and says so. ``where`` makes a partial index (its predicate, as SQL);
     ``include`` adds non-key columns (``INCLUDE``), so queries that read only those can be answered
     from the index alone. An existing index is compared by table, key columns and uniqueness, not
@@ -222,14 +407,19 @@ def create_index_concurrently(
             if found.valid:
                 return
             logger.warning("index %s is INVALID (an interrupted build left it); building it again", name)
-            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
+            with _waiting_patiently(f"dropping INVALID index {name}", "the next run drops it again"):
+                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
         try:
-            op.execute(ddl)
+            with _waiting_patiently(
+                f"building index {name}", "it left an INVALID index, which the next run drops and builds again"
+            ):
+                op.execute(ddl)
         except DBAPIError as exc:
             if _sqlstate(exc) != UNIQUE_VIOLATION:
                 raise  # a lock or statement timeout: the INVALID index is rebuilt by the next run
             # The failed build left an INVALID index that every write would still maintain.
-            op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
+            with _waiting_patiently(f"dropping index {name}", "the next run drops it again"):
+                op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
             raise CommandError(
                 f"cannot build unique index {name}: {table} has rows with the same ({', '.join(columns)}); "
                 "nothing was left behind"
@@ -237,12 +427,17 @@ def create_index_concurrently(
 
 
 def drop_index_concurrently(name: str) -> None:
-    """``DROP INDEX CONCURRENTLY IF EXISTS``, outside the revision's transaction."""
+    """``DROP INDEX CONCURRENTLY IF EXISTS``, outside the revision's transaction: it waits for the
+    transactions using the table, within ``LongWaits``, and blocks no read or write meanwhile."""
     ctx = _context()
-    if not ctx.as_sql:
-        _require_own_transactions(ctx)
-    with ctx.autocommit_block():
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
+    drop = f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}"
+    if ctx.as_sql:
+        with ctx.autocommit_block():
+            op.execute(drop)
+        return
+    _require_own_transactions(ctx)
+    with ctx.autocommit_block(), _waiting_patiently(f"dropping index {name}", "the next run drops it again"):
+        op.execute(drop)
 
 
 # --- columns ---------------------------------------------------------------------------------
@@ -362,17 +557,24 @@ def add_check_not_valid(name: str, table: str, condition: str) -> None:
 def validate_constraint(name: str, table: str) -> None:
     """``VALIDATE CONSTRAINT`` in a transaction of its own: it scans the table under SHARE UPDATE
     EXCLUSIVE, which lets reads and writes continue (a foreign key also takes ROW SHARE on the
-    referenced table)."""
-    if not _offline():
-        found = constraint_info(name, table)
-        if found is None:
-            raise CommandError(f"there is no constraint {name} on {table} to validate")
-        if found.validated:
-            return
-        if _in_write_transaction():
-            # Never scan while still holding the ACCESS EXCLUSIVE lock of an ADD in this transaction.
-            commit()
-    op.execute(f"ALTER TABLE {ident(table)} VALIDATE CONSTRAINT {ident(name)}")
+    referenced table), so it waits for those locks within ``LongWaits``."""
+    validate = f"ALTER TABLE {ident(table)} VALIDATE CONSTRAINT {ident(name)}"
+    if _offline():
+        op.execute(validate)
+        commit()
+        return
+    found = constraint_info(name, table)
+    if found is None:
+        raise CommandError(f"there is no constraint {name} on {table} to validate")
+    if found.validated:
+        return
+    if _holds_locks_worth_releasing():
+        # Never scan, nor wait long, while still holding the ACCESS EXCLUSIVE lock of an ADD in this transaction.
+        commit()
+    with _waiting_patiently(
+        f"validating constraint {name} on {table}", "it stays NOT VALID until the next run", in_transaction=True
+    ):
+        op.execute(validate)
     commit()
 
 

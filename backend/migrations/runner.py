@@ -34,7 +34,7 @@ from backend.config import Settings, get_settings, postgres_ms, resolve_target
 from backend.db.engine import connect, create_migration_engine
 from backend.db.errors import describe, first_line, is_connection_error, is_pooler_symptom, is_retriable, sqlstate
 from backend.db.url import DatabaseTarget
-from backend.migrations import ledger
+from backend.migrations import ledger, ops
 from backend.migrations.checksums import read_checksums
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock, sleep
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_config, read_revisions
@@ -299,11 +299,19 @@ def timeout_statements(settings: Settings) -> list[str]:
     ]
 
 
+def long_waits(settings: Settings) -> ops.LongWaits:
+    """The bound of each wait of statements whose lock blocks no read or write (index builds):
+    KRAKEN_INDEX_BUILD_TIMEOUT, as PostgreSQL's lock_timeout ("0": no limit)."""
+    seconds = settings.index_build_timeout
+    return ops.LongWaits(f"{int(seconds * 1000)}ms", f"KRAKEN_INDEX_BUILD_TIMEOUT ({seconds:g} s)")
+
+
 def _set_session_bounds(connection: Connection, settings: Settings) -> None:
     """Session-level bounds for DDL, set once the advisory lock is held; a revision may SET LOCAL its own."""
     began = not connection.in_transaction()
     for statement in timeout_statements(settings):
         connection.execute(text(statement))
+    connection.info[ops.LONG_WAITS] = long_waits(settings)
     if (connection.dialect.server_version_info or (0,)) >= (14,):
         # If the runner dies during a long statement, the server notices within a second and
         # rolls the revision back, instead of finishing it for nobody while holding the lock.

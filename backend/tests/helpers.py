@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from backend.config import PROJECT_ROOT
 from backend.db.engine import connect, create_migration_engine
 from backend.db.url import DatabaseTarget
+from backend.migrations import ops
 from backend.migrations.revisions import read_revisions
 
 RUN_ID = secrets.token_hex(4)
@@ -176,28 +177,45 @@ def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Recor
     return asyncio.run(fetch(target, query, *args))
 
 
-async def run_ops_async(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
+async def run_ops_async(
+    target: DatabaseTarget,
+    operations: Callable[[], object],
+    *,
+    lock_timeout: str = "5s",
+    long_waits: ops.LongWaits | None = None,
+) -> None:
     """Run ``operations`` (calls to backend.migrations.ops) as a revision runs: on a connection of
-    its own, with lock_timeout set, inside a MigrationContext whose transactions Alembic manages."""
+    its own, with lock_timeout set (and ``long_waits``, as runner.py sets them), inside a
+    MigrationContext whose transactions Alembic manages."""
     engine = create_migration_engine(target)
     try:
         async with engine.connect() as connection:
-            await connection.run_sync(_in_migration_context, operations, lock_timeout)
+            await connection.run_sync(_in_migration_context, operations, lock_timeout, long_waits)
     finally:
         await engine.dispose()
 
 
-def _in_migration_context(connection: Connection, operations: Callable[[], object], lock_timeout: str) -> None:
+def _in_migration_context(
+    connection: Connection, operations: Callable[[], object], lock_timeout: str, long_waits: ops.LongWaits | None
+) -> None:
     connection.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
     connection.commit()
+    if long_waits is not None:
+        connection.info[ops.LONG_WAITS] = long_waits
     context = MigrationContext.configure(connection, opts={"transaction_per_migration": True})
     with Operations.context(context), context.begin_transaction(_per_migration=True):
         operations()
 
 
-def run_ops(target: DatabaseTarget, operations: Callable[[], object], *, lock_timeout: str = "5s") -> None:
+def run_ops(
+    target: DatabaseTarget,
+    operations: Callable[[], object],
+    *,
+    lock_timeout: str = "5s",
+    long_waits: ops.LongWaits | None = None,
+) -> None:
     """``run_ops_async`` for synchronous test code."""
-    asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout))
+    asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout, long_waits=long_waits))
 
 
 def offline_ops(operations: Callable[[], object]) -> str:

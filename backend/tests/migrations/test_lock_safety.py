@@ -180,13 +180,18 @@ async def test_writes_continue_while_002_runs(empty_db: DatabaseTarget, capsys: 
     assert longest(waits) < LOCK_TIMEOUT
 
 
-async def test_a_build_cancelled_by_lock_timeout_is_retried_and_rebuilt(empty_db: DatabaseTarget) -> None:
+async def test_a_revision_retried_after_lock_timeout_keeps_the_index_it_built(empty_db: DatabaseTarget) -> None:
     await migrate(empty_db, "upgrade", "001")
     await fetch(empty_db, SEED_002[0].replace("20000", "1"))
+    await fetch(empty_db, SEED_002[1].replace("generate_series(1, 5)", "generate_series(1, 1)"))
+    # A reader idle in its transaction: the concurrent unique index build does not wait for it (it
+    # holds no snapshot and writes nothing), the ACCESS EXCLUSIVE lock that attaches the
+    # constraint does, hits lock_timeout, and env.py rolls back and retries the revision.
     holder = await connect(empty_db)
     held = holder.transaction()
     await held.start()
-    await holder.execute(SEED_002[1].replace("generate_series(1, 5)", "generate_series(1, 1)"))
+    # The simple query protocol: asyncpg's extended one would keep the statement's snapshot.
+    await holder.execute("SELECT count(*) FROM kraken_turns")
     migration = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "alembic", "upgrade", "002",
         cwd=PROJECT_ROOT,
@@ -195,26 +200,24 @@ async def test_a_build_cancelled_by_lock_timeout_is_retried_and_rebuilt(empty_db
     )  # fmt: skip
     assert migration.stdout is not None
     lines: list[str] = []
+    index = "SELECT indexrelid::int, indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)"
+    name = "kraken_turns_conversation_id_turn_number_key"
     try:
-        # The first unique index build waits for the open transaction, hits the lock timeout and
-        # leaves an INVALID index; env.py rolls back and retries.
         while not any("hit lock_timeout" in line for line in lines):
             line = (await asyncio.wait_for(migration.stdout.readline(), 60)).decode()
             assert line, "".join(lines)
             lines.append(line)
-        left = await fetch(
-            empty_db,
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)",
-            "kraken_turns_conversation_id_turn_number_key",
-        )
-        assert [r[0] for r in left] == [False]
+        built = [tuple(r) for r in await fetch(empty_db, index, name)]
+        assert [valid for _, valid in built] == [True]
     finally:
         await held.commit()
         await holder.close()
     rest = (await asyncio.wait_for(migration.communicate(), 120))[0].decode()
     output = "".join(lines) + rest
     assert migration.returncode == 0, output
-    assert "index kraken_turns_conversation_id_turn_number_key is INVALID" in output
+    # The retry found the index valid and kept it: the same index, not a rebuild.
+    assert [tuple(r) for r in await fetch(empty_db, index, name)] == built
+    assert "is INVALID" not in output
     await asyncio.to_thread(assert_schema_002, empty_db)
 
 
