@@ -3,6 +3,7 @@ revision helpers, the API's test data, and the schema revisions leave."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import io
@@ -17,7 +18,7 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,9 @@ import asyncpg
 import httpx
 import pytest
 from alembic.operations import Operations
+from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, text
@@ -35,7 +38,7 @@ from backend.config import PROJECT_ROOT
 from backend.db.engine import connect, create_migration_engine
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
-from backend.migrations.revisions import read_revisions
+from backend.migrations.revisions import alembic_config, read_revisions
 
 RUN_ID = secrets.token_hex(4)
 # The real script directory's head, and the id `alembic revision` gives the next file. (With two
@@ -190,19 +193,33 @@ async def run_ops_async(
     engine = create_migration_engine(target)
     try:
         async with engine.connect() as connection:
-            await connection.run_sync(_in_migration_context, operations, lock_timeout, long_waits)
+            await connection.run_sync(
+                lambda sync: run_ops_on(sync, operations, lock_timeout=lock_timeout, long_waits=long_waits)
+            )
     finally:
         await engine.dispose()
 
 
-def _in_migration_context(
-    connection: Connection, operations: Callable[[], object], lock_timeout: str, long_waits: ops.LongWaits | None
+def run_ops_on(
+    connection: Connection,
+    operations: Callable[[], object],
+    *,
+    lock_timeout: str = "5s",
+    long_waits: ops.LongWaits | None = None,
+    x: Sequence[str] = (),
 ) -> None:
+    """``run_ops_async`` on a connection the caller has (a sync driver's, say); ``x``: what
+    ``alembic -x`` would pass."""
     connection.execute(text(f"SET lock_timeout = '{lock_timeout}'"))
     connection.commit()
     if long_waits is not None:
         connection.info[ops.LONG_WAITS] = long_waits
-    context = MigrationContext.configure(connection, opts={"transaction_per_migration": True})
+    config = alembic_config()
+    config.cmd_opts = argparse.Namespace(x=list(x))
+    environment = EnvironmentContext(config, ScriptDirectory.from_config(config))
+    context = MigrationContext.configure(
+        connection, environment_context=environment, opts={"transaction_per_migration": True}
+    )
     with Operations.context(context), context.begin_transaction(_per_migration=True):
         operations()
 

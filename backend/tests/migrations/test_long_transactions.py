@@ -8,14 +8,19 @@ import asyncio
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import asyncpg
+import psycopg
 import pytest
+import sqlalchemy as sa
 from alembic import op
 from alembic.util import CommandError
 from sqlalchemy import text
+from sqlalchemy.pool import NullPool
 
 from backend.config import PROJECT_ROOT
 from backend.db.engine import connect
@@ -29,6 +34,9 @@ from backend.tests.helpers import (
     out,
     run_alembic,
     run_ops_async,
+    run_ops_on,
+    sql,
+    url_of,
 )
 
 pytestmark = pytest.mark.slow
@@ -76,9 +84,15 @@ async def upgrade_process(db: DatabaseTarget, *args: str, **env: str) -> asyncio
     )  # fmt: skip
 
 
+VALID = "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)"
+
+
 async def index_state(db: DatabaseTarget, name: str) -> list[bool]:
-    rows = await fetch(db, "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", name)
-    return [row[0] for row in rows]
+    return [row[0] for row in await fetch(db, VALID, name)]
+
+
+def index_valid(db: DatabaseTarget, name: str) -> list[bool]:
+    return [row[0] for row in sql(db, VALID, name)]
 
 
 async def test_an_index_build_waits_for_a_long_report_and_says_whom_it_waits_for(empty_db: DatabaseTarget) -> None:
@@ -260,3 +274,48 @@ async def test_a_timed_out_validation_fails_in_one_line(items: DatabaseTarget) -
         "validating constraint items_n_check on items waited longer than KRAKEN_INDEX_BUILD_TIMEOUT (0.5 s) for "
         "other transactions to end; it stays NOT VALID until the next run. "
     )
+
+
+def test_on_a_plain_sync_connection_a_thread_watches_the_build(
+    items: DatabaseTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A sync driver's connection (psycopg), as a tool may hand env.py: no event loop to watch from.
+    dsn = url_of(items)
+    engine = sa.create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=NullPool)
+    sql(items, "CREATE TABLE sales AS SELECT g AS id FROM generate_series(1, 100) g")
+    failures: list[BaseException] = []
+
+    def migrate_on_sync_connection() -> None:
+        try:
+            with engine.connect() as connection:
+                run_ops_on(
+                    connection,
+                    lambda: ops.create_index_concurrently("ix_items_id_n", "items", ["id", "n"]),
+                    lock_timeout=SHORT,
+                    long_waits=PATIENT,
+                    x=[f"{ops.LOG_INTERVAL_ARGUMENT}=0.2"],
+                )
+        except BaseException as exc:
+            failures.append(exc)
+
+    with psycopg.connect(dsn, application_name="monthly-report") as reporting:
+        reporting.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        reporting.execute("SELECT count(*) FROM sales")
+        migration = threading.Thread(target=migrate_on_sync_connection)
+        migration.start()
+        try:
+            named = (
+                "now waiting for 1 other session(s) to end their transaction (phase: waiting for old snapshots): "
+                f"pid {reporting.info.backend_pid} (application_name 'monthly-report'"
+            )
+            while not any(named in record.getMessage() for record in caplog.records):
+                assert migration.is_alive(), failures
+                time.sleep(0.05)
+            assert index_valid(items, "ix_items_id_n") == [False]
+        finally:
+            reporting.commit()
+            migration.join(timeout=60)
+    engine.dispose()
+
+    assert failures == []
+    assert index_valid(items, "ix_items_id_n") == [True]
