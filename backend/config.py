@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     # Seconds each wait of a concurrent index build (or drop, or a constraint's validation) may last:
     # their locks block no read or write, so they wait for older transactions instead of failing
     # within ddl_lock_timeout. 0: no limit.
-    index_build_timeout: float = Field(default=1800.0, ge=0)
+    index_build_timeout: float = Field(default=1800.0, ge=0, le=POSTGRES_MAX_SECONDS)
     # Applied revisions whose files changed since: stop the run, warn, or do not check.
     migration_validate: Literal["error", "warn", "off"] = "error"
 

@@ -303,7 +303,7 @@ def long_waits(settings: Settings) -> ops.LongWaits:
     """The bound of each wait of statements whose lock blocks no read or write (index builds):
     KRAKEN_INDEX_BUILD_TIMEOUT, as PostgreSQL's lock_timeout ("0": no limit)."""
     seconds = settings.index_build_timeout
-    return ops.LongWaits(f"{int(seconds * 1000)}ms", f"KRAKEN_INDEX_BUILD_TIMEOUT ({seconds:g} s)")
+    return ops.LongWaits(f"{postgres_ms(seconds)}ms", f"KRAKEN_INDEX_BUILD_TIMEOUT ({seconds:g} s)")
 
 
 def _set_session_bounds(connection: Connection, settings: Settings) -> None:

@@ -72,14 +72,17 @@ def test_migrations_url_falls_back_to_database_url(monkeypatch: pytest.MonkeyPat
         ("KRAKEN_WORKERS", "0", "KRAKEN_WORKERS"),
         ("KRAKEN_WORKERS", "two", "KRAKEN_WORKERS"),
         ("KRAKEN_SHUTDOWN_GRACE", "-1", "KRAKEN_SHUTDOWN_GRACE"),
-        # Timeouts that would mean "no limit" (only KRAKEN_DDL_STATEMENT_TIMEOUT documents 0 for that),
-        # or that PostgreSQL's int4 milliseconds cannot hold.
+        # Timeouts that would mean "no limit" (only KRAKEN_DDL_STATEMENT_TIMEOUT and KRAKEN_INDEX_BUILD_TIMEOUT
+        # document 0 for that), or that PostgreSQL's int4 milliseconds cannot hold.
         ("KRAKEN_DDL_LOCK_TIMEOUT", "0", "KRAKEN_DDL_LOCK_TIMEOUT"),
         ("KRAKEN_DDL_LOCK_TIMEOUT", "inf", "KRAKEN_DDL_LOCK_TIMEOUT"),
         ("KRAKEN_DDL_LOCK_TIMEOUT", "nan", "KRAKEN_DDL_LOCK_TIMEOUT"),
         ("KRAKEN_DDL_STATEMENT_TIMEOUT", "inf", "KRAKEN_DDL_STATEMENT_TIMEOUT"),
         ("KRAKEN_DDL_STATEMENT_TIMEOUT", "2147484", "KRAKEN_DDL_STATEMENT_TIMEOUT"),
         ("KRAKEN_MIGRATION_LOCK_TIMEOUT", "inf", "KRAKEN_MIGRATION_LOCK_TIMEOUT"),
+        ("KRAKEN_INDEX_BUILD_TIMEOUT", "-1", "KRAKEN_INDEX_BUILD_TIMEOUT"),
+        ("KRAKEN_INDEX_BUILD_TIMEOUT", "inf", "KRAKEN_INDEX_BUILD_TIMEOUT"),
+        ("KRAKEN_INDEX_BUILD_TIMEOUT", "2147484", "KRAKEN_INDEX_BUILD_TIMEOUT"),
         ("DATABASE_URL", f"mysql://root:{PASSWORD}@db/app", "unsupported scheme"),
         ("MIGRATIONS_DATABASE_URL", f"postgresql://u:{PASSWORD}@db:99999/app", "MIGRATIONS_DATABASE_URL"),
     ],
