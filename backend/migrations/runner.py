@@ -37,11 +37,11 @@ from backend.db.url import DatabaseTarget
 from backend.migrations import ledger, ops
 from backend.migrations.checksums import read_checksums
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock, sleep
+from backend.migrations.ops import LOCK_NOT_AVAILABLE
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_config, read_revisions
 
 logger = logging.getLogger(__name__)
 
-LOCK_NOT_AVAILABLE = "55P03"
 DEADLOCK_DETECTED = "40P01"
 
 
