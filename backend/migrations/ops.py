@@ -336,10 +336,11 @@ def _waiting_patiently(what: str, after: str, *, in_transaction: bool = False) -
         with _watching(what):
             yield
         return
-    previous = conn.execute(
-        sa.text("SELECT current_setting('lock_timeout'), set_config('lock_timeout', :bound, :local)"),
+    previous = conn.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar_one()
+    conn.execute(
+        sa.text("SELECT set_config('lock_timeout', :bound, :local)"),
         {"bound": waits.lock_timeout, "local": in_transaction},
-    ).scalar_one()
+    )
     try:
         with _watching(what):
             yield
