@@ -32,7 +32,6 @@ from backend.config import PROJECT_ROOT, Settings
 from backend.db.admin import scratch_database
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
-from backend.migrations.checksums import read_checksums
 from backend.migrations.revisions import ALEMBIC_DIR, read_revisions
 from backend.migrations.runner import run_migrations
 
@@ -137,7 +136,6 @@ async def main() -> None:
 
                 async def cold(package: Path = package, sized: Settings = sized) -> None:
                     read_revisions.cache_clear()
-                    read_checksums.cache_clear()
                     await run_migrations(sized, script_location=package)
 
                 sized_bare_ms = await median_ms(sized_bare, 50)

@@ -36,8 +36,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from backend.config import ConfigError, Settings, get_settings
 from backend.migrations import ledger, runner
-from backend.migrations.checksums import read_checksums
-from backend.migrations.revisions import next_revision_id
+from backend.migrations.revisions import next_revision_id, read_revisions
 from backend.models import Base
 
 config = context.config
@@ -106,7 +105,7 @@ def run_migrations_offline() -> None:
         transaction_per_migration=True,
         include_name=_include_name,
         process_revision_directives=_process_revision_directives,
-        on_version_apply=ledger.offline_recorder(read_checksums(Path(context.script.dir))),
+        on_version_apply=ledger.offline_recorder(read_revisions(Path(context.script.dir)).by_revision),
         as_sql=True,
     )
     if context.is_offline_mode():

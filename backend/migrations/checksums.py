@@ -18,7 +18,8 @@ versions (3.12 added ``type_params=[]`` to every function, 3.13 leaves empty fie
 Python upgrade would otherwise flag every applied revision as edited. Empty fields are skipped,
 so the serialisation is the same on every supported version.
 
-Pure and synchronous (files, no database); computed once per process and script directory.
+Pure (no files, no database): ``backend/migrations/revisions.py`` reads each revision file once
+and computes its checksum from the same parse.
 """
 
 from __future__ import annotations
@@ -26,26 +27,11 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
-
-from alembic.script import ScriptDirectory
-
-from backend.migrations.revisions import ALEMBIC_DIR, alembic_config
 
 # Fields that record how something was written, not what it does: a string's u prefix, and
 # type comments (comments, which the tree otherwise leaves out).
 _SPELLING_FIELDS = frozenset({"kind", "type_comment", "type_ignores"})
 _WITH_DOCSTRING = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-
-
-@dataclass(frozen=True)
-class RevisionFile:
-    """A revision's file (its name in ``versions/``) and the checksum of its contents."""
-
-    file: str
-    checksum: str
 
 
 def _is_docstring(statement: ast.stmt) -> bool:
@@ -79,47 +65,9 @@ def _canonical(node: object) -> object:
 
 def checksum(source: str) -> str:
     """The SHA-256 (hex) of a revision's source, ignoring comments, docstrings and formatting."""
-    return _tree_checksum(ast.parse(source))
+    return tree_checksum(ast.parse(source))
 
 
-def _tree_checksum(tree: ast.Module) -> str:
+def tree_checksum(tree: ast.Module) -> str:
+    """``checksum`` of a module already parsed (the revision reader parses each file once)."""
     return hashlib.sha256(json.dumps(_canonical(tree), separators=(",", ":")).encode()).hexdigest()
-
-
-def _revision_id(tree: ast.Module) -> str | None:
-    """``revision = "..."`` (annotated or not) at the top level, when it is a plain string."""
-    value: ast.expr | None
-    for node in tree.body:
-        if isinstance(node, ast.Assign):
-            targets, value = node.targets, node.value
-        elif isinstance(node, ast.AnnAssign):
-            targets, value = [node.target], node.value
-        else:
-            continue
-        if any(isinstance(t, ast.Name) and t.id == "revision" for t in targets):
-            if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                return value.value
-    return None
-
-
-@cache
-def read_checksums(script_location: Path = ALEMBIC_DIR) -> dict[str, RevisionFile]:
-    """Every revision of the script directory, by id, with its file's checksum."""
-    found: dict[str, RevisionFile] = {}
-    unnamed: list[tuple[Path, str]] = []
-    for path in sorted((script_location / "versions").glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        revision = _revision_id(tree)
-        if revision is None:
-            unnamed.append((path, _tree_checksum(tree)))
-        else:
-            found[revision] = RevisionFile(path.name, _tree_checksum(tree))
-    if unnamed:
-        # An id that is not a plain literal: Alembic knows which file is which revision.
-        script = ScriptDirectory.from_config(alembic_config(script_location))
-        by_path = {Path(s.path).resolve(): s.revision for s in script.walk_revisions()}
-        for path, digest in unnamed:
-            rev = by_path.get(path.resolve())
-            if rev is not None:
-                found[rev] = RevisionFile(path.name, digest)
-    return found

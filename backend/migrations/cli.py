@@ -29,7 +29,6 @@ from sqlalchemy.exc import DBAPIError
 from backend.config import ConfigError, Settings, get_settings
 from backend.db.errors import first_line, sqlstate
 from backend.migrations import ledger
-from backend.migrations.checksums import read_checksums
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, read_revisions
 from backend.migrations.runner import (
@@ -113,7 +112,7 @@ def _ahead_note(status: SchemaStatus) -> str:
 
 
 async def validate(settings: Settings, script_location: Path, args: argparse.Namespace) -> None:
-    files = read_checksums(script_location)
+    files = read_revisions(script_location).by_revision
     conn = await open_connection(await migrations_target(settings))
     try:
         current, recorded = await ledger.fetch_state(conn)
@@ -149,7 +148,8 @@ async def validate(settings: Settings, script_location: Path, args: argparse.Nam
 
 
 def _repair(connection: Connection, settings: Settings, script_location: Path) -> list[str]:
-    revisions, files = read_revisions(script_location), read_checksums(script_location)
+    revisions = read_revisions(script_location)
+    files = revisions.by_revision
     run_id = uuid.uuid4()  # one run, like a migration's
     # Like a migration: the pooler check first (a session lock behind one serializes nothing).
     with migration_lock(connection.engine, settings.migration_lock_timeout, work=connection):

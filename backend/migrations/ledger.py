@@ -39,8 +39,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from backend.db.errors import first_line, sqlstate
-from backend.migrations.checksums import RevisionFile
-from backend.migrations.revisions import Revisions, SchemaStatus
+from backend.migrations.revisions import RevisionFile, Revisions, SchemaStatus
 
 logger = logging.getLogger(__name__)
 

@@ -1,29 +1,57 @@
-"""The script directory's revisions: the graph read cheaply, the schema's status against it, numbering.
+"""The script directory's revisions: each file read once (ids, parents, checksum), the schema's
+status against them, numbering.
 
-Pure and synchronous (files, no database), so the boot path, env.py, CI and the tests share it.
+Pure and synchronous (files, no database), so the boot path, env.py, the CLI, CI and the tests
+share it: the one reader of the revision files. A test compares it with Alembic's on every
+revision in the tree and on awkward files.
 """
 
 from __future__ import annotations
 
+import ast
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 
 from alembic.config import Config
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from alembic.util import to_tuple
+
+from backend.migrations.checksums import tree_checksum
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 
 
 @dataclass(frozen=True)
+class RevisionFile:
+    """One revision file: its name in ``versions/``, what it declares, and its checksum."""
+
+    file: str
+    revision: str
+    down_revisions: tuple[str, ...]
+    # Kept apart from down_revisions: as for Alembic, depends_on orders revisions but heads
+    # follow down_revision only.
+    depends_on: tuple[str, ...]
+    checksum: str
+
+
+@dataclass(frozen=True)
 class Revisions:
-    """A script directory's revision graph: revision -> the revisions it follows."""
+    """A script directory's revision graph (revision -> the revisions it follows) and its files."""
 
     graph: dict[str, tuple[str, ...]]
+    # Every file, in Alembic's order; two files may declare the same id (test_revision_graph
+    # names them), and then the later one is in the graph, as in Alembic's.
+    files: tuple[RevisionFile, ...] = ()
     # applied() per database state: a boot at head asks the same question on every call.
     _applied: dict[tuple[str, ...], frozenset[str]] = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def by_revision(self) -> Mapping[str, RevisionFile]:
+        """Each revision's file (and so its checksum), by id."""
+        return {f.revision: f for f in self.files}
 
     @property
     def heads(self) -> frozenset[str]:
@@ -84,29 +112,117 @@ def alembic_config(script_location: Path = ALEMBIC_DIR) -> Config:
     return cfg
 
 
-_REVISION = re.compile(r"^revision(?:\s*:\s*[^=]+)?\s*=\s*['\"]([^'\"]+)['\"]", re.MULTILINE)
-_DOWN = re.compile(r"^down_revision(?:\s*:\s*[^=]+)?\s*=\s*(.+)$", re.MULTILINE)
-_QUOTED = re.compile(r"['\"]([^'\"]+)['\"]")
+# The files Alembic loads from versions/ (alembic.script.base, `_only_source_rev_file`): every
+# .py file but __init__.py and an editor's lock file (.#name.py).
+_REVISION_FILE = re.compile(r"(?!\.#|__init__).*\.py$")
+# What Alembic reads from a revision module (Script.__init__), and a module __getattr__, which
+# would answer for a depends_on the file leaves out. branch_labels is not part of the graph.
+_DECLARED = frozenset({"revision", "down_revision", "depends_on"})
+_WATCHED = _DECLARED | {"__getattr__", "*"}
+
+
+def _ids(value: ast.expr) -> tuple[str, ...] | None:
+    """A literal id or ids (a string, None, a tuple or list of strings) as Alembic's ``to_tuple``
+    gives them; None when the value is anything else."""
+    if isinstance(value, ast.Constant) and (value.value is None or isinstance(value.value, str)):
+        return to_tuple(value.value, default=())
+    if isinstance(value, ast.Tuple | ast.List):
+        items = [item.value for item in value.elts if isinstance(item, ast.Constant) and isinstance(item.value, str)]
+        if len(items) == len(value.elts):
+            return tuple(items)
+    return None
+
+
+def _bound_names(node: ast.AST) -> Iterator[str]:
+    """The names ``node`` binds, in whatever scope ("*" for ``from x import *``)."""
+    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+        yield node.id
+    elif isinstance(node, ast.Global | ast.Nonlocal):
+        yield from node.names
+    elif isinstance(node, ast.alias):
+        yield node.asname or node.name.partition(".")[0]
+    elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        yield node.name
+    elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+        yield node.name
+    elif isinstance(node, ast.MatchMapping) and node.rest:
+        yield node.rest
+
+
+def _declared(tree: ast.Module) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
+    """The module's revision, down_revision and depends_on as importing it would give them, or
+    None when reading the tree might give another answer than importing.
+
+    Read here: top-level assignments of literals, annotated or not (the last one wins, as on
+    import), whatever the comments and line breaks. Left to Alembic: any other binding of these
+    names anywhere in the file (conditional, computed, imported, unpacked, deleted, even a
+    function's local variable: the tree does not say which scope it is in, and such files are
+    rare), a module ``__getattr__``, a star import, a missing revision or down_revision.
+    """
+    values: dict[str, ast.expr] = {}
+    read: set[ast.AST] = set()
+    value: ast.expr | None
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign):
+            targets, value = statement.targets, statement.value
+        elif isinstance(statement, ast.AnnAssign):
+            targets, value = [statement.target], statement.value
+        else:
+            continue
+        for target in targets:
+            if isinstance(target, ast.Name) and target.id in _DECLARED:
+                read.add(target)
+                if value is not None:  # `revision: str` alone binds nothing
+                    values[target.id] = value
+    for node in ast.walk(tree):
+        if node not in read and any(name in _WATCHED for name in _bound_names(node)):
+            return None
+    revision = values.get("revision")
+    if not (isinstance(revision, ast.Constant) and isinstance(revision.value, str)) or "down_revision" not in values:
+        return None
+    down = _ids(values["down_revision"])
+    depends = _ids(values["depends_on"]) if "depends_on" in values else ()
+    if down is None or depends is None:
+        return None
+    return revision.value, down, depends
 
 
 @cache
 def read_revisions(script_location: Path = ALEMBIC_DIR) -> Revisions:
-    """The revision graph, read from the files' text without importing them.
+    """Every revision file of the script directory, read in one pass each (one parse gives the
+    ids and the checksum), without importing it.
 
     Importing every revision module costs about a millisecond per file, and a boot at head needs
-    only the ids. Falls back to Alembic when a file does not declare them as plain literals.
-    ``depends_on`` is not an edge of this graph: as for Alembic, heads follow ``down_revision`` only.
+    only the ids and checksums. A file whose ids are not plain literals is asked of Alembic, which
+    imports it.
     """
-    graph: dict[str, tuple[str, ...]] = {}
-    for path in sorted((script_location / "versions").glob("*.py")):
-        source = path.read_text(encoding="utf-8")
-        rev, down = _REVISION.search(source), _DOWN.search(source)
-        # A value spread over lines ("down_revision = (\n") is beyond this reader: ask Alembic.
-        if rev is None or down is None or down.group(1).count("(") != down.group(1).count(")"):
-            script = ScriptDirectory.from_config(alembic_config(script_location))
-            return Revisions({s.revision: to_tuple(s.down_revision, default=()) for s in script.walk_revisions()})
-        graph[rev.group(1)] = tuple(_QUOTED.findall(down.group(1)))
-    return Revisions(graph)
+    versions = script_location / "versions"
+    paths = (
+        sorted(p for p in versions.iterdir() if p.is_file() and _REVISION_FILE.match(p.name))
+        if versions.is_dir()
+        else []
+    )
+    parsed = []
+    for path in paths:
+        tree = ast.parse(path.read_bytes(), filename=str(path))  # bytes, as on import: a coding line counts
+        parsed.append((path, _declared(tree), tree_checksum(tree)))
+    imported: dict[Path, Script] = {}
+    if any(declared is None for _, declared, _ in parsed):
+        script = ScriptDirectory.from_config(alembic_config(script_location))
+        imported = {Path(s.path).resolve(): s for s in script.walk_revisions()}
+    files = []
+    for path, declared, digest in parsed:
+        if declared is None:
+            found = imported.get(path.resolve())
+            if found is None:  # the earlier of two files with one id: not in Alembic's graph either
+                continue
+            declared = (
+                found.revision,
+                to_tuple(found.down_revision, default=()),
+                to_tuple(found.dependencies, default=()),
+            )
+        files.append(RevisionFile(path.name, *declared, digest))
+    return Revisions({f.revision: f.down_revisions for f in files}, tuple(files))
 
 
 def next_revision_id(script: ScriptDirectory) -> str:

@@ -35,7 +35,6 @@ from backend.db.engine import connect, create_migration_engine
 from backend.db.errors import describe, first_line, is_connection_error, is_pooler_symptom, is_retriable, sqlstate
 from backend.db.url import DatabaseTarget
 from backend.migrations import ledger, ops
-from backend.migrations.checksums import read_checksums
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock, sleep
 from backend.migrations.ops import LOCK_NOT_AVAILABLE
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_config, read_revisions
@@ -118,7 +117,7 @@ async def read_boot_state(
         status = SchemaStatus(current, read_revisions(script_location))
         if recorded is None:
             return BootState(status, None)
-        files = read_checksums(script_location)
+        files = status.revisions.by_revision
         verdict = ledger.verify(status, recorded, files)
         if verdict.mismatches:
             since = await ledger.fetch_since(conn, (m.revision for m in verdict.mismatches))
@@ -271,10 +270,11 @@ async def run_migrations_measured(
     return MigrationRun(status, time.monotonic() - started, float(facts[LOCK_WAIT]), int(facts[APPLIED]))
 
 
-async def check_schema(settings: Settings) -> SchemaStatus:
+async def check_schema(settings: Settings, *, script_location: Path = ALEMBIC_DIR) -> SchemaStatus:
     """KRAKEN_MIGRATE_ON_STARTUP=check: refuse unless the database is at head, and its applied
     revisions match the ledger (those not on record yet are adopted by the pipeline's upgrade)."""
-    state = await read_boot_state(await migrations_target(settings), wait=settings.db_connect_timeout)
+    target = await migrations_target(settings)
+    state = await read_boot_state(target, wait=settings.db_connect_timeout, script_location=script_location)
     status = state.status
     enforce_checksums(state.verdict, settings)
     if status.at_head:
@@ -399,15 +399,15 @@ def log_applied() -> Callable[..., None]:
 
 def _verify_applied(connection: Connection, ctx: MigrationContext, script_location: Path) -> ledger.Verdict:
     """Under the lock: the database's applied revisions (as Alembic reads them) against the ledger."""
-    status = SchemaStatus(tuple(ctx.get_current_heads()), read_revisions(script_location))
+    revisions = read_revisions(script_location)
+    status = SchemaStatus(tuple(ctx.get_current_heads()), revisions)
     recorded, since = ledger.read_records(connection)
-    return ledger.verify(status, recorded, read_checksums(script_location), since)
+    return ledger.verify(status, recorded, revisions.by_revision, since)
 
 
 def _adopt(connection: Connection, run_id: uuid.UUID, verdict: ledger.Verdict, script_location: Path) -> None:
-    ledger.adopt(
-        connection, run_id, verdict.unrecorded, read_revisions(script_location), read_checksums(script_location)
-    )
+    revisions = read_revisions(script_location)
+    ledger.adopt(connection, run_id, verdict.unrecorded, revisions, revisions.by_revision)
     # Leave no transaction open, so Alembic manages one per revision.
     connection.commit()
 
@@ -453,7 +453,7 @@ def migrate_locked(
             on_acquired=lambda waited: connection.info.__setitem__(LOCK_WAIT, waited),
         ) as lock:
             _set_session_bounds(connection, settings)
-            recorder = ledger.Recorder(lock, read_checksums(script_location))
+            recorder = ledger.Recorder(lock, read_revisions(script_location).by_revision)
             ctx = configure(_all(log_applied(), recorder.on_version_apply, count_applied(connection.info)))
             if "destination_rev" not in ctx.opts:
                 run_with_retries(run, settings)

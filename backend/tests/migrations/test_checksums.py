@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from backend.config import PROJECT_ROOT
-from backend.migrations.checksums import checksum, read_checksums
+from backend.migrations.checksums import checksum
 from backend.migrations.revisions import read_revisions
 from backend.tests.helpers import HEAD, NEXT
 
@@ -81,14 +81,14 @@ def test_the_applied_revisions_checksums_never_change() -> None:
     # 001 and 002 are applied in production: an edit that changes what they do would make a
     # fresh database differ from production, and every database's next run refuse to start.
     # The same figures on Python 3.10 to 3.13 (the tree is serialised without ast.dump).
-    files = read_checksums()
+    files = read_revisions().by_revision
     assert files["001"].checksum == "d4549d188f9c9878496047a43c1a43c1bf7a3bd9f16d9c9ec2dea1a506c3c07b"
     assert files["002"].checksum == "dac368ce0683774bac17954f80eebe88076dd5a50037e05d15f1e864e02b9d46"
     assert files["002"].file == "002_integrity_and_lookups.py"
 
 
 def test_every_revision_has_a_checksum(tmp_path: Path) -> None:
-    assert set(read_checksums()) == set(read_revisions().graph)
+    assert set(read_revisions().by_revision) == set(read_revisions().graph)
     # An id that is not a plain literal is found through Alembic.
     shutil.copytree(VERSIONS.parent, tmp_path / "alembic", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "alembic" / "versions" / f"{NEXT}_computed.py").write_text(
@@ -109,6 +109,6 @@ def test_every_revision_has_a_checksum(tmp_path: Path) -> None:
             """
         )
     )
-    found = read_checksums(tmp_path / "alembic")
+    found = read_revisions(tmp_path / "alembic").by_revision
     assert found[NEXT].file == f"{NEXT}_computed.py"
-    assert found["001"] == read_checksums()["001"]
+    assert found["001"] == read_revisions().by_revision["001"]

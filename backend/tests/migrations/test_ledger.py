@@ -12,7 +12,6 @@ from backend.config import Settings
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations import ledger
-from backend.migrations.checksums import read_checksums
 from backend.migrations.lock import LOCK_KEY
 from backend.migrations.revisions import Revisions, SchemaStatus, read_revisions
 from backend.migrations.runner import MigrationError, check_schema, run_migrations
@@ -29,7 +28,7 @@ from backend.tests.helpers import (
 )
 
 SettingsFor = Callable[..., Settings]
-FILES = read_checksums()
+FILES = read_revisions().by_revision
 REVISIONS = sorted(read_revisions().graph)  # 001, 002, ... in one line
 PREVIOUS = {rev: ",".join(downs) for rev, downs in read_revisions().graph.items()}
 ROWS = "SELECT revision, down_revisions, direction, checksum, success, error FROM alembic_ledger ORDER BY id"
@@ -198,7 +197,7 @@ def test_an_operation_edit_is_refused_by_the_cli_and_by_the_boot(
     edit(ini, REVISION_002, *OPERATION_EDIT)
     # A revision waits to be applied after it: the refusal comes before any step.
     (ini.parent / "alembic" / "versions" / f"{NEXT}_following.py").write_text(FOLLOWING.replace("\n    ", "\n"))
-    new = read_checksums(tmp_path / "alembic")["002"].checksum
+    new = read_revisions(tmp_path / "alembic").by_revision["002"].checksum
     problem = (
         f"revision 002 ({REVISION_002}) changed since it was applied on {ledger.when(applied_at)}: "
         f"checksum {FILES['002'].checksum[:12]} recorded, {new[:12]} now; undo the edit, or accept the file as it "
@@ -229,7 +228,7 @@ def test_repair_accepts_the_edited_file_then_runs_pass(
     ini = scratch_alembic(tmp_path)
     migrate(empty_db, "upgrade", "head", config=ini)
     edit(ini, REVISION_002, *OPERATION_EDIT)
-    new = read_checksums(tmp_path / "alembic")["002"].checksum
+    new = read_revisions(tmp_path / "alembic").by_revision["002"].checksum
 
     repaired = run_kraken_migrations("repair", target=empty_db, config=ini)
     assert repaired.returncode == 0, out(repaired)
@@ -278,12 +277,12 @@ async def test_the_boot_validates_at_head_without_the_lock(
         await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         assert (await run_migrations(settings, script_location=tmp_path / "alembic")).at_head
         edit(ini, REVISION_002, *OPERATION_EDIT)
-        read_checksums.cache_clear()  # as a new process would read the edited file
+        read_revisions.cache_clear()  # as a new process would read the edited file
         with pytest.raises(MigrationError, match=r"^revision 002 \(002_integrity_and_lookups.py\) changed since"):
             await run_migrations(settings, script_location=tmp_path / "alembic")
     finally:
         await holder.close()
-        read_checksums.cache_clear()
+        read_revisions.cache_clear()
 
 
 def test_check_mode_refuses_an_edited_revision(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
@@ -358,7 +357,7 @@ def test_a_failing_revision_leaves_a_failure_row_and_nothing_else(
     ini = scratch_alembic(tmp_path, {f"{NEXT}_failing.py": FAILING})
     migrate(empty_db, "upgrade", HEAD, config=ini)
     before = rows(empty_db)
-    checksum = read_checksums(tmp_path / "alembic")[NEXT].checksum
+    checksum = read_revisions(tmp_path / "alembic").by_revision[NEXT].checksum
     failure = (NEXT, HEAD, "upgrade", checksum, False, "division by zero (SQLSTATE 22012)")
 
     result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
