@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
@@ -133,20 +133,37 @@ def _ids(value: ast.expr) -> tuple[str, ...] | None:
     return None
 
 
-def _bound_names(node: ast.AST) -> Iterator[str]:
-    """The names ``node`` binds, in whatever scope ("*" for ``from x import *``)."""
-    if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
-        yield node.id
-    elif isinstance(node, ast.Global | ast.Nonlocal):
-        yield from node.names
-    elif isinstance(node, ast.alias):
-        yield node.asname or node.name.partition(".")[0]
-    elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-        yield node.name
-    elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
-        yield node.name
-    elif isinstance(node, ast.MatchMapping) and node.rest:
-        yield node.rest
+# The statements and clauses that bind a name other than by assignment.
+_BINDERS = (
+    ast.Global,
+    ast.Nonlocal,
+    ast.alias,
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.ExceptHandler,
+    ast.MatchAs,
+    ast.MatchStar,
+    ast.MatchMapping,
+)
+
+
+def _binds_watched(node: ast.AST) -> bool:
+    """Whether ``node`` binds one of the watched names, in whatever scope."""
+    if type(node) is ast.Name:  # the commonest node by far: checked first, cheaply
+        return node.id in _WATCHED and not isinstance(node.ctx, ast.Load)
+    if not isinstance(node, _BINDERS):
+        return False
+    names: list[str | None]
+    if isinstance(node, ast.Global | ast.Nonlocal):
+        names = list(node.names)
+    elif isinstance(node, ast.alias):  # "*" for a star import
+        names = [node.asname or node.name.partition(".")[0]]
+    elif isinstance(node, ast.MatchMapping):
+        names = [node.rest]
+    else:
+        names = [node.name]
+    return any(name in _WATCHED for name in names)
 
 
 def _declared(tree: ast.Module) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
@@ -174,9 +191,8 @@ def _declared(tree: ast.Module) -> tuple[str, tuple[str, ...], tuple[str, ...]] 
                 read.add(target)
                 if value is not None:  # `revision: str` alone binds nothing
                     values[target.id] = value
-    for node in ast.walk(tree):
-        if node not in read and any(name in _WATCHED for name in _bound_names(node)):
-            return None
+    if any(_binds_watched(node) and node not in read for node in ast.walk(tree)):
+        return None
     revision = values.get("revision")
     if not (isinstance(revision, ast.Constant) and isinstance(revision.value, str)) or "down_revision" not in values:
         return None
