@@ -16,8 +16,10 @@ lists, a query option wins over the same part of the URL, percent-decoding every
   list is that socket too. No port: ``PGPORT``, else 5432 (an empty entry of a port list: 5432).
 - no user (or an empty one): ``PGUSER``, else the operating-system user; no database: ``PGDATABASE``,
   else the user name.
+- no connect_timeout or application_name: ``PGCONNECT_TIMEOUT``, ``PGAPPNAME`` (else the service's name).
 - the password, ``sslmode``, certificates and ``target_session_attrs`` left out are read by
   asyncpg from ``PGPASSWORD``, ``PGPASSFILE``/``~/.pgpass``, ``PGSSLMODE`` etc., as libpq would.
+  Not read: ``PGSERVICE`` and service files (``?service=`` is refused), ``PGHOSTADDR``, ``PGOPTIONS``.
 
 What stays ours: only options asyncpg implements are accepted (any other is refused in one line
 naming it, rather than ignored or sent to the server as a setting), values are checked here so a
@@ -30,7 +32,6 @@ No I/O beyond the environment and checking that named certificate files can be r
 
 from __future__ import annotations
 
-import getpass
 import ipaddress
 import os
 import re
@@ -265,6 +266,13 @@ def libpq_keywords(raw: str, *, variable: str = "DATABASE_URL") -> dict[str, str
     # The database: after the '/', up to the query.
     if rest[pos : pos + 1] == "/":
         end = _scan(rest, pos + 1, "?")
+        if "@" in rest[pos + 1 : end]:
+            # libpq ends the user info at the first '/': a password holding an unencoded '/' leaves
+            # the rest of it in the database name, which every message would print.
+            raise DatabaseUrlError(
+                f"{variable} has an '@' after the host: percent-encode '/' and '@' in the password "
+                "(%2F, %40) and '@' in the database name (%40)"
+            )
         if end > pos + 1:
             store("dbname", rest[pos + 1 : end], "the database name")
         pos = end
@@ -349,10 +357,23 @@ def _hosts(host: str, port: str | None, variable: str) -> tuple[Host, ...]:
     return tuple(Host(name, value) for name, value in zip(names, ports, strict=True))
 
 
+_ENVIRONMENT = (
+    ("host", "PGHOST"),
+    ("port", "PGPORT"),
+    ("user", "PGUSER"),
+    ("dbname", "PGDATABASE"),
+    ("connect_timeout", "PGCONNECT_TIMEOUT"),
+    ("application_name", "PGAPPNAME"),
+)
+
+
 def _os_user(variable: str) -> str:
+    """libpq's default user: the name of the effective uid (not $USER, which getpass would read first)."""
+    import pwd  # POSIX only, as libpq's lookup here; imported where used
+
     try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry for this uid (a container's arbitrary user)
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # no passwd entry for this uid (a container's arbitrary user)
         raise DatabaseUrlError(
             f"{variable} names no user, PGUSER is not set and the operating-system user has no name"
         ) from None
@@ -371,21 +392,24 @@ def parse_database_url(
             f"{variable} has query option(s) {', '.join(unknown)} that this service does not support "
             f"(supported: {', '.join(sorted((*PASSED_TO_ASYNCPG, 'connect_timeout', 'application_name')))})"
         )
-    # libpq's environment stands in for an option only when the URL does not give it at all.
+    # libpq's environment stands in for an option only when the URL does not give it at all; a
+    # mistake in one is told as the URL's, with the variables read.
+    read = [name for keyword, name in _ENVIRONMENT if keyword not in keywords and name in env]
+    told = f"{variable} (with {', '.join(read)})" if read else variable
     host = keywords.get("host", env.get("PGHOST", ""))
     port = keywords.get("port", env.get("PGPORT"))
     user = keywords.get("user", env.get("PGUSER")) or _os_user(variable)
     # An empty password is none: libpq then looks in the password file.
     password = keywords.get("password") or None
     return DatabaseTarget(
-        hosts=_hosts(host, port, variable),
+        hosts=_hosts(host, port, told),
         database=keywords.get("dbname", env.get("PGDATABASE")) or user,
         user=user,
         password=password,
         options=_checked_options(keywords, variable),
-        connect_timeout=_connect_timeout(keywords.get("connect_timeout"), variable),
+        connect_timeout=_connect_timeout(keywords.get("connect_timeout", env.get("PGCONNECT_TIMEOUT")), told),
         # Empty: libpq sends its fallback name, as this service sends its own.
-        application_name=keywords.get("application_name") or None,
+        application_name=keywords.get("application_name", env.get("PGAPPNAME")) or None,
     )
 
 

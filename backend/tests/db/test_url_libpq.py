@@ -10,7 +10,8 @@ entry is the local socket in DEFAULT_SOCKET_DIR, no port or an empty entry 5432,
 operating-system user, no database the user's name, an empty password none.
 """
 
-import getpass
+import os
+import pwd
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -28,6 +29,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 OWN = {"connect_timeout", "application_name"}
 # URLs libpq refuses that this service accepts, on purpose (backend/db/url.py says why).
 EXTRAS = re.compile(r"^\s|\s$|^(?!postgres(ql)?://)|[?&](ssl|timeout)=")
+
+# libpq's default user: the effective uid's name (test_libpqs_environment... checks it is libpq's).
+OS_USER = pwd.getpwuid(os.geteuid()).pw_name
 
 Reading = tuple[tuple[tuple[str, int | None], ...], str, str, str | None, dict[str, str]]
 
@@ -48,7 +52,7 @@ def libpq_meaning(keywords: dict[str, str]) -> Reading | None:
         ports *= len(names)
     if len(ports) != len(names):
         return None
-    user = rest.pop("user", "") or getpass.getuser()
+    user = rest.pop("user", "") or OS_USER
     database = rest.pop("dbname", "") or user
     password = rest.pop("password", "") or None
     return tuple(zip(names, ports, strict=True)), user, database, password, {k: v for k, v in rest.items() if v}
@@ -175,6 +179,7 @@ def test_the_corpus_is_read_as_libpq_reads_it(raw: str) -> None:
         ("postgresql://u@/db?host=@abstract", "abstract Unix socket"),
         ("postgresql://u@/db?host=a:5432", "neither a host name nor an IPv6 address"),
         ("postgresql://u:s3cr3t@x@h/db", "percent-encode '@' in the password as %40"),
+        ("postgresql://u:1234/s3cr3t@h/db", "percent-encode '/' and '@' in the password"),
         ("postgresql://u@h/db?host=a&host=b", "repeats the query option host"),
         ("postgresql://u@h/db?sslmode=", "sslmode=; expected one of"),
         ("postgresql://u@h/db?sslmode=sometimes", "sslmode=sometimes; expected one of"),
@@ -211,15 +216,33 @@ def test_what_libpq_refuses_is_refused(raw: str) -> None:
     assert assert_read_as_libpq(raw)
 
 
+VARIABLES = {
+    "host": "PGHOST",
+    "port": "PGPORT",
+    "user": "PGUSER",
+    "dbname": "PGDATABASE",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "application_name": "PGAPPNAME",
+}
+
+
 def test_libpqs_environment_fills_in_what_the_url_leaves_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    environ = {"host": "/tmp/sockets,db", "port": "6001,6002", "user": "alice", "dbname": "books"}
-    for keyword, variable in (("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER"), ("dbname", "PGDATABASE")):
-        monkeypatch.setenv(variable, environ[keyword])
+    environ = {
+        "host": "/tmp/sockets,db",
+        "port": "6001,6002",
+        "user": "alice",
+        "dbname": "books",
+        "connect_timeout": "7",
+        "application_name": "nightly",
+    }
+    for keyword, value in environ.items():
+        monkeypatch.setenv(VARIABLES[keyword], value)
     # libpq's own defaults come from the same variables (PQconndefaults).
     assert {keyword: libpq_default(keyword) for keyword in environ} == environ
     target = parse_database_url("postgresql://")
     assert [(h.name, h.port) for h in target.hosts] == [("/tmp/sockets", 6001), ("db", 6002)]
     assert (target.user, target.database) == ("alice", "books")
+    assert (target.connect_timeout, target.application_name) == (7, "nightly")
     # The URL's own parts win over the environment.
     given = parse_database_url("postgresql://bob@h:5433/shop")
     assert ([(h.name, h.port) for h in given.hosts], given.user, given.database) == ([("h", 5433)], "bob", "shop")
@@ -229,6 +252,10 @@ def test_libpqs_environment_fills_in_what_the_url_leaves_out(monkeypatch: pytest
     monkeypatch.delenv("PGUSER")
     assert [(h.name, h.port) for h in empty.hosts] == [(DEFAULT_SOCKET_DIR, None)]
     assert (empty.user, empty.database) == (libpq_default("user"),) * 2
+    # A mistake in a variable read is told as the URL's, naming the variables.
+    monkeypatch.setenv("PGPORT", "x")
+    with pytest.raises(DatabaseUrlError, match=r"^DATABASE_URL \(with PGHOST, PGPORT, .*\) has a port that"):
+        parse_database_url("postgresql://")
 
 
 def libpq_default(keyword: str) -> str | None:
