@@ -141,6 +141,8 @@ def test_connect_timeout_and_application_name_become_connect_arguments() -> None
         (f"postgresql://u:{PASSWORD}@db/app?sslmode=a=b", "more than one '='"),
         (f"postgresql://u:{PASSWORD}@db/app%zz", "'%' in the database name that is not followed by two hex"),
         (f"postgresql://u:{PASSWORD}@db/app%00", "%00 in the database name"),
+        (f"postgresql://u:{PASSWORD}@db/app%A0", "percent-encoded bytes in the database name that are not UTF-8"),
+        (f"postgresql://u:{PASSWORD}@db/my app", "a space in the database name: percent-encode it as %20"),
         (f"postgresql://u:{PASSWORD}@[::1/app", "without its closing ']'"),
         (f"postgresql://u:{PASSWORD}@[::1]x/app", "'x' after an IPv6 address"),
         (f"postgresql://u:{PASSWORD}@@abstract/app", "abstract Unix socket"),
