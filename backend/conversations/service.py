@@ -98,34 +98,69 @@ SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint AS prior_fingerprint FROM
 WHERE idempotency_key = :idempotency_key
 """)
 
+# The turns stored for :conversation_id, as an append needs them: the highest turn number (one
+# probe of the unique (conversation_id, turn_number) index), and their sums, which only an append
+# to a conversation whose totals lag its turns reads (a WITH query runs only as far as it is read).
+# Rows the original KRAKEN client wrote can lag: it wrote a turn, then in a second statement the
+# totals, and one that died in between left total_turns behind the turns. Revision 005
+# reconciles such rows with the same sums (its own copy: revisions never import the service).
+STORED_TURNS = """last_turn AS (
+    SELECT max(turn_number) AS turn_number FROM kraken_turns WHERE conversation_id = :conversation_id
+), stored AS (
+    SELECT count(*) AS total_turns,
+           COALESCE(sum(CAST(input_tokens AS bigint) + output_tokens), 0) AS total_tokens,
+           COALESCE(sum(cost_usd), 0) AS total_cost_usd
+    FROM kraken_turns WHERE conversation_id = :conversation_id
+)"""
+# A conversation lags when a stored turn is numbered past its total_turns. Only "behind" is healed:
+# after any append the row's total_turns is again at least every stored number, which is what keeps
+# racing appends correct (see APPEND).
+LAGS = "last_turn.turn_number > c.total_turns"
+
+
+def _total_before(column: str) -> str:
+    """A total of conversation ``c`` before the new turn: the row's, or the turns' sum if it lags."""
+    return f"CASE WHEN {LAGS} THEN (SELECT {column} FROM stored) ELSE c.{column} END"
+
+
 # One statement, one round trip: lock the conversation by updating its totals (so concurrent
 # appends queue on the row and each sees the previous one's total_turns), insert the turn
-# numbered by the new total, insert its tool calls numbered by their position. The WHERE refuses
+# numbered after the new total, insert its tool calls numbered by their position. The WHERE refuses
 # ended conversations and totals that would overflow their columns; then nothing is inserted.
 # Tool calls arrive as parallel arrays: unnest keeps a JSON null a JSON null (jsonb_to_recordset
 # would make it SQL NULL). With an Idempotency-Key already used in this conversation, nothing is
 # written and the earlier turn's id comes back with its request's fingerprint (as for CREATE).
+#
+# A lagging conversation (LAGS) gets the sums of its turns plus this one as totals, and the turn
+# the number after the highest stored one. Two appends racing on it: both read the turns in the
+# statement's snapshot; the second waits for the first's row lock and, under READ COMMITTED, then
+# evaluates SET, WHERE and RETURNING again on the row the first committed, whose total_turns is
+# now the first's turn number. Its snapshot's highest turn is below that, so it no longer lags and
+# takes total_turns + 1: gapless, like any append. (A conversation with a gap in its numbers, only
+# ever made by hand, lags on every append; two racing on it can meet the unique index, and the
+# second answers 409 and stores nothing.)
 APPEND = Statement.of(f"""
 WITH prior AS (
     SELECT id, idempotency_fingerprint FROM kraken_turns
     WHERE conversation_id = :conversation_id AND idempotency_key = :idempotency_key
-), conversation AS (
-    UPDATE kraken_conversations
-    SET total_turns = total_turns + 1,
-        total_tokens = total_tokens + CAST(:tokens AS integer),
-        total_cost_usd = total_cost_usd + CAST(:cost_usd AS numeric)
-    WHERE id = :conversation_id AND NOT EXISTS (SELECT 1 FROM prior)
-      AND status = 'active' AND ended_at IS NULL
-      AND total_turns < {MAX_TOTAL_TURNS}
-      AND total_tokens <= {MAX_TOTAL_TOKENS} - CAST(:tokens AS integer)
-      AND total_cost_usd <= {MAX_TOTAL_COST_USD} - CAST(:cost_usd AS numeric)
-    RETURNING id, total_turns
+), {STORED_TURNS}, conversation AS (
+    UPDATE kraken_conversations AS c
+    SET total_turns = {_total_before("total_turns")} + 1,
+        total_tokens = {_total_before("total_tokens")} + CAST(:tokens AS integer),
+        total_cost_usd = {_total_before("total_cost_usd")} + CAST(:cost_usd AS numeric)
+    FROM last_turn
+    WHERE c.id = :conversation_id AND NOT EXISTS (SELECT 1 FROM prior)
+      AND c.status = 'active' AND c.ended_at IS NULL
+      AND {_total_before("total_turns")} < {MAX_TOTAL_TURNS}
+      AND {_total_before("total_tokens")} <= {MAX_TOTAL_TOKENS} - CAST(:tokens AS integer)
+      AND {_total_before("total_cost_usd")} <= {MAX_TOTAL_COST_USD} - CAST(:cost_usd AS numeric)
+    RETURNING c.id, GREATEST(c.total_turns, COALESCE(last_turn.turn_number, 0) + 1) AS turn_number
 ), turn AS (
     INSERT INTO kraken_turns (
         conversation_id, turn_number, user_query, assistant_response, model,
         input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens,
         cost_usd, duration_ms, tool_calls_count, created_at, idempotency_key, idempotency_fingerprint)
-    SELECT id, total_turns, CAST(:user_query AS text), CAST(:assistant_response AS text), CAST(:model AS text),
+    SELECT id, turn_number, CAST(:user_query AS text), CAST(:assistant_response AS text), CAST(:model AS text),
         CAST(:input_tokens AS integer), CAST(:output_tokens AS integer),
         CAST(:cache_creation_tokens AS integer), CAST(:cache_read_tokens AS integer),
         CAST(:cost_usd AS numeric), CAST(:duration_ms AS integer), CAST(:tool_calls_count AS integer), {NOW},
@@ -153,9 +188,12 @@ SELECT id, idempotency_fingerprint AS prior_fingerprint FROM kraken_turns
 WHERE conversation_id = :conversation_id AND idempotency_key = :idempotency_key
 """)
 
-# Why an append matched no row (only run on that path).
-CONVERSATION_STATE = Statement.of("""
-SELECT status, ended_at, total_turns, total_tokens, total_cost_usd FROM kraken_conversations WHERE id = :id
+# Why an append matched no row (only run on that path): the totals it went by.
+CONVERSATION_STATE = Statement.of(f"""
+WITH {STORED_TURNS}
+SELECT c.status, c.ended_at, {_total_before("total_turns")} AS total_turns,
+       {_total_before("total_tokens")} AS total_tokens, {_total_before("total_cost_usd")} AS total_cost_usd
+FROM kraken_conversations AS c, last_turn WHERE c.id = :conversation_id
 """)
 
 END = Statement.of(f"""
@@ -414,7 +452,7 @@ async def _stored_turn(conn: asyncpg.Connection, turn_id: uuid.UUID) -> TurnPubl
 
 
 async def _explain_refused_append(conn: asyncpg.Connection, conversation_id: uuid.UUID, turn: TurnCreate) -> NoReturn:
-    state = await fetch_one(conn, CONVERSATION_STATE, id=conversation_id)
+    state = await fetch_one(conn, CONVERSATION_STATE, conversation_id=conversation_id)
     if state is None:
         raise ConversationNotFound()
     if state["status"] != "active" or state["ended_at"] is not None:
@@ -432,7 +470,7 @@ async def end_conversation(
     row = await fetch_one(conn, END, id=conversation_id, status=status)
     if row is not None:
         return _conversation(row)
-    state = await fetch_one(conn, CONVERSATION_STATE, id=conversation_id)
+    state = await fetch_one(conn, CONVERSATION_STATE, conversation_id=conversation_id)
     if state is None:
         raise ConversationNotFound()
     raise ConversationEnded(state["status"])
