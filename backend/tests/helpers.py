@@ -180,6 +180,19 @@ def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Recor
     return asyncio.run(fetch(target, query, *args))
 
 
+async def until_waiting_for_a_lock(target: DatabaseTarget, count: int = 1) -> None:
+    """Until ``count`` sessions in ``target``'s database wait for a lock, polled on a connection of
+    its own (inside a transaction, pg_stat_activity would not change)."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    conn = await connect(target)
+    try:
+        async with asyncio.timeout(60):  # a safety net, not a measurement
+            while await conn.fetchval(query) < count:
+                await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
 async def run_ops_async(
     target: DatabaseTarget,
     operations: Callable[[], object],

@@ -37,6 +37,7 @@ from backend.tests.helpers import (
     free_port,
     service,
     turn_body,
+    until_waiting_for_a_lock,
 )
 from backend.tests.rigs.cluster import running_cluster
 
@@ -214,14 +215,6 @@ def _append_in_thread(port: int, conversation: str, results: list[Outcome]) -> t
     return thread
 
 
-async def _until_an_append_waits_for_the_lock(db: DatabaseTarget) -> None:
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    deadline = time.monotonic() + 30
-    while not (await fetch(db, query))[0][0]:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
-
-
 async def _drain_with_an_append_in_flight(
     db: DatabaseTarget, running: Service, port: int, hold: float
 ) -> tuple[list[Outcome], float, float, str, int, str]:
@@ -238,7 +231,7 @@ async def _drain_with_an_append_in_flight(
         await transaction.start()
         await blocker.execute("SELECT 1 FROM kraken_conversations WHERE id = $1 FOR UPDATE", conversation["id"])
         thread = _append_in_thread(port, conversation_id, results)
-        await _until_an_append_waits_for_the_lock(db)
+        await until_waiting_for_a_lock(db)
         signalled = time.monotonic()
         running.process.send_signal(signal.SIGTERM)
         while not refused(port):

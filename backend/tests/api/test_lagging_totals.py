@@ -6,10 +6,8 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-import asyncpg
-
 from backend.db.engine import connect
-from backend.tests.helpers import fetch, new_conversation, rows, turn_body
+from backend.tests.helpers import fetch, new_conversation, rows, turn_body, until_waiting_for_a_lock
 
 LAG = "UPDATE kraken_conversations SET total_turns = 1, total_tokens = :tokens, total_cost_usd = :cost WHERE id = :id"
 
@@ -28,7 +26,7 @@ def sums(posted: list[dict[str, Any]]) -> tuple[int, int, Decimal]:
     return (
         len(posted),
         sum(b["input_tokens"] + b["output_tokens"] for b in posted),
-        sum(Decimal(b["cost_usd"]) for b in posted),
+        sum((Decimal(b["cost_usd"]) for b in posted), Decimal(0)),
     )
 
 
@@ -120,27 +118,19 @@ async def test_appends_racing_on_a_lagging_conversation_stay_gapless_with_right_
     )
     later = bodies(4, 8)
 
-    holder, watcher = await connect(live_db), await connect(live_db)
+    holder = await connect(live_db)
     try:
         # The row held, so every append below starts (and reads the turns) while it still lags.
         async with holder.transaction():
             await holder.execute("SELECT 1 FROM kraken_conversations WHERE id = $1 FOR UPDATE", conversation_id)
             appends = [asyncio.create_task(live_client.post(f"{url}/turns", json=body)) for body in later]
-            await _until_queries_wait_for_a_lock(watcher, len(later))
+            await until_waiting_for_a_lock(live_db, len(later))
         responses = await asyncio.gather(*appends)
     finally:
         await holder.close()
-        await watcher.close()
 
     assert [r.status_code for r in responses] == [201] * len(later), [r.text for r in responses]
     assert sorted(r.json()["turn_number"] for r in responses) == list(range(4, 4 + len(later)))
     view = (await live_client.get(url)).json()
     assert totals(view) == sums(first + later)
     assert [t["turn_number"] for t in view["turns"]] == list(range(1, 4 + len(later)))
-
-
-async def _until_queries_wait_for_a_lock(conn: asyncpg.Connection, count: int) -> None:
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    async with asyncio.timeout(60):  # a safety net, not a measurement
-        while await conn.fetchval(query) < count:
-            await asyncio.sleep(0.01)

@@ -14,7 +14,7 @@ from backend.conversations.schemas import TurnCreate
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.main import create_app
-from backend.tests.helpers import API_KEY, CONVERSATION, new_conversation, turn_body
+from backend.tests.helpers import API_KEY, CONVERSATION, new_conversation, turn_body, until_waiting_for_a_lock
 
 
 async def fetch(target: DatabaseTarget, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -93,7 +93,7 @@ async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(liv
             )
             turn = recorded.value
             delete = asyncio.create_task(live_client.delete(f"/conversations/{conversation['id']}"))
-            await _until_a_query_waits_for_a_lock(live_db)
+            await until_waiting_for_a_lock(live_db)
         response = await delete
     finally:
         await in_flight.close()
@@ -102,17 +102,6 @@ async def test_a_delete_waiting_for_an_append_in_flight_removes_its_turn_too(liv
     assert await fetch(live_db, "SELECT 1 FROM kraken_conversations WHERE id = $1", conversation_id) == []
     assert await fetch(live_db, "SELECT 1 FROM kraken_turns WHERE id = $1", turn.id) == []
     assert await fetch(live_db, "SELECT 1 FROM kraken_tool_calls WHERE turn_id = $1", turn.id) == []
-
-
-async def _until_a_query_waits_for_a_lock(target: DatabaseTarget) -> None:
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    conn = await connect(target)
-    try:
-        async with asyncio.timeout(60):  # a safety net, not a measurement
-            while not await conn.fetchval(query):
-                await asyncio.sleep(0.01)
-    finally:
-        await conn.close()
 
 
 async def test_a_write_is_committed_before_its_response_is_sent(live_db, settings_for):

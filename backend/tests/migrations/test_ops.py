@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from backend.db.engine import connect, create_migration_engine
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
-from backend.tests.helpers import fetch, offline_ops, run_ops, run_ops_async, sql
+from backend.tests.helpers import fetch, offline_ops, run_ops, run_ops_async, sql, until_waiting_for_a_lock
 
 TABLES = [
     "CREATE TABLE parents (id uuid PRIMARY KEY DEFAULT gen_random_uuid())",
@@ -414,3 +414,93 @@ def test_offline_backfill_is_emitted_once_with_a_note() -> None:
         "BEGIN",
         "COMMIT",
     ]
+
+
+# --- backfill by key -------------------------------------------------------------------------
+
+DOUBLE_BATCH = "UPDATE items SET doubled = n * 2 WHERE id = ANY(:keys) AND doubled IS DISTINCT FROM n * 2"
+
+
+def test_backfill_by_key_walks_batch_after_batch_each_in_its_own_transaction(db: DatabaseTarget) -> None:
+    sql(db, "ALTER TABLE items ADD COLUMN doubled integer")
+    sql(db, "UPDATE items SET doubled = n * 2 WHERE n <= 10")  # 100 rows already done
+    done: list[int] = []
+    run_ops(db, lambda: done.append(ops.backfill_by_key("items", "id", DOUBLE_BATCH, 150)))
+    assert done == [900]  # what the batches changed, not what they walked
+    assert sql(db, "SELECT count(*) FROM items WHERE doubled IS DISTINCT FROM n * 2")[0][0] == 0
+    # The 900 rows changed in 7 batches (150 keys each, 1000 in all), 7 transactions: a row's xmin
+    # names the transaction that wrote it. The 100 done before were not written again.
+    assert sql(db, "SELECT count(DISTINCT xmin::text) FROM items WHERE n > 10")[0][0] == 7
+    assert sql(db, "SELECT count(DISTINCT xmin::text) FROM items WHERE n <= 10")[0][0] == 1
+
+    run_ops(db, lambda: done.append(ops.backfill_by_key("items", "id", DOUBLE_BATCH, 150)))
+    assert done[-1] == 0
+
+
+def test_backfill_by_key_ends_while_rows_keep_coming_after_its_upper_bound(db: DatabaseTarget) -> None:
+    """Each batch writes a row past the highest key, as live writes do; the bound fixed at the
+    start ends the walk anyway, and rows written after it are not its business."""
+    sql(db, "CREATE TABLE ticks (id bigint PRIMARY KEY, seen boolean NOT NULL DEFAULT false)")
+    sql(db, "INSERT INTO ticks (id) SELECT generate_series(1, 100)")
+    batch = (
+        "WITH more AS (INSERT INTO ticks (id) SELECT max(id) + 1 FROM ticks)"
+        " UPDATE ticks SET seen = true WHERE id = ANY(:keys)"
+    )
+    done: list[int] = []
+    run_ops(db, lambda: done.append(ops.backfill_by_key("ticks", "id", batch, 10, key_type="bigint")))
+    assert done == [100]
+    assert sql(db, "SELECT array_agg(id ORDER BY id) FROM ticks WHERE NOT seen")[0][0] == list(range(101, 111))
+
+
+async def test_a_backfill_batch_waits_for_a_writer_of_its_rows_and_sees_its_commit(db: DatabaseTarget) -> None:
+    """A parent's count lags; a writer adds an item and writes the right count, in one transaction,
+    as the service appends a turn to a lagging conversation. The batch that counts the items again
+    waits for the parent's row lock, then reads the items in a new snapshot: it finds the writer's
+    item, and leaves the right count. (One statement that read first and waited after would write
+    the count its snapshot saw, one short, over the writer's.)"""
+    await fetch(db, "ALTER TABLE parents ADD COLUMN items bigint")
+    await fetch(db, "UPDATE parents p SET items = (SELECT count(*) FROM items i WHERE i.parent_id = p.id)")
+    recount = (
+        "UPDATE parents AS p SET items = c.n"
+        " FROM (SELECT parent_id, count(*) AS n FROM items WHERE parent_id = ANY(:keys) GROUP BY parent_id) AS c"
+        " WHERE p.id = c.parent_id AND p.items IS DISTINCT FROM c.n"
+    )
+    [parent] = await fetch(db, "SELECT id FROM parents ORDER BY id LIMIT 1 OFFSET 4")
+    await fetch(db, "UPDATE parents SET items = 50 WHERE id = $1", parent["id"])
+    writer = await connect(db)
+    try:
+        async with writer.transaction():
+            await writer.execute("UPDATE parents SET items = 101 WHERE id = $1", parent["id"])
+            await writer.execute("INSERT INTO items (parent_id, n) VALUES ($1, 101)", parent["id"])
+            walk = asyncio.create_task(run_ops_async(db, lambda: ops.backfill_by_key("parents", "id", recount, 3)))
+            await until_waiting_for_a_lock(db)
+        await walk
+    finally:
+        await writer.close()
+    counts = await fetch(
+        db, "SELECT p.items, (SELECT count(*) FROM items i WHERE i.parent_id = p.id) AS n FROM parents p"
+    )
+    assert sorted((r["items"], r["n"]) for r in counts) == [(100, 100)] * 9 + [(101, 101)]
+
+
+async def test_offline_backfill_by_key_is_one_block_that_commits_each_batch(db: DatabaseTarget) -> None:
+    emitted = offline_ops(lambda: ops.backfill_by_key("items", "id", DOUBLE_BATCH, 150))
+    found = re.search(r"DO \$backfill\$.*?\$backfill\$", emitted, re.DOTALL)
+    assert found is not None, emitted
+    block = found.group(0)
+    # Between transactions (a DO block commits only outside one), and nothing else.
+    assert statements(emitted.replace(block, "DO")) == ["BEGIN", "COMMIT", "DO", "BEGIN", "COMMIT"]
+    assert ":keys" not in block
+
+    # Run as psql would, outside a transaction block: the same walk as online.
+    await fetch(db, "ALTER TABLE items ADD COLUMN doubled integer")
+    conn = await connect(db)
+    notices: list[str] = []
+    conn.add_log_listener(lambda _, message: notices.append(message.message))
+    try:
+        await conn.execute(block)
+    finally:
+        await conn.close()
+    assert notices == ["backfill of items by id: 1000 row(s) changed"]
+    assert (await fetch(db, "SELECT count(*) FROM items WHERE doubled IS DISTINCT FROM n * 2"))[0][0] == 0
+    assert (await fetch(db, "SELECT count(DISTINCT xmin::text) FROM items"))[0][0] == 7
