@@ -59,11 +59,14 @@ def last_day(now: datetime | None = None) -> datetime:
 
 # One batch of conversations with their turns (one tool call each) in one statement. Turns are
 # spread evenly over [$5 - $4 days, $5), in the order they are written, as a live service writes them.
+# Each conversation's totals are the sums of its turns (turn n: 100 n + 300 tokens, 0.0042 USD).
 # Only 001's columns: it fills a database at any revision.
 _FILL_BATCH = """
 WITH c AS (
-    INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, total_turns, started_at)
-    SELECT 's' || g, 'claude-' || (g % 3), 'h', 'v', $3::int,
+    INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version,
+                                      total_turns, total_tokens, total_cost_usd, started_at)
+    SELECT 's' || g, 'claude-' || (g % 3), 'h', 'v',
+           $3::int, 50 * $3::int * ($3::int + 1) + 300 * $3::int, 0.0042 * $3::int,
            $5::timestamp - make_interval(days => $4::int)
            + ((g - 1) * $3::int) * ($4::int * 86400.0 / $6::bigint) * interval '1 second'
     FROM generate_series($1::int, $2::int) g

@@ -11,7 +11,7 @@ Writing it lock-safe (backend/alembic/README.md, "Writing a revision"; 002 is th
 - On existing tables, use the helpers (ops.*): create_index_concurrently, add_unique_constraint,
   add_check_not_valid / add_foreign_key_not_valid then validate_constraint, replace_foreign_key.
 - New rules over old rows: ops.refuse_violations(revision, [...]) before the first change.
-- Backfills: ops.backfill_in_batches(...), never one UPDATE over a whole large table.
+- Backfills: ops.backfill_by_key(...) (or backfill_in_batches), never one UPDATE over a whole large table.
 - A downgrade that drops data calls ops.refuse_data_loss(revision, ...) first.
 """
 

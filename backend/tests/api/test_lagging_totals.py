@@ -6,6 +6,8 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+import httpx
+
 from backend.db.engine import connect
 from backend.tests.helpers import fetch, new_conversation, rows, turn_body, until_waiting_for_a_lock
 
@@ -30,18 +32,24 @@ def sums(posted: list[dict[str, Any]]) -> tuple[int, int, Decimal]:
     )
 
 
+async def with_turns(client: httpx.AsyncClient, count: int) -> tuple[str, str, list[dict[str, Any]]]:
+    """A new conversation with ``count`` turns: (its id, its URL, the turns posted)."""
+    conversation = await new_conversation(client)
+    url = f"/conversations/{conversation['id']}"
+    posted = bodies(1, count)
+    for body in posted:
+        assert (await client.post(f"{url}/turns", json=body)).status_code == 201
+    return conversation["id"], url, posted
+
+
 def totals(view: dict[str, Any]) -> tuple[int, int, Decimal]:
     return view["total_turns"], view["total_tokens"], Decimal(str(view["total_cost_usd"]))
 
 
 async def test_appends_to_a_lagging_conversation_get_the_next_free_numbers_and_right_totals(client, db_connection):
-    conversation = await new_conversation(client)
-    url = f"/conversations/{conversation['id']}"
-    first = bodies(1, 3)
-    for body in first:
-        assert (await client.post(f"{url}/turns", json=body)).status_code == 201
+    conversation_id, url, first = await with_turns(client, 3)
     # Turns 2 and 3 were written, their totals never were.
-    await rows(db_connection, LAG, id=conversation["id"], tokens=11, cost=Decimal("0.000001"))
+    await rows(db_connection, LAG, id=conversation_id, tokens=11, cost=Decimal("0.000001"))
     assert totals((await client.get(url)).json()) == (1, 11, Decimal("0.000001"))
 
     later = bodies(4, 2)
@@ -57,15 +65,11 @@ async def test_appends_to_a_lagging_conversation_get_the_next_free_numbers_and_r
 
 
 async def test_a_conversation_whose_totals_were_never_written_is_healed_by_its_next_append(client, db_connection):
-    conversation = await new_conversation(client)
-    url = f"/conversations/{conversation['id']}"
-    first = bodies(1, 2)
-    for body in first:
-        assert (await client.post(f"{url}/turns", json=body)).status_code == 201
+    conversation_id, url, first = await with_turns(client, 2)
     await rows(
         db_connection,
         "UPDATE kraken_conversations SET total_turns = 0, total_tokens = 0, total_cost_usd = 0 WHERE id = :id",
-        id=conversation["id"],
+        id=conversation_id,
     )
 
     later = bodies(3, 1)
@@ -105,12 +109,8 @@ async def test_a_lagging_conversation_whose_turns_fill_a_total_is_409_naming_it(
 async def test_appends_racing_on_a_lagging_conversation_stay_gapless_with_right_totals(live_client, live_db):
     """Every append reads the turns before the first one holds the row: all but one wait for the
     row lock and then see the row the one before them committed (READ COMMITTED re-evaluation)."""
-    conversation = await new_conversation(live_client)
-    conversation_id = uuid.UUID(conversation["id"])
-    url = f"/conversations/{conversation['id']}"
-    first = bodies(1, 3)
-    for body in first:
-        assert (await live_client.post(f"{url}/turns", json=body)).status_code == 201
+    key, url, first = await with_turns(live_client, 3)
+    conversation_id = uuid.UUID(key)
     await fetch(
         live_db,
         "UPDATE kraken_conversations SET total_turns = 1, total_tokens = 11, total_cost_usd = 0.000001 WHERE id = $1",

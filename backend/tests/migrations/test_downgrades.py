@@ -12,12 +12,13 @@ from backend.migrations.revisions import alembic_config
 from backend.tests.helpers import fetch, out, run_alembic, sql
 
 TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
-# Rows every revision so far accepts: a conversation with two turns and a tool call on each. A
-# revision that adds a column without a default extends this.
+# Rows every revision so far accepts: a conversation with two turns and a tool call on each, its
+# totals those of its turns (005 rewrites totals that are not). A revision that adds a column
+# without a default extends this.
 SEED = """
 WITH c AS (
-    INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version)
-    VALUES ('stairway', 'm', 'h', 'v') RETURNING id
+    INSERT INTO kraken_conversations (session_id, model, system_prompt_hash, agent_version, total_turns)
+    VALUES ('stairway', 'm', 'h', 'v', 2) RETURNING id
 ), t AS (
     INSERT INTO kraken_turns (conversation_id, turn_number, user_query, assistant_response, model)
     SELECT id, n, 'q', 'a', 'm' FROM c, generate_series(1, 2) AS n RETURNING id

@@ -450,6 +450,8 @@ def test_backfill_by_key_ends_while_rows_keep_coming_after_its_upper_bound(db: D
     run_ops(db, lambda: done.append(ops.backfill_by_key("ticks", "id", batch, 10, key_type="bigint")))
     assert done == [100]
     assert sql(db, "SELECT array_agg(id ORDER BY id) FROM ticks WHERE NOT seen")[0][0] == list(range(101, 111))
+    with pytest.raises(ValueError, match="batch_size must be at least 1, not 0"):
+        run_ops(db, lambda: ops.backfill_by_key("ticks", "id", batch, 0))
 
 
 async def test_a_backfill_batch_waits_for_a_writer_of_its_rows_and_sees_its_commit(db: DatabaseTarget) -> None:
