@@ -685,12 +685,21 @@ def backfill_in_batches(statement: str) -> int:
 _KEYS = re.compile(r"(?<![:\w]):keys\b")
 
 
-def _batch_lock(table: str, key: str, batch_size: int, *, upper: str, after: str | None) -> str:
-    """The keys of the next batch, up to ``upper`` and past ``after`` (none: from the first), locked."""
+def _batch_scan(table: str, key: str, batch_size: int, pending: str, *, upper: str, after: str | None) -> str:
+    """The next batch's keys, up to ``upper`` and past ``after`` (none: from the first), each with
+    whether it is still to do; read without locking anything."""
     lower = "" if after is None else f"{ident(key)} > {after} AND "
     return (
-        f"SELECT {ident(key)} FROM {ident(table)} WHERE {lower}{ident(key)} <= {upper}"
-        f" ORDER BY {ident(key)} LIMIT {int(batch_size)} FOR NO KEY UPDATE"
+        f"SELECT {ident(key)}, ({pending}) FROM {ident(table)} WHERE {lower}{ident(key)} <= {upper}"
+        f" ORDER BY {ident(key)} LIMIT {int(batch_size)}"
+    )
+
+
+def _batch_lock(table: str, key: str, keys: str) -> str:
+    """Lock the rows of ``keys`` in key order; the keys of those still there."""
+    return (
+        f"SELECT {ident(key)} FROM {ident(table)} WHERE {ident(key)} = ANY({keys})"
+        f" ORDER BY {ident(key)} FOR NO KEY UPDATE"
     )
 
 
@@ -700,22 +709,27 @@ def backfill_by_key(
     batch_sql: str,
     batch_size: int = 1000,
     *,
+    pending: str = "true",
     key_type: str = "uuid",
     label: str | None = None,
 ) -> int:
     """Walk ``table`` in the order of its unique ``key``, ``batch_size`` rows at a time, and run
-    ``batch_sql`` on each batch; returns the rows ``batch_sql`` changed, and logs it.
+    ``batch_sql`` on each batch's rows still to do; returns the rows ``batch_sql`` changed, and logs it.
 
     The walk ends: its upper bound is the highest key when it starts, so rows written meanwhile
-    (after that key, or behind the walk) never keep it going. Each batch is a transaction of its
-    own, of two statements: the first locks the batch's rows ``FOR NO KEY UPDATE``, in key order
-    (so writers of those rows wait for the batch, never the reverse, and it cannot deadlock with
-    them); the second, ``batch_sql``, finds the batch's keys in ``:keys`` (an array of
+    (after that key, or behind the walk) never keep it going. Each batch reads its keys first,
+    with ``pending`` (a condition on the row, its columns named as in ``SELECT ... FROM table``;
+    default: every row) saying which are still to do, and locks nothing while it reads. Then, in a
+    transaction of its own, two statements: the first locks the rows to do ``FOR NO KEY UPDATE``,
+    in key order (writers of those rows wait for the batch, never the reverse, so it cannot
+    deadlock with them); the second, ``batch_sql``, finds their keys in ``:keys`` (an array of
     ``key_type``). Under READ COMMITTED that second statement takes a new snapshot once the locks
-    are granted, so it sees everything committed to those rows, and nothing else can change them
-    before the commit. ``FOR NO KEY UPDATE`` still lets rows that reference them be inserted
-    (a foreign key check takes KEY SHARE). ``batch_sql`` must touch only the rows of ``:keys``,
-    and only those still to do (a retried or resumed walk starts again from the first key).
+    are granted, so it sees everything committed to those rows, and nothing can change them before
+    the commit: ``batch_sql`` checks again what it changes, as ``pending`` only picked the rows
+    to lock. The read that ``pending`` makes holds no lock, so the rows stay locked only as long as
+    the rows to do take. ``FOR NO KEY UPDATE`` still lets rows that reference them be inserted (a
+    foreign key check takes KEY SHARE). ``batch_sql`` must touch only the rows of ``:keys``, and
+    only those still to do (a retried or resumed walk starts again from the first key).
 
     Offline, the walk is one ``DO`` block between transactions, which commits after each batch
     (run it outside a transaction block: ``psql`` does, unless given ``-1``); it counts against
@@ -725,50 +739,74 @@ def backfill_by_key(
         raise ValueError(f"backfill_by_key({table!r}): batch_size must be at least 1, not {batch_size}")
     label = label or f"backfill of {table} by {key}"
     if _offline():
-        _emit_backfill_by_key(table, key, batch_sql, batch_size, key_type, label)
+        _emit_backfill_by_key(table, key, batch_sql, batch_size, pending, key_type, label)
         return 0
     started = time.monotonic()
     highest = sa.text(f"SELECT {ident(key)} FROM {ident(table)} ORDER BY {ident(key)} DESC LIMIT 1")
     upper = _bind().execute(highest).scalar()
-    first = sa.text(_batch_lock(table, key, batch_size, upper=":upper", after=None))
-    following = sa.text(_batch_lock(table, key, batch_size, upper=":upper", after=":after"))
-    touched = walked = batches = 0
-    keys = [] if upper is None else list(_bind().execute(first, {"upper": upper}).scalars())
-    while keys:
-        touched += _bind().execute(sa.text(batch_sql), {"keys": keys}).rowcount
-        commit()
-        walked += len(keys)
+    first = sa.text(_batch_scan(table, key, batch_size, pending, upper=":upper", after=None))
+    following = sa.text(_batch_scan(table, key, batch_size, pending, upper=":upper", after=":after"))
+    lock = sa.text(_batch_lock(table, key, ":keys"))
+    touched = walked = locked = batches = 0
+    batch = [] if upper is None else list(_bind().execute(first, {"upper": upper}).all())
+    while batch:
+        commit()  # the read locked nothing, but ends its snapshot
+        todo = [row_key for row_key, to_do in batch if to_do]
+        if todo:
+            keys = list(_bind().execute(lock, {"keys": todo}).scalars())
+            touched += _bind().execute(sa.text(batch_sql), {"keys": keys}).rowcount
+            commit()
+            locked += len(keys)
+        walked += len(batch)
         batches += 1
-        keys = list(_bind().execute(following, {"upper": upper, "after": keys[-1]}).scalars())
+        batch = list(_bind().execute(following, {"upper": upper, "after": batch[-1][0]}).all())
     commit()
     logger.info(
-        "%s: %d of %d row(s) changed, in %d batch(es) of up to %d (%.1f s)",
-        label, touched, walked, batches, batch_size, time.monotonic() - started,
+        "%s: %d of %d row(s) changed (%d to do), in %d batch(es) of up to %d (%.1f s)",
+        label, touched, walked, locked, batches, batch_size, time.monotonic() - started,
     )  # fmt: skip
     return touched
 
 
-def _emit_backfill_by_key(table: str, key: str, batch_sql: str, batch_size: int, key_type: str, label: str) -> None:
+def _emit_backfill_by_key(
+    table: str, key: str, batch_sql: str, batch_size: int, pending: str, key_type: str, label: str
+) -> None:
     # The variables' names are ones no column has (PL/pgSQL refuses a name that could be either);
     # no % anywhere (see _emit_violation_guard). Each statement of a DO block takes its own snapshot.
-    lock = "SELECT array_agg(batch.{key} ORDER BY batch.{key}) INTO backfill_keys FROM ({query}) AS batch;"
-    first = lock.format(key=ident(key), query=_batch_lock(table, key, batch_size, upper="backfill_upper", after=None))
-    following = lock.format(
-        key=ident(key), query=_batch_lock(table, key, batch_size, upper="backfill_upper", after="backfill_after")
+    scan = (
+        "SELECT array_agg(batch.{key} ORDER BY batch.{key}),"
+        " array_agg(batch.{key} ORDER BY batch.{key}) FILTER (WHERE batch.backfill_pending)"
+        " INTO backfill_batch, backfill_keys FROM ({query}) AS batch ({key}, backfill_pending);"
+    )
+    first, following = (
+        scan.format(
+            key=ident(key),
+            query=_batch_scan(table, key, batch_size, pending, upper="backfill_upper", after=after),
+        )
+        for after in (None, "backfill_after")
+    )
+    lock = (
+        f"SELECT array_agg(locked.{ident(key)}) INTO backfill_keys"
+        f" FROM ({_batch_lock(table, key, 'backfill_keys')}) AS locked;"
     )
     with _context().autocommit_block():
         op.execute(
             "DO $backfill$\nDECLARE\n"
-            f"    backfill_upper {key_type};\n    backfill_after {key_type};\n    backfill_keys {key_type}[];\n"
-            "    backfill_batch bigint;\n    backfill_touched bigint := 0;\nBEGIN\n"
+            f"    backfill_upper {key_type};\n    backfill_after {key_type};\n"
+            f"    backfill_batch {key_type}[];\n    backfill_keys {key_type}[];\n"
+            "    backfill_changed bigint;\n    backfill_touched bigint := 0;\nBEGIN\n"
             f"    SELECT {ident(key)} INTO backfill_upper FROM {ident(table)} ORDER BY {ident(key)} DESC LIMIT 1;\n"
             f"    {first}\n"
-            "    WHILE backfill_keys IS NOT NULL LOOP\n"
-            f"{textwrap.indent(_KEYS.sub('backfill_keys', batch_sql.strip()), ' ' * 8)};\n"
-            "        GET DIAGNOSTICS backfill_batch = ROW_COUNT;\n"
-            "        backfill_touched := backfill_touched + backfill_batch;\n"
+            "    WHILE backfill_batch IS NOT NULL LOOP\n"
             "        COMMIT;\n"
-            "        backfill_after := backfill_keys[cardinality(backfill_keys)];\n"
+            "        IF backfill_keys IS NOT NULL THEN\n"
+            f"            {lock}\n"
+            f"{textwrap.indent(_KEYS.sub('backfill_keys', batch_sql.strip()), ' ' * 12)};\n"
+            "            GET DIAGNOSTICS backfill_changed = ROW_COUNT;\n"
+            "            backfill_touched := backfill_touched + backfill_changed;\n"
+            "            COMMIT;\n"
+            "        END IF;\n"
+            "        backfill_after := backfill_batch[cardinality(backfill_batch)];\n"
             f"        {following}\n"
             "    END LOOP;\n"
             f"    RAISE NOTICE USING MESSAGE = {literal(label + ': ')} || backfill_touched || ' row(s) changed';\n"

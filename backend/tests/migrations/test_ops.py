@@ -437,6 +437,19 @@ def test_backfill_by_key_walks_batch_after_batch_each_in_its_own_transaction(db:
     assert done[-1] == 0
 
 
+def test_backfill_by_key_locks_only_the_rows_still_to_do(db: DatabaseTarget) -> None:
+    sql(db, "ALTER TABLE items ADD COLUMN doubled integer")
+    sql(db, "UPDATE items SET doubled = n * 2 WHERE n <= 10")
+    sql(db, "VACUUM items")  # no xmax left by the update's own scan
+    done: list[int] = []
+    pending = "doubled IS DISTINCT FROM n * 2"
+    run_ops(db, lambda: done.append(ops.backfill_by_key("items", "id", DOUBLE_BATCH, 150, pending=pending)))
+    assert done == [900]
+    assert sql(db, "SELECT count(*) FROM items WHERE doubled IS DISTINCT FROM n * 2")[0][0] == 0
+    # A row locked (FOR NO KEY UPDATE) keeps the locker in its xmax; the rows done before were never locked.
+    assert sql(db, "SELECT count(*) FROM items WHERE n <= 10 AND xmax::text <> '0'")[0][0] == 0
+
+
 def test_backfill_by_key_ends_while_rows_keep_coming_after_its_upper_bound(db: DatabaseTarget) -> None:
     """Each batch writes a row past the highest key, as live writes do; the bound fixed at the
     start ends the walk anyway, and rows written after it are not its business."""
@@ -454,7 +467,12 @@ def test_backfill_by_key_ends_while_rows_keep_coming_after_its_upper_bound(db: D
         run_ops(db, lambda: ops.backfill_by_key("ticks", "id", batch, 0))
 
 
-async def test_a_backfill_batch_waits_for_a_writer_of_its_rows_and_sees_its_commit(db: DatabaseTarget) -> None:
+@pytest.mark.parametrize(
+    "pending", ["true", "items IS DISTINCT FROM (SELECT count(*) FROM items AS i WHERE i.parent_id = parents.id)"]
+)
+async def test_a_backfill_batch_waits_for_a_writer_of_its_rows_and_sees_its_commit(
+    db: DatabaseTarget, pending: str
+) -> None:
     """A parent's count lags; a writer adds an item and writes the right count, in one transaction,
     as the service appends a turn to a lagging conversation. The batch that counts the items again
     waits for the parent's row lock, then reads the items in a new snapshot: it finds the writer's
@@ -474,7 +492,9 @@ async def test_a_backfill_batch_waits_for_a_writer_of_its_rows_and_sees_its_comm
         async with writer.transaction():
             await writer.execute("UPDATE parents SET items = 101 WHERE id = $1", parent["id"])
             await writer.execute("INSERT INTO items (parent_id, n) VALUES ($1, 101)", parent["id"])
-            walk = asyncio.create_task(run_ops_async(db, lambda: ops.backfill_by_key("parents", "id", recount, 3)))
+            walk = asyncio.create_task(
+                run_ops_async(db, lambda: ops.backfill_by_key("parents", "id", recount, 3, pending=pending))
+            )
             await until_waiting_for_a_lock(db)
         await walk
     finally:
