@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 
+import asyncpg
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.middleware.gzip import GZipMiddleware
 from uvicorn.config import STARTUP_FAILURE
 
@@ -27,8 +27,8 @@ from backend.api.middleware import GZIP_MINIMUM_BYTES, BodySizeLimit, Cors, Requ
 from backend.api.openapi import install_openapi, operation_id
 from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
 from backend.db.embedded import release_servers
-from backend.db.engine import create_engine
-from backend.db.leases import SETTLE_SECONDS, NotStarted, PoolLender
+from backend.db.leases import NotStarted
+from backend.db.pool import SETTLE_SECONDS, PoolLender, create_pool
 from backend.db.url import DatabaseTarget
 from backend.logs import configure_logging
 from backend.migrations.revisions import SchemaStatus, read_revisions
@@ -87,16 +87,23 @@ def handed_schema_status() -> SchemaStatus | None:
     return SchemaStatus(tuple(json.loads(handed)), read_revisions())
 
 
-def create_service_engine(target: DatabaseTarget, settings: Settings) -> AsyncEngine:
-    """The engine requests use, sized and configured by the settings."""
-    return create_engine(
+async def create_service_pool(target: DatabaseTarget, settings: Settings) -> asyncpg.Pool:
+    """The pool requests use, sized and configured by the settings (no connection opened yet)."""
+    return await create_pool(
         target,
-        pool_size=settings.db_pool_size,
+        size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout,
         statement_cache=settings.db_statement_cache,
         statement_timeout=settings.db_statement_timeout or None,
     )
+
+
+def service_lender(pool: asyncpg.Pool, settings: Settings) -> PoolLender:
+    """Lends ``pool``'s connections to requests, as the settings say (and counted, with metrics on)."""
+    lender = PoolLender(pool, size=settings.db_pool_size, timeout=settings.db_pool_timeout)
+    if settings.metrics:
+        metrics.watch_pool(lender)
+    return lender
 
 
 @asynccontextmanager
@@ -126,14 +133,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         os._exit(STARTUP_FAILURE)
     # The pool connects on first use, not here: a worker started while the database is down
     # serves 503 database_unavailable (and /ready 503) until it is back.
-    engine = create_service_engine(target, settings)
-    if settings.metrics:
-        metrics.watch_pool(engine)
+    lender = service_lender(await create_service_pool(target, settings), settings)
     app.state.fault_log.where = target.safe
     app.state.settings = settings
     app.state.schema_status = status
-    app.state.engine = engine
-    app.state.lender = PoolLender(engine)
+    app.state.pool = lender.pool
+    app.state.lender = lender
     app.state.draining = False
     restore_sigterm = _drain_on_sigterm(app)
     try:
@@ -142,9 +147,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         restore_sigterm()
         # Requests cut off at shutdown still settle their connections (their statements cancelled
         # on the database) before the pool goes.
-        if not await app.state.lender.all_returned(timeout=SETTLE_SECONDS + 1):
+        if not await lender.all_returned(timeout=SETTLE_SECONDS + 1):
             logger.warning("closing the pool with connections still out (their requests did not settle)")
-        await engine.dispose()
+        await lender.close()
         if settings.database_url is None:
             await asyncio.to_thread(release_servers)
 
@@ -182,7 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     if settings is not None:
         application.state.settings = settings
-    application.state.lender = NotStarted()  # the lifespan lends from the engine it creates
+    application.state.lender = NotStarted()  # the lifespan lends from the pool it creates
     application.state.draining = False  # set by SIGTERM (the lifespan installs the handler)
     install_error_handlers(application)
     application.add_middleware(BodySizeLimit)

@@ -23,9 +23,6 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, get_args
 
 from fastapi.routing import iter_route_contexts
-from sqlalchemy import Engine, event
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import QueuePool
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +32,7 @@ if TYPE_CHECKING:
     from prometheus_client import Counter, Gauge, Histogram
 
     from backend.conversations.schemas import TurnPublic
+    from backend.db.pool import PoolLender
     from backend.migrations.revisions import SchemaStatus
     from backend.migrations.runner import MigrationRun
 
@@ -196,48 +194,39 @@ def route_template(scope: Scope) -> str:
 
 # --- the service pool --------------------------------------------------------------------------
 
-# Every event that changes what the pool holds.
-_POOL_EVENTS = ("checkout", "checkin", "connect", "close", "close_detached", "detach", "invalidate")
-
 
 class PoolWatch:
-    """The pool gauges of this process, summed over its service engines (one, but for tests).
+    """The pool gauges of this process, summed over its service pools (one, but for tests).
 
-    Updated when the pool changes, so that in multi-process mode every worker's share is current
-    in its file, whichever worker is scraped. Pool events fire before the pool has finished the
-    change (a connection checked in is not back in the queue yet), so the gauges are read on the
-    event loop's next turn; a scrape reads them again, at once.
+    Updated when what a pool holds changes (its lender tells: a connection lent, given back, or
+    closed), so that in multi-process mode every worker's share is current in its file, whichever
+    worker is scraped. Read on the event loop's next turn, once however many changes it saw; a
+    scrape reads them again, at once.
     """
 
     def __init__(self) -> None:
-        self.engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self.lenders: weakref.WeakSet[PoolLender] = weakref.WeakSet()
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
 
-    def watch(self, engine: AsyncEngine) -> None:
-        self.engines.add(engine.sync_engine)
-        for name in _POOL_EVENTS:
-            event.listen(engine.sync_engine, name, self._changed)
+    def watch(self, lender: PoolLender) -> None:
+        self.lenders.add(lender)
+        lender.on_change = self._changed
         self.refresh()
 
-    def _changed(self, *args: Any) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # outside the event loop (a connection garbage-collected elsewhere)
-            self.refresh()
-            return
-        if self._scheduled_on is not loop:  # one read per loop turn, however many events
+    def _changed(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._scheduled_on is not loop:
             self._scheduled_on = loop
             loop.call_soon(self.refresh)
 
     def refresh(self) -> None:
         self._scheduled_on = None
         in_use = idle = overflow = 0
-        for engine in list(self.engines):
-            pool = engine.pool  # dispose() replaces it with a new, empty one
-            if isinstance(pool, QueuePool):
-                in_use += pool.checkedout()
-                idle += pool.checkedin()
-                overflow += max(pool.overflow(), 0)  # negative while the pool is below its size
+        for lender in list(self.lenders):
+            lent, waiting, beyond = lender.counts()
+            in_use += lent
+            idle += waiting
+            overflow += beyond
         found = series()
         found.pool_in_use.set(in_use)
         found.pool_idle.set(idle)
@@ -247,9 +236,9 @@ class PoolWatch:
 _pools = PoolWatch()
 
 
-def watch_pool(engine: AsyncEngine) -> None:
-    """Keep the pool gauges current for ``engine`` (the service engine) for as long as it lives."""
-    _pools.watch(engine)
+def watch_pool(lender: PoolLender) -> None:
+    """Keep the pool gauges current for ``lender``'s pool (the service's) for as long as it lives."""
+    _pools.watch(lender)
 
 
 # --- what the service writes --------------------------------------------------------------------

@@ -20,8 +20,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -36,6 +34,7 @@ from backend.conversations.errors import (
     TurnRejected,
 )
 from backend.db.errors import ConnectionLost, Fault, StatementTimeout, first_line, request_fault
+from backend.db.pool import PoolBusy
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +138,7 @@ DATABASE_ERRORS = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     asyncpg.InternalClientError,
-    DBAPIError,
-    PoolTimeout,
+    PoolBusy,
     OSError,
 )
 

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backend.api.deps import get_connection
 from backend.api.errors import RETRY_AFTER, ErrorBody
 from backend.config import Settings
-from backend.db.errors import sqlstate
 from backend.migrations.revisions import SchemaStatus, read_revisions
+from backend.migrations.runner import schema_status_on
 
 router = APIRouter(tags=["health"])
-UNDEFINED_TABLE = "42P01"
 
 _REVISION = "The database's schema revision (several are joined by commas); null if it was never migrated."
 
@@ -64,22 +62,15 @@ async def health(request: Request) -> Health:
 )
 async def ready(request: Request) -> JSONResponse:
     """Readiness: the database answers and its schema is at this code's head (checked live, one query)."""
-    engine: AsyncEngine = request.app.state.engine
     settings: Settings = request.app.state.settings
-    revisions = read_revisions()
-    heads = sorted(revisions.heads)
+    heads = sorted(read_revisions().heads)
     if request.app.state.draining:  # SIGTERM: send new work elsewhere while requests in flight finish
         return JSONResponse({"status": "unavailable", "reason": "shutting down", "head": heads}, 503)
     try:
-        async with engine.connect() as conn:
-            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
-    except DBAPIError as exc:
-        if sqlstate(exc) != UNDEFINED_TABLE:
-            return _unreachable(heads)
-        rows = []  # never migrated: the database answers, but has no version table yet
-    except OSError:
-        return _unreachable(heads)
-    status = SchemaStatus(tuple(rows), revisions)
+        # A connection from the pool, as requests get theirs: none free in time is 503 database_busy.
+        status = await schema_status_on(await get_connection(request))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
+        return _unreachable(heads)  # connecting failed, or the connection did
     body: dict[str, Any] = {"revision": status.revision, "head": heads}
     if status.at_head or (status.ahead and settings.schema_ahead == "serve"):
         return JSONResponse({"status": "ready", **body})

@@ -9,8 +9,8 @@ from typing import Literal
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from backend.db.pool import PoolBusy
 from backend.db.url import DatabaseTarget
 
 # Errors that say the configuration is wrong: waiting will not fix them.
@@ -167,7 +167,7 @@ def request_fault(exc: BaseException) -> Fault | None:
     statement_timeout; conflict: a deadlock or serialization failure, worth a retry; pooler: a
     statement cache behind a transaction-pooling proxy (a misconfiguration).
     """
-    if isinstance(exc, PoolTimeout):
+    if isinstance(exc, PoolBusy):
         return "busy"
     if isinstance(exc, StatementTimeout):
         return "timeout"

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from backend.db.errors import ConnectionLost, StatementTimeout, first_line, request_fault
+from backend.db.pool import close_politely, closed, settle
 
 T = TypeVar("T")
 _NAMED = re.compile(r"(?<![:\w]):([a-z_]+)")
@@ -46,45 +47,31 @@ class Statement:
 
 
 async def _run(conn: asyncpg.Connection, statement: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    """Run ``statement`` on ``conn``; a connection it leaves in doubt is not pooled again.
+    """Run ``statement`` on ``conn``; a connection it leaves broken is not pooled again.
 
-    A connection the server closed, one whose statement timed out (asyncpg cancels it and raises
-    TimeoutError), and one that failed other than with a server's error are closed here: the
-    lease gives a closed connection back as invalid, and the pool opens a new one for the next
-    request.
+    A connection stays pooled after a failed statement unless it is broken: closed (the server went
+    away), or on a server that is going away or cannot take writes (a standby after a fail-over).
+    Anything else, ``another operation is in progress`` included (the connection used by two
+    statements at once: a bug), is the request's error, raised as it is.
     """
     try:
         return await statement(conn)
     except TimeoutError:
         # Only the statement is awaited here (the connection was lent before), so this is the
-        # statement's timeout, never a connection attempt's.
-        await _close(conn)
+        # statement's timeout, never a connection attempt's. asyncpg has sent the server a
+        # cancellation: wait for it, so that the statement stops there too (a lock wait included)
+        # before the client hears 504.
+        await settle(conn)
         raise StatementTimeout() from None
     except Exception as exc:
-        if conn.is_closed() or _still_reading_a_farewell(exc):
+        if closed(conn):
             # The server went away: whatever asyncpg made of it (a connection error, or a protocol
-            # still waiting on a server that sent its last message), the request met an outage.
-            conn.terminate()
+            # error when the server's farewell, a FATAL sent to an idle connection, is read as the
+            # next statement starts: asyncpg then closes the connection itself).
             raise ConnectionLost(first_line(exc)) from exc
-        if not isinstance(exc, asyncpg.PostgresError) or request_fault(exc) == "unavailable":
-            await _close(conn)
+        if isinstance(exc, asyncpg.PostgresError) and request_fault(exc) == "unavailable":
+            await close_politely(conn)
         raise
-
-
-async def _close(conn: asyncpg.Connection) -> None:
-    """Close a connection in doubt politely: the cancellation asyncpg sent for a timed-out statement
-    reaches the server first, so the statement stops there too (a lock wait included); a
-    connection that cannot say goodbye within 2 s is dropped."""
-    try:
-        await conn.close(timeout=2)
-    except Exception:
-        conn.terminate()
-
-
-def _still_reading_a_farewell(exc: Exception) -> bool:
-    """A pooled connection the server ended while it sat idle (a FATAL sent at shutdown): asyncpg
-    is still reading that error when the next statement comes, a moment before the socket closes."""
-    return isinstance(exc, asyncpg.InterfaceError) and "another operation is in progress" in str(exc)
 
 
 async def fetch_one(conn: asyncpg.Connection, statement: Statement, **params: Any) -> asyncpg.Record | None:

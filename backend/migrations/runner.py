@@ -90,11 +90,17 @@ async def read_schema_status(
     """The database's recorded revision(s), connecting with retries for up to ``wait`` seconds."""
     conn = await open_connection(target, wait=wait)
     try:
+        return await schema_status_on(conn, script_location)
+    finally:
+        await conn.close()
+
+
+async def schema_status_on(conn: asyncpg.Connection, script_location: Path = ALEMBIC_DIR) -> SchemaStatus:
+    """The recorded revision(s) of the database ``conn`` is connected to (none: never migrated)."""
+    try:
         rows = await conn.fetch(ledger.VERSIONS_QUERY)
     except asyncpg.UndefinedTableError:
         rows = []
-    finally:
-        await conn.close()
     return SchemaStatus(tuple(row[0] for row in rows), read_revisions(script_location))
 
 
