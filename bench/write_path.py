@@ -14,7 +14,8 @@ server the service would use:
          tool call, commit: as such loggers are usually written, made atomic;
    (b')  the same statements each committed on its own, as they often are: not atomic;
    (orm) the ORM unit of work: lock the conversation, add a Turn and its ToolCalls, commit.
-   All go through the service's engine (pool, liveness check), the baselines through SQLAlchemy sessions; each
+   (a) goes through the service's pool (asyncpg's, with its lender's liveness check), the baselines through
+   SQLAlchemy sessions on a SQLAlchemy pool of the same size and connection settings; each
    writer has its own conversation. Also 16 writers on ONE conversation, (a) against (b).
 2. the shared view (``GET /conversations/{id}``): median latency for 50 turns x 5 tool calls,
    in the service and over HTTP.
@@ -50,9 +51,11 @@ from backend.config import PROJECT_ROOT, Settings, load_settings
 from backend.conversations import service
 from backend.conversations.schemas import TurnCreate, dumps
 from backend.db.admin import scratch_database
-from backend.db.leases import Lease, PoolLender
+from backend.db.engine import SERVICE_APPLICATION_NAME, connect_kwargs, sqlalchemy_engine
+from backend.db.leases import Lease
+from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
-from backend.main import create_service_engine
+from backend.main import create_service_pool, service_lender
 from backend.migrations.runner import run_migrations
 from backend.models import Conversation, ToolCall, Turn
 from backend.tests.helpers import free_port
@@ -66,7 +69,7 @@ Sessions = async_sessionmaker[AsyncSession]
 
 @dataclass(frozen=True)
 class Db:
-    """The service's engine as the variants use it: the requests' lender, or SQLAlchemy sessions."""
+    """The database as the variants use it: the requests' lender, or SQLAlchemy sessions."""
 
     lender: PoolLender
     sessions: Sessions
@@ -448,14 +451,19 @@ async def main(args: argparse.Namespace) -> None:
         print(f"scratch database: {scratch.database}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
         bench_settings = Settings.model_validate({"DATABASE_URL": scratch.dsn, "db_pool_size": POOL})
         await run_migrations(bench_settings)
-        engine = create_service_engine(scratch, bench_settings)
-        db = Db(PoolLender(engine), async_sessionmaker(engine, expire_on_commit=False))
+        lender = service_lender(await create_service_pool(scratch, bench_settings), bench_settings)
+        connect = connect_kwargs(
+            scratch, SERVICE_APPLICATION_NAME, bench_settings.db_statement_cache, bench_settings.db_statement_timeout
+        )
+        engine = sqlalchemy_engine(connect, bench_settings.db_statement_cache, pool_size=POOL)
+        db = Db(lender, async_sessionmaker(engine, expire_on_commit=False))
         try:
             turn = TurnCreate.model_validate(turn_payload(tool_calls=3))
             figures = await measure_writes(db, turn, args.rounds, args.turns_c1, args.turns_c16)
             view_id, view_median, view_p95, view_bytes = await shared_view_latency(db, args.view_repeats)
         finally:
             await engine.dispose()
+            await lender.close()
         report_writes(figures, args)
         print(
             f"\nshared view, 50 turns x 5 tool calls ({view_bytes / 1024:.0f} KiB of JSON), in the service: "

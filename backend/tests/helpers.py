@@ -34,9 +34,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from backend.config import PROJECT_ROOT
+from backend.config import PROJECT_ROOT, Settings
 from backend.db.engine import connect, create_migration_engine
+from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
+from backend.main import create_service_pool, service_lender
 from backend.migrations import ops
 from backend.migrations.revisions import alembic_config, read_revisions
 
@@ -525,6 +527,16 @@ class SavepointLender:
             except asyncpg.InFailedSQLTransactionError:
                 pass  # a statement failed and the request answered anyway (a handled unique violation)
         await self.connection.execute("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
+
+
+@contextlib.asynccontextmanager
+async def lender_on(target: DatabaseTarget, settings: Settings) -> AsyncIterator[PoolLender]:
+    """The service's pool on ``target`` as the lifespan makes it, with its lender; closed at the end."""
+    lender = service_lender(await create_service_pool(target, settings), settings)
+    try:
+        yield lender
+    finally:
+        await lender.close()
 
 
 async def driver_of(connection: AsyncConnection) -> asyncpg.Connection:

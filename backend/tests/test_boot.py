@@ -2,17 +2,16 @@
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from httpx import ASGITransport, AsyncClient
-from sqlalchemy import text
 
 from backend.config import Settings
+from backend.db.leases import Lease
 from backend.db.url import DatabaseTarget
-from backend.main import create_app, create_service_engine
+from backend.main import create_app
 from backend.migrations.runner import MigrationError, SchemaNotAtHead, run_migrations
-from backend.tests.helpers import HEAD, fetch
+from backend.tests.helpers import HEAD, fetch, lender_on
 
 SettingsFor = Callable[..., Settings]
 
@@ -141,17 +140,15 @@ async def test_statement_caches_can_be_switched_off_for_pgbouncer(
     empty_db: DatabaseTarget, settings_for: SettingsFor
 ) -> None:
     for enabled in (True, False):
-        engine = create_service_engine(empty_db, settings_for(empty_db, db_statement_cache=enabled))
-        try:
-            async with engine.connect() as conn:
-                assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
-                raw = await conn.get_raw_connection()
-                asyncpg_conn: Any = raw.driver_connection
-                name = await conn.scalar(text("SELECT current_setting('application_name')"))
-        finally:
-            await engine.dispose()
-        # asyncpg's own cache of prepared statements (PgBouncer in transaction mode breaks it).
-        assert (asyncpg_conn._stmt_cache.get_max_size() > 0) is enabled
+        async with lender_on(empty_db, settings_for(empty_db, db_statement_cache=enabled)) as lender:
+            lease = Lease(lender)
+            conn = await lease.connection()
+            assert await conn.fetchval("SELECT 1") == 1
+            name = await conn.fetchval("SELECT current_setting('application_name')")
+            # asyncpg's own cache of prepared statements (PgBouncer in transaction mode breaks it).
+            cached = conn._stmt_cache.get_max_size() > 0
+            await lease.end(succeeded=True)
+        assert cached is enabled
         assert name == "kraken-backend"
 
 

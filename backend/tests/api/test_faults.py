@@ -11,13 +11,18 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from backend.api.deps import ConnectionDep
+from backend.db import pool as db_pool
+from backend.db import statements
 from backend.db.engine import connect
+from backend.db.statements import Statement
 from backend.db.url import DatabaseTarget, parse_database_url
 from backend.main import create_app
 from backend.migrations.runner import run_migrations
 from backend.tests.conftest import settings_of
 from backend.tests.helpers import API_KEY, CONVERSATION, fetch, live, new_conversation, turn_body
 from backend.tests.rigs.cluster import Cluster, running_cluster
+from backend.tests.rigs.relay import Relay
 
 
 @pytest.fixture
@@ -96,7 +101,7 @@ async def test_an_exhausted_pool_answers_503_busy_in_bounded_time(live_db: Datab
     app = create_app(settings_of(live_db, api_key=API_KEY, db_pool_size=1, db_max_overflow=0, db_pool_timeout=0.5))
     async with live(app) as client:
         conversation = await new_conversation(client)
-        async with app.state.engine.connect():  # the pool's only connection, held
+        async with app.state.pool.acquire():  # the pool's only connection, held
             started = time.monotonic()
             response = await client.post(f"/conversations/{conversation['id']}/turns", json=turn_body())
             waited = time.monotonic() - started
@@ -158,6 +163,64 @@ async def test_an_unexpected_error_is_a_json_500_with_the_request_id_logged_once
     logged = [r for r in caplog.records if r.exc_info]
     assert len(logged) == 1
     assert logged[0].getMessage() == "unexpected error answering GET /broken"
+
+
+async def test_a_pooled_connection_the_server_ended_while_idle_is_an_outage_not_a_bug(
+    live_db: DatabaseTarget, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's farewell (a FATAL to an idle connection) read as the next statement starts:
+    asyncpg raises a protocol error ("another operation is in progress") and closes the connection.
+    That request met an outage: 503, no traceback; the next one gets a new connection. (The stopped
+    server under writes above meets this by chance; the relay makes it certain.)"""
+    monkeypatch.setattr(db_pool, "PING_AFTER_IDLE_SECONDS", 3600.0)  # no check on lending: the statement meets it
+    async with Relay(live_db).running() as relay:
+        app = create_app(settings_of(relay.relayed, api_key=API_KEY, db_pool_size=1, db_max_overflow=0))
+        with caplog.at_level(logging.INFO):
+            async with live(app) as client:
+                conversation = (await new_conversation(client))["id"]
+                async with app.state.pool.acquire() as conn:  # the pool's only connection
+                    pid = await conn.fetchval("SELECT pg_backend_pid()")
+                relay.holding = True
+                [[ended]] = await fetch(live_db, "SELECT pg_terminate_backend($1)", pid)
+                assert ended is True
+                await relay.server_closed.wait()  # its FATAL relayed, its socket still open
+                await asyncio.sleep(0.1)
+                response = await client.post(f"/conversations/{conversation}/turns", json=turn_body())
+                relay.release()
+                again = await client.post(f"/conversations/{conversation}/turns", json=turn_body())
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"][0]["type"] == "database_unavailable"
+    assert again.status_code == 201
+    assert not [r for r in caplog.records if r.exc_info]
+    started, over = fault_records(caplog)
+    assert started.getMessage().startswith("database trouble (unavailable):")
+    assert "1 request(s) were answered 503/504 meanwhile" in over.getMessage()
+
+
+async def test_a_connection_used_by_two_statements_at_once_is_a_bug_answered_500_and_logged_once(
+    live_db: DatabaseTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncpg's "another operation is in progress" for a connection used concurrently is a bug of
+    the code, not an outage: 500, one log line with its traceback, no database trouble reported."""
+    app = create_app(settings_of(live_db, api_key=API_KEY, db_pool_size=1, db_max_overflow=0))
+    slow, quick = Statement.of("SELECT pg_sleep(0.2)"), Statement.of("SELECT 1")
+
+    async def concurrent(conn: ConnectionDep) -> None:
+        await asyncio.gather(statements.fetch_one(conn, slow), statements.fetch_one(conn, quick))
+
+    app.add_api_route("/concurrent", concurrent)
+    with caplog.at_level(logging.INFO):
+        async with live(app) as client:
+            response = await client.get("/concurrent")
+            conversation = await client.post("/conversations", json=CONVERSATION)
+    assert response.status_code == 500
+    assert response.json()["detail"][0]["type"] == "internal_error"
+    assert conversation.status_code == 201
+    [logged] = [r for r in caplog.records if r.exc_info]
+    assert logged.getMessage() == "unexpected error answering GET /concurrent"
+    assert logged.exc_info is not None
+    assert "another operation is in progress" in str(logged.exc_info[1])
+    assert fault_records(caplog) == []
 
 
 async def test_request_ids_are_echoed_or_made(client: httpx.AsyncClient) -> None:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from backend import metrics
 from backend.config import Settings
+from backend.db.leases import Lease
 from backend.db.url import DatabaseTarget
 from backend.main import create_app, prepare_schema
 from backend.migrations.revisions import read_revisions
@@ -106,7 +107,7 @@ async def test_a_database_fault_is_counted_by_kind(live_db: DatabaseTarget) -> N
     async with live(app) as client:
         conversation = (await new_conversation(client))["id"]
         before = scraped()
-        async with app.state.engine.connect():  # the pool's only connection, held
+        async with app.state.pool.acquire():  # the pool's only connection, held
             response = await client.post(f"/conversations/{conversation}/turns", json=turn_body())
         assert response.json()["detail"][0]["type"] == "database_busy"
         after = scraped()
@@ -131,8 +132,12 @@ async def test_the_pool_gauges_follow_checkouts_and_overflow(live_db: DatabaseTa
     async with live(app) as client:
         await new_conversation(client)
         assert await pool(client) == (0, 1, 0)
-        async with app.state.engine.connect(), app.state.engine.connect():
-            assert await pool(client) == (2, 0, 1)
+        leases = [Lease(app.state.lender), Lease(app.state.lender)]
+        for lease in leases:
+            await lease.connection()
+        assert await pool(client) == (2, 0, 1)
+        for lease in leases:
+            await lease.end(succeeded=True)
         # The overflow connection is closed on its return; the pool keeps its one.
         assert await pool(client) == (0, 1, 0)
     assert metric(scraped(), "kraken_db_pool_connections_idle") == 0  # disposed with the app

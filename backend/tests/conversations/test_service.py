@@ -10,7 +10,6 @@ from typing import Any
 import asyncpg
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.conversations import errors, service
@@ -25,10 +24,9 @@ from backend.conversations.schemas import (
     TurnPublic,
     dumps,
 )
-from backend.db import engine as db_engine
-from backend.db.leases import Lease, PoolLender
-from backend.main import create_service_engine
-from backend.tests.helpers import CONVERSATION, driver_of, rows, turn_body
+from backend.db import pool as db_pool
+from backend.db.leases import Lease
+from backend.tests.helpers import CONVERSATION, driver_of, lender_on, rows, turn_body
 
 # --- store_tool_result ---------------------------------------------------------------------
 
@@ -203,19 +201,14 @@ async def test_a_turn_with_its_tool_calls_and_totals_is_one_statement(conn, stat
 
 async def test_the_service_path_sends_one_statement_and_no_begin_or_commit(live_db, settings_for, monkeypatch):
     """In production a turn is one round trip (plus the pool's check of a connection idle a while)."""
-    monkeypatch.setattr(db_engine, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the check has its own tests
-    engine = create_service_engine(live_db, settings_for(live_db))
+    monkeypatch.setattr(db_pool, "PING_AFTER_IDLE_SECONDS", 3600.0)  # the check has its own tests
     sent: list[str] = []
-    event.listen(
-        engine.sync_engine,
-        "connect",
-        lambda conn, _: conn.driver_connection.add_query_logger(lambda q: sent.append(q.query)),
-    )
-    lender = PoolLender(engine)
-    try:
+    async with lender_on(live_db, settings_for(live_db, db_pool_size=1, db_max_overflow=0)) as lender:
         lease = Lease(lender)  # a fresh connection: not pinged, learns jsonb[]
-        conversation_id = await _conversation(await lease.connection())
-        await _append(await lease.connection(), conversation_id)
+        conn = await lease.connection()
+        conn.add_query_logger(lambda q: sent.append(q.query))
+        conversation_id = await _conversation(conn)
+        await _append(conn, conversation_id)
         await lease.end(succeeded=True)
         await logged()
         sent.clear()
@@ -223,8 +216,6 @@ async def test_the_service_path_sends_one_statement_and_no_begin_or_commit(live_
         await _append(await lease.connection(), conversation_id)
         await lease.end(succeeded=True)
         await logged()
-    finally:
-        await engine.dispose()
     assert sent == [service.APPEND.sql]
 
 
