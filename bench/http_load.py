@@ -11,8 +11,9 @@ the service would use, it starts two servers side by side, each with --workers p
 
 - the `kraken-backend` command as deployed (KRAKEN_WORKERS, KRAKEN_API_KEY set, the schema
   migrated beforehand and checked at boot, a fixed pool of --pool-size connections per process);
-- bench/minimal_app.py under uvicorn with uvloop and httptools: the same statements with a plain
-  asyncpg pool of the same size, nothing else (see its docstring).
+- two yardsticks from bench/minimal_app.py under uvicorn with uvloop and httptools, the same
+  statements on a plain asyncpg pool of the same size and nothing else (see its docstring):
+  ``minimal`` parses the append's body with a pydantic model, ``plain`` with ``json.loads``.
 
 Both log requests as their defaults do (kraken-backend's access log, uvicorn's), to a file.
 Then wrk (Debian package `wrk`) loads each in turn, at each --connections count, for:
@@ -22,10 +23,10 @@ Then wrk (Debian package `wrk`) loads each in turn, at each --connections count,
 - view:   ``GET /conversations/{id}``, one conversation of 20 turns x 3 tool calls (~40 KiB);
 - health: ``GET /health``.
 
-It prints requests/s and p50/p99 latency per run; each round runs every scenario on both
-servers, which one goes first alternating between rounds, and the ratio kraken/minimal is taken
-within the round (a busy machine drifts; two runs seconds apart drift less). The summary gives
-the median over rounds of rates, latencies and ratios.
+It prints requests/s and p50/p99 latency per run; each round runs every scenario on every
+server, their order reversed every other round, and the ratios kraken/minimal and kraken/plain
+are taken within the round (a busy machine drifts; runs seconds apart drift less). The summary
+gives the median over rounds of rates, latencies and ratios.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ API_KEY = "bench-" + secrets.token_hex(8)
 CONVERSATIONS = 64
 VIEW_TURNS = 20
 SCENARIOS = ("append", "view", "health")
-APPS = ("kraken", "minimal")
+APPS = ("kraken", "minimal", "plain")
+YARDSTICKS = APPS[1:]
+# The goal for appends at 16 connections: kraken's rate at least this share of each yardstick's.
+GOALS = {"minimal": 0.9, "plain": 0.75}
 MAX_ERROR_SHARE = 0.01  # of a run's requests; a run with more is left out of the figures
 
 
@@ -153,13 +157,14 @@ def start_kraken(db: DatabaseTarget, args: argparse.Namespace, logs: Path) -> Se
     return Server("kraken", [SERVICE], env, port, logs)
 
 
-def start_minimal(db: DatabaseTarget, args: argparse.Namespace, logs: Path) -> Server:
+def start_yardstick(name: str, db: DatabaseTarget, args: argparse.Namespace, logs: Path) -> Server:
     port = free_port()
     env = child_env(db, BENCH_POOL_SIZE=str(args.pool_size))
-    command = [sys.executable, "-m", "uvicorn", "minimal_app:app", "--app-dir", str(BENCH_DIR)]
+    app = {"minimal": "minimal_app:app", "plain": "minimal_app:plain"}[name]
+    command = [sys.executable, "-m", "uvicorn", app, "--app-dir", str(BENCH_DIR)]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers)]
     command += ["--loop", "uvloop", "--http", "httptools"]
-    return Server("minimal", command, env, port, logs)
+    return Server(name, command, env, port, logs)
 
 
 def post(server: Server, path: str, body: object) -> dict[str, object]:
@@ -212,52 +217,50 @@ def scenario_requests(scenario: str, ids: list[str], view_id: str) -> tuple[str,
     return "GET", ["/health"]
 
 
-def valid_pairs(
+def valid_rounds(
     results: dict[tuple[str, int, str], list[Run]], scenario: str, connections: int
-) -> tuple[list[Run], list[Run]]:
-    """The rounds' (kraken, minimal) runs of a scenario, leaving out rounds where either had too many errors."""
-    pairs = zip(results[(scenario, connections, "kraken")], results[(scenario, connections, "minimal")], strict=True)
-    kept = [(k, m) for k, m in pairs if k.valid and m.valid]
-    return [k for k, _ in kept], [m for _, m in kept]
+) -> list[dict[str, Run]]:
+    """Each round's runs of a scenario by app, leaving out rounds where any had too many errors."""
+    rounds = zip(*(results[(scenario, connections, name)] for name in APPS), strict=True)
+    return [dict(zip(APPS, runs, strict=True)) for runs in rounds if all(run.valid for run in runs)]
 
 
 def report(results: dict[tuple[str, int, str], list[Run]], args: argparse.Namespace) -> None:
     print(
-        f"\nmedian of {args.rounds} round(s) of {args.duration:g} s per run; kraken/minimal is the median of the"
-        " rounds' own ratios (each round's listed); rounds where a run failed over 1% of its requests are left out"
+        f"\nmedian of {args.rounds} round(s) of {args.duration:g} s per run; a ratio is the median of the rounds'"
+        " own ratios (each round's listed); rounds where a run failed over 1% of its requests are left out"
     )
-    print(
-        f"  {'scenario':8} {'conns':>5}  {'kraken req/s':>12} {'p50 ms':>7} {'p99 ms':>7}"
-        f"  {'minimal req/s':>13} {'p50 ms':>7} {'p99 ms':>7}  {'kraken/minimal':>14}  per round"
-    )
+    header = "".join(f"  {name + ' req/s':>13} {'p50 ms':>7} {'p99 ms':>7}" for name in APPS)
+    ratios_header = "".join(f"  {'kraken/' + name:>14}  per round" for name in YARDSTICKS)
+    print(f"  {'scenario':8} {'conns':>5}{header}{ratios_header}")
     for scenario in SCENARIOS:
         for connections in args.connections:
-            kraken, minimal = valid_pairs(results, scenario, connections)
-            if not kraken:
+            rounds = valid_rounds(results, scenario, connections)
+            if not rounds:
                 print(f"  {scenario:8} {connections:>5}  no round without errors")
                 continue
-            ratios = [k.rate / m.rate for k, m in zip(kraken, minimal, strict=True)]
 
             def medians(runs: list[Run]) -> str:
                 rate = statistics.median(r.rate for r in runs)
                 p50 = statistics.median(r.p50_ms for r in runs)
                 p99 = statistics.median(r.p99_ms for r in runs)
-                return f"{rate:>{13}.0f} {p50:7.1f} {p99:7.1f}"
+                return f"  {rate:>13.0f} {p50:7.1f} {p99:7.1f}"
 
-            print(
-                f"  {scenario:8} {connections:>5} {medians(kraken)} {medians(minimal)}  "
-                f"{statistics.median(ratios):>13.0%}  {' '.join(f'{r:.0%}' for r in ratios)}"
-            )
+            line = "".join(medians([each[name] for each in rounds]) for name in APPS)
+            for name in YARDSTICKS:
+                ratios = [each["kraken"].rate / each[name].rate for each in rounds]
+                line += f"  {statistics.median(ratios):>14.0%}  {' '.join(f'{r:.0%}' for r in ratios)}"
+            print(f"  {scenario:8} {connections:>5}{line}")
     errors = {
         name: sum(run.errors for (_, _, app), runs in results.items() if app == name for run in runs) for name in APPS
     }
     if any(errors.values()):
         print(f"  errors (not in the rates): {', '.join(f'{name} {count}' for name, count in errors.items())}")
-    if 16 in args.connections:
-        kraken, minimal = valid_pairs(results, "append", 16)
-        if kraken:
-            ratio = statistics.median(k.rate / m.rate for k, m in zip(kraken, minimal, strict=True))
-            print(f"\n  GOAL appends at 16 connections, kraken/minimal >= 70%: {ratio:.0%}")
+    rounds = valid_rounds(results, "append", 16) if 16 in args.connections else []
+    for name in YARDSTICKS if rounds else ():
+        ratio = statistics.median(each["kraken"].rate / each[name].rate for each in rounds)
+        print(f"\n  GOAL appends at 16 connections, kraken/{name} >= {GOALS[name]:.0%}: {ratio:.0%}", end="")
+    print()
 
 
 async def prepare(db: DatabaseTarget) -> None:
@@ -288,7 +291,8 @@ async def run(args: argparse.Namespace) -> None:
 def load(db: DatabaseTarget, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="kraken_http_load_") as tmp:
         logs = Path(tmp)
-        servers = {"kraken": start_kraken(db, args, logs), "minimal": start_minimal(db, args, logs)}
+        servers = {"kraken": start_kraken(db, args, logs)}
+        servers |= {name: start_yardstick(name, db, args, logs) for name in YARDSTICKS}
         try:
             for server in servers.values():
                 server.wait_until_up()
@@ -357,7 +361,7 @@ def parse_args() -> argparse.Namespace:
         "--workers", type=int, default=os.cpu_count() or 1, help="processes per server (default: one per CPU)"
     )
     parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run (default 10)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of every run on both servers (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every run on every server (default 3)")
     parser.add_argument(
         "--connections",
         type=lambda value: sorted({int(n) for n in value.split(",")}),

@@ -117,8 +117,10 @@ class PoolLender:
 
     async def _acquire(self, deadline: float) -> asyncpg.Connection:
         try:
-            # A PoolConnectionProxy: Connection's methods, detached once it is released.
-            return cast(asyncpg.Connection, await self.pool.acquire(timeout=max(deadline - time.monotonic(), 0)))
+            # asyncio.timeout, not acquire(timeout=): that wraps every acquire in a task of its own.
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                # A PoolConnectionProxy: Connection's methods, detached once it is released.
+                return cast(asyncpg.Connection, await self.pool.acquire())
         except TimeoutError:
             if self.pool.get_size() < self.pool.get_max_size():
                 # Not every connection was open, so the wait went to opening one: the server is
