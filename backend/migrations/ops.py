@@ -714,7 +714,9 @@ def backfill_by_key(
     label: str | None = None,
 ) -> int:
     """Walk ``table`` in the order of its unique ``key``, ``batch_size`` rows at a time, and run
-    ``batch_sql`` on each batch's rows still to do; returns the rows ``batch_sql`` changed, and logs it.
+    ``batch_sql`` on each batch's rows still to do; returns the rows ``batch_sql`` changed, and logs
+    it with the longest a batch held its locks (its wait for them included): the longest a writer
+    of those rows can have waited for the walk.
 
     The walk ends: its upper bound is the highest key when it starts, so rows written meanwhile
     (after that key, or behind the walk) never keep it going. Each batch reads its keys first,
@@ -748,22 +750,25 @@ def backfill_by_key(
     following = sa.text(_batch_scan(table, key, batch_size, pending, upper=":upper", after=":after"))
     lock = sa.text(_batch_lock(table, key, ":keys"))
     touched = walked = locked = batches = 0
+    longest_lock = 0.0  # what a writer of a locked row can wait for the batch, at most
     batch = [] if upper is None else list(_bind().execute(first, {"upper": upper}).all())
     while batch:
         commit()  # the read locked nothing, but ends its snapshot
         todo = [row_key for row_key, to_do in batch if to_do]
         if todo:
+            locking = time.monotonic()
             keys = list(_bind().execute(lock, {"keys": todo}).scalars())
             touched += _bind().execute(sa.text(batch_sql), {"keys": keys}).rowcount
             commit()
+            longest_lock = max(longest_lock, time.monotonic() - locking)
             locked += len(keys)
         walked += len(batch)
         batches += 1
         batch = list(_bind().execute(following, {"upper": upper, "after": batch[-1][0]}).all())
     commit()
     logger.info(
-        "%s: %d of %d row(s) changed (%d to do), in %d batch(es) of up to %d (%.1f s)",
-        label, touched, walked, locked, batches, batch_size, time.monotonic() - started,
+        "%s: %d of %d row(s) changed (%d to do), in %d batch(es) of up to %d (%.1f s; locks held %.0f ms at most)",
+        label, touched, walked, locked, batches, batch_size, time.monotonic() - started, longest_lock * 1000,
     )  # fmt: skip
     return touched
 
