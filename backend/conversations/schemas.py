@@ -101,9 +101,13 @@ UsageGrouping = Literal["model", "day"]
 # --- text and JSON checks ------------------------------------------------------------------
 
 
+# One encoder for every call: json.dumps builds a new one each time it is given options.
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def dumps(value: Any) -> str:
     """Compact JSON, the form whose UTF-8 length is a tool result's size."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _COMPACT.encode(value)
 
 
 def check_text(value: str, at: str = "") -> str:
@@ -139,8 +143,11 @@ def check_json(value: Any) -> Any:
     """Refuse what jsonb cannot store or we will not: NaN/Infinity, NUL, bad Unicode, deep nesting.
 
     Iterative, so a deeply nested value cannot exhaust the stack; the position of the first
-    problem is named as a path. Paths are built only on error: results can have many nodes.
+    problem is named as a path. A first pass keeps no positions (the common case: nothing to
+    refuse); a value it has any doubt about is walked again, keeping them.
     """
+    if _plainly_storable(value):
+        return value
     # (node, depth of its container, trail) where trail is (parent trail, key or index).
     stack: list[tuple[Any, int, tuple[Any, ...] | None]] = [(value, 0, None)]
     while stack:
@@ -176,6 +183,52 @@ def check_json(value: Any) -> Any:
         else:
             raise PydanticCustomError("json_type", "not a JSON value at {at}", {"at": _render_path(trail)})
     return value
+
+
+def _plain_text(value: str) -> bool:
+    """What check_text accepts, as a yes or no."""
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plainly_storable(value: Any) -> bool:
+    """True when check_json has nothing to refuse in ``value``; False when it may (a subclass of a
+    JSON type, say, which it may accept): then check_json's own walk decides."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        node, depth = pop()
+        kind = type(node)
+        if kind is str:
+            if not _plain_text(node):
+                return False
+        elif node is None or kind is bool or kind is int:
+            continue
+        elif kind is float:
+            if not math.isfinite(node):
+                return False
+        elif kind is dict:
+            if depth >= MAX_JSON_DEPTH:
+                return False
+            for key, item in node.items():
+                if type(key) is not str or not _plain_text(key):
+                    return False
+                push((item, depth + 1))
+        elif kind is list:
+            if depth >= MAX_JSON_DEPTH:
+                return False
+            for item in node:
+                push((item, depth + 1))
+        else:
+            return False
+    return True
 
 
 def _json_integer(value: Any) -> Any:
