@@ -7,8 +7,10 @@ Started from Alembic's async template. Additions:
   MIGRATIONS_DATABASE_URL, or the embedded PostgreSQL when neither is set);
 - a connection handed in through ``config.attributes["connection"]`` (sync ``Connection`` or
   ``AsyncConnection``) is used instead of opening one: Alembic's connection-sharing recipe;
-- every online run goes through ``runner.migrate_locked()``, which records it in the ledger
-  (``alembic_ledger``) and validates the applied revisions' checksums first;
+- every online run goes through ``runner.migrate_locked()``: one that moves the database holds the
+  migration lock, is recorded in the ledger (``alembic_ledger``) and validates the applied
+  revisions' checksums first; read-only ones (current, check) take no lock;
+- ``history`` (like ``heads``, ``branches``, ``show``) needs no database;
 - ``--sql`` output creates the ledger and records each step, one line each;
 - ``revision`` numbers files 00N after the head, and an autogenerate that finds nothing
   writes no file;
@@ -94,6 +96,16 @@ def _plain_revision() -> bool:
     if _command() is alembic_command.merge:
         return True
     return _command() is alembic_command.revision and not getattr(config.cmd_opts, "autogenerate", False)
+
+
+def _scripts_only() -> bool:
+    """`alembic history` without --indicate-current or a range from `current`: Alembic runs env.py for
+    it (revision_environment), but it reads the script directory only. (`heads`, `branches` and
+    `show <rev>` do not run env.py at all.)"""
+    if _command() is not alembic_command.history:
+        return False
+    ends = (getattr(config.cmd_opts, "rev_range", None) or ":").split(":")
+    return not getattr(config.cmd_opts, "indicate_current", False) and "current" not in ends
 
 
 def run_migrations_offline() -> None:
@@ -183,7 +195,8 @@ def run_migrations_online() -> None:
         do_run_migrations(connectable)
 
 
-if context.is_offline_mode() or _plain_revision():
+if context.is_offline_mode() or _plain_revision() or _scripts_only():
+    # No database: --sql, numbering a new file, or listing the revisions.
     run_migrations_offline()
 else:
     run_migrations_online()

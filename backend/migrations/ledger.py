@@ -353,18 +353,21 @@ class Recorder:
         self.open_row: int | None = None
         self.stamped = False
 
-    def track(self, ctx: MigrationContext) -> None:
-        """Open a row as each step starts.
+    def track(self, ctx: MigrationContext, before_each: Callable[[], None]) -> None:
+        """Call ``before_each`` (the runner checks that it still holds the lock), then open a row,
+        as each step starts, before its transaction begins.
 
         Alembic calls back when a step has been applied (``on_version_apply``), but has no hook
         for a step starting: its plan (the command's function, which yields the steps) is wrapped
-        instead. A failure test and the killed-runner test fail if this stops working.
+        instead. A failure test, the killed-runner test and the killed-lock-session test fail if
+        this stops working.
         """
         plan = ctx._migrations_fn
         assert plan is not None
 
         def steps(heads: Any, context: MigrationContext) -> Iterator[Any]:
             for step in plan(heads, context):
+                before_each()
                 self._open(step.info)
                 yield step
 

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.util.concurrency import await_, in_greenlet
 
-from backend.db.errors import is_pooler_symptom
+from backend.db.errors import first_line, is_pooler_symptom
+from backend.migrations.ledger import when
+
+logger = logging.getLogger(__name__)
 
 # A fixed 64-bit key derived from the project's name, so no other application collides with it.
 LOCK_KEY = int.from_bytes(hashlib.sha256(b"kraken-backend migrations").digest()[:8], "big", signed=True)
@@ -50,25 +54,85 @@ def sleep(seconds: float) -> None:
         time.sleep(seconds)
 
 
-def _holder(conn: Connection) -> str:
+# The migration lock's row in pg_locks: advisory locks are per database, so a session holding the
+# same key in another database on the server is no runner of ours and blocks nothing.
+_THE_LOCK = (
+    "l.locktype = 'advisory' AND l.granted"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid = ((CAST(:key AS bigint) >> 32) & 4294967295)::oid"
+    " AND l.objid = (CAST(:key AS bigint) & 4294967295)::oid AND l.objsubid = 1"
+)
+
+
+def holder(conn: Connection) -> str | None:
+    """Who holds the migration lock in this database, for an operator (None: nobody).
+
+    Its pid, application_name and client, since when (a session lock is taken when the session
+    starts its run, so its connection time; and the transaction it is in, if any), and what it is
+    doing (its state since when, and the start of its current or last query).
+    """
     row = conn.execute(
         text(
-            "SELECT a.pid, coalesce(a.application_name, ''), a.backend_start, a.state,"
-            " coalesce(a.client_addr::text, 'local socket')"
+            "SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), 'local socket'),"
+            " a.backend_start, a.xact_start, coalesce(a.state, 'unknown'), a.state_change,"
+            " left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 80)"
             " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-            " WHERE l.locktype = 'advisory' AND l.granted"
-            " AND l.classid = ((CAST(:key AS bigint) >> 32) & 4294967295)::oid"
-            " AND l.objid = (CAST(:key AS bigint) & 4294967295)::oid AND l.objsubid = 1"
-            " LIMIT 1"
+            f" WHERE {_THE_LOCK} LIMIT 1"
         ),
         {"key": LOCK_KEY},
     ).first()
     if row is None:
-        return "a session that has since gone"
-    pid, app, since, state, client = row
-    return (
-        f"pid {pid} (application_name '{app or '-'}', {client}, connected since {since:%Y-%m-%d %H:%M:%S%z}, {state})"
-    )
+        return None
+    pid, app, client, connected, xact, state, state_since, query = row
+    since = f"connected since {when(connected)}" + (f", in a transaction since {when(xact)}" if xact else "")
+    doing = state + (f" since {when(state_since)}" if state_since else "") + (f": {query}" if query else "")
+    return f"pid {pid} (application_name '{app or '-'}', {client}, {since}; {doing})"
+
+
+class MigrationLockLost(Exception):
+    """The lock's session died, or no longer holds the lock: another runner may take it."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            f"the migration lock was lost ({why}): nothing further ran; what was applied before stays, "
+            "and the next run resumes from there"
+        )
+
+
+def confirm_held(conn: Connection) -> None:
+    """Raise MigrationLockLost unless this session (the lock connection) still holds the lock."""
+    try:
+        mine = conn.execute(
+            text(f"SELECT EXISTS (SELECT FROM pg_locks l WHERE {_THE_LOCK} AND l.pid = pg_backend_pid())"),
+            {"key": LOCK_KEY},
+        ).scalar_one()
+    except SQLAlchemyError as exc:
+        raise MigrationLockLost(f"its connection failed: {first_line(exc)}") from None
+    if not mine:
+        raise MigrationLockLost("its session no longer holds it")
+
+
+def _keep_alive(conn: Connection) -> None:
+    """The lock session sits idle through long steps: keep the server (and any middlebox on the way)
+    from taking it for dead, which would release the lock silently."""
+    # TCP keepalives from the server's side (ignored on a Unix socket): an idle flow stays open
+    # through firewalls and NAT, and a runner that vanished is noticed within a minute or so.
+    for statement in ("tcp_keepalives_idle = 30", "tcp_keepalives_interval = 10", "tcp_keepalives_count = 3"):
+        conn.execute(text(f"SET {statement}"))
+    if (conn.dialect.server_version_info or (0,)) >= (14,):
+        conn.execute(text("SET idle_session_timeout = 0"))
+
+
+def _release(conn: Connection) -> None:
+    """Give the lock back; a failure is logged, never raised over the error that ended the run.
+    (A session that is gone took its lock with it.)"""
+    try:
+        released = conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY}).scalar_one()
+    except SQLAlchemyError as exc:
+        logger.warning("could not release the migration lock (it goes with its session): %s", first_line(exc))
+        return
+    if not released:
+        logger.warning("the migration lock was no longer held when the run ended (its session lost it)")
 
 
 def _backend_pid(conn: Connection) -> int:
@@ -101,6 +165,58 @@ def through_transaction_pooler(lock: Connection, work: Connection) -> bool:
 
 
 @contextmanager
+def lock_session(engine: Engine, work: Connection | None = None) -> Iterator[Connection]:
+    """An autocommit connection of its own, where the migration lock is taken or looked up.
+
+    With ``work`` (the connection revisions run on), first make sure the two connections are not
+    behind a transaction-pooling proxy, where a session lock means nothing.
+    """
+    with engine.connect() as raw:
+        conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+        if work is not None and through_transaction_pooler(conn, work):
+            raise TransactionPooler()
+        yield conn
+
+
+@contextmanager
+def holding(
+    conn: Connection, timeout: float, *, on_acquired: Callable[[float], None] | None = None
+) -> Iterator[Connection]:
+    """Hold the migration lock on ``conn`` (a ``lock_session``) for the block, polling
+    pg_try_advisory_lock for up to ``timeout`` s. ``on_acquired`` is told how many seconds the
+    polling waited for another runner.
+
+    Yields ``conn``: what is written on it (the ledger's record of a step that failed) survives
+    the rollback of the work connection's transaction, and ``confirm_held`` on it tells whether
+    the lock is still this run's.
+    """
+    _keep_alive(conn)
+    started = time.monotonic()
+    deadline = started + timeout
+    wait = 0.05
+    while not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar_one():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise MigrationLockTimeout(
+                f"gave up after {timeout:g} s waiting for the migration lock, held by "
+                + (holder(conn) or "a session that has gone meanwhile (it is free now: run again)")
+            )
+        sleep(min(wait, remaining))
+        wait = min(wait * 2, 1.0)
+    if on_acquired is not None:
+        on_acquired(time.monotonic() - started)
+    lost = False
+    try:
+        yield conn
+    except MigrationLockLost:
+        lost = True  # nothing left to give back
+        raise
+    finally:
+        if not lost:
+            _release(conn)
+
+
+@contextmanager
 def migration_lock(
     engine: Engine,
     timeout: float,
@@ -108,33 +224,6 @@ def migration_lock(
     work: Connection | None = None,
     on_acquired: Callable[[float], None] | None = None,
 ) -> Iterator[Connection]:
-    """Hold the migration lock for the block, polling pg_try_advisory_lock for up to ``timeout`` s.
-
-    With ``work`` (the connection revisions run on), first make sure the two connections are not
-    behind a transaction-pooling proxy, where a session lock means nothing. ``on_acquired`` is
-    told how many seconds the polling waited for another runner.
-
-    Yields the lock's autocommit connection: what is written on it (the ledger's record of a step
-    that failed) survives the rollback of the work connection's transaction.
-    """
-    with engine.connect() as raw:
-        conn = raw.execution_options(isolation_level="AUTOCOMMIT")
-        if work is not None and through_transaction_pooler(conn, work):
-            raise TransactionPooler()
-        started = time.monotonic()
-        deadline = started + timeout
-        wait = 0.05
-        while not conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar_one():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MigrationLockTimeout(
-                    f"gave up after {timeout:g} s waiting for the migration lock, held by {_holder(conn)}"
-                )
-            sleep(min(wait, remaining))
-            wait = min(wait * 2, 1.0)
-        if on_acquired is not None:
-            on_acquired(time.monotonic() - started)
-        try:
-            yield conn
-        finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+    """``holding`` the lock on a ``lock_session`` of its own (``work``: see there)."""
+    with lock_session(engine, work) as conn, holding(conn, timeout, on_acquired=on_acquired):
+        yield conn

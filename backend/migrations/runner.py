@@ -35,7 +35,16 @@ from backend.db.engine import connect, create_migration_engine
 from backend.db.errors import describe, first_line, is_connection_error, is_pooler_symptom, is_retriable, sqlstate
 from backend.db.url import DatabaseTarget
 from backend.migrations import ledger, ops
-from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock, sleep
+from backend.migrations.lock import (
+    MigrationLockLost,
+    MigrationLockTimeout,
+    TransactionPooler,
+    confirm_held,
+    holder,
+    holding,
+    lock_session,
+    sleep,
+)
 from backend.migrations.ops import LOCK_NOT_AVAILABLE
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_config, read_revisions
 
@@ -322,6 +331,8 @@ def _set_session_bounds(connection: Connection, settings: Settings) -> None:
         # If the runner dies during a long statement, the server notices within a second and
         # rolls the revision back, instead of finishing it for nobody while holding the lock.
         connection.execute(text("SET client_connection_check_interval = '1s'"))
+        # Between steps the session is idle for a moment: a server-wide idle_session_timeout must not end the run.
+        connection.execute(text("SET idle_session_timeout = 0"))
     if began:
         # Leave no transaction open, so Alembic manages one per revision (and autocommit blocks work).
         connection.commit()
@@ -364,8 +375,9 @@ def run_with_retries(run: Callable[[], None], settings: Settings) -> None:
 OnVersionApply = Callable[[MigrationContext, MigrationInfo, Collection[Any], Mapping[str, Any]], None]
 
 
-def _all(*hooks: Callable[..., None]) -> OnVersionApply:
-    """Several ``on_version_apply`` hooks as one (Alembic's type takes one; it is called with keywords)."""
+def _all(hooks: list[Callable[..., None]]) -> OnVersionApply:
+    """Several ``on_version_apply`` hooks as one (Alembic's type takes one; it is called with keywords).
+    Hooks added to the list later are called too."""
 
     def on_version_apply(*args: Any, **kwargs: Any) -> None:
         for hook in hooks:
@@ -439,41 +451,48 @@ def migrate_locked(
     upgrading: bool,
     script_location: Path,
 ) -> None:
-    """An online run: hold the migration lock, bound the session, then ``configure`` Alembic's
-    context (with the hook to pass as ``on_version_apply``; it reads the version table under
-    the lock) and ``run`` the revisions with retries.
+    """An online run: ``configure`` Alembic's context (with the hook to pass as
+    ``on_version_apply``), then run it.
 
     A command that moves the database (upgrade, downgrade, stamp: Alembic gives them a
-    destination) is recorded in the ledger and validated first; read-only ones (current, check,
-    autogenerate) are not.
+    destination) holds the migration lock, bounds the session, is validated and recorded in the
+    ledger, and runs its revisions with retries, confirming before each step that the lock is
+    still its own (Alembic reads the version table under the lock). Read-only ones (current,
+    check, autogenerate) take no lock: ``read_only``.
 
     ``upgrading``: an ``alembic upgrade`` on a database ahead of this code follows
     KRAKEN_SCHEMA_AHEAD; with 'serve' it changes nothing, so a rollback's deploy reaches its restart.
     Failures become a ``CommandError`` of one line (Alembic prints ``FAILED: <line>``).
     """
+    hooks = [log_applied(), count_applied(connection.info)]
+    moves = True
     try:
-        with migration_lock(
-            connection.engine,
-            settings.migration_lock_timeout,
-            work=connection,
-            on_acquired=lambda waited: connection.info.__setitem__(LOCK_WAIT, waited),
-        ) as lock:
-            _set_session_bounds(connection, settings)
-            recorder = ledger.Recorder(lock, read_revisions(script_location).by_revision)
-            ctx = configure(_all(log_applied(), recorder.on_version_apply, count_applied(connection.info)))
-            if "destination_rev" not in ctx.opts:
-                run_with_retries(run, settings)
+        # The pooler check first, for every command: behind a transaction pooler nothing else is tried.
+        with lock_session(connection.engine, work=connection) as session:
+            ctx = configure(_all(hooks))
+            moves = "destination_rev" in ctx.opts
+            if not moves:
+                read_only(session, connection, settings, run)
                 return
-            verdict = _before_first_step(connection, ctx, settings, recorder.run_id, script_location)
-            if upgrading and verdict.status.ahead:
-                schema_ahead(verdict.status, settings, action="upgrade")
-                return
-            recorder.track(ctx)
-            run_with_retries(recorder.around(run), settings)
-            if recorder.stamped:
-                # What a stamp marked as applied is adopted, with the files as they are.
-                _adopt(connection, recorder.run_id, _verify_applied(connection, ctx, script_location), script_location)
-    except (MigrationLockTimeout, TransactionPooler, MigrationError) as exc:
+            with holding(
+                session,
+                settings.migration_lock_timeout,
+                on_acquired=lambda waited: connection.info.__setitem__(LOCK_WAIT, waited),
+            ) as lock:
+                _set_session_bounds(connection, settings)
+                recorder = ledger.Recorder(lock, read_revisions(script_location).by_revision)
+                hooks.append(recorder.on_version_apply)
+                verdict = _before_first_step(connection, ctx, settings, recorder.run_id, script_location)
+                if upgrading and verdict.status.ahead:
+                    schema_ahead(verdict.status, settings, action="upgrade")
+                    return
+                recorder.track(ctx, before_each=lambda: confirm_held(lock))
+                run_with_retries(recorder.around(run), settings)
+                if recorder.stamped:
+                    # What a stamp marked as applied is adopted, with the files as they are.
+                    verdict = _verify_applied(connection, ctx, script_location)
+                    _adopt(connection, recorder.run_id, verdict, script_location)
+    except (MigrationLockTimeout, MigrationLockLost, TransactionPooler, MigrationError) as exc:
         raise CommandError(str(exc)) from None
     except DBAPIError as exc:
         if is_pooler_symptom(exc):
@@ -482,4 +501,16 @@ def migrate_locked(
             raise
         # A revision's SQL failed (permission denied, statement_timeout, ...): its transaction is
         # rolled back; say what failed in one line instead of a traceback.
-        raise CommandError(f"a revision failed: {first_line(exc)} (SQLSTATE {sqlstate(exc)})") from None
+        failed = "a revision failed: " if moves else ""
+        raise CommandError(f"{failed}{first_line(exc)} (SQLSTATE {sqlstate(exc)})") from None
+
+
+def read_only(session: Connection, connection: Connection, settings: Settings, run: Callable[[], None]) -> None:
+    """A command that only reads (current, check, autogenerate): no migration lock, so it answers
+    while a migration runs; when one does, the log says who runs it and since when (``session``:
+    the ``lock_session`` beside ``connection``)."""
+    running = holder(session)
+    if running is not None:
+        logger.info("a migration is running: the migration lock is held by %s", running)
+    _set_session_bounds(connection, settings)
+    run()

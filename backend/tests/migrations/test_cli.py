@@ -1,12 +1,17 @@
 """The alembic commands the README promises, run as a user runs them (real processes, real database)."""
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from backend.config import PROJECT_ROOT
+from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
-from backend.tests.helpers import HEAD, NEXT, out, run_alembic, scratch_alembic, sql
+from backend.migrations.lock import LOCK_KEY
+from backend.tests.helpers import HEAD, NEXT, free_port, out, run_alembic, scratch_alembic, sql
 
 
 def test_current_and_history(empty_db: DatabaseTarget) -> None:
@@ -18,6 +23,47 @@ def test_current_and_history(empty_db: DatabaseTarget) -> None:
     assert history.returncode == 0
     assert "<base> -> 001, Baseline schema" in history.stdout
     assert f"-> {HEAD} (head), " in history.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "shows"),
+    [
+        (["history"], "<base> -> 001, Baseline schema"),
+        (["history", "-r", "001:002"], "001 -> 002, Integrity and lookups"),
+        (["heads"], f"{HEAD} (head)"),
+        (["branches"], ""),
+        (["show", "001"], "Revision ID: 001"),
+    ],
+)
+def test_listing_the_revisions_needs_no_database(command: list[str], shows: str) -> None:
+    # Nothing listens on that port: a command that connected would fail with "connection refused".
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    result = run_alembic(*command, target=None, DATABASE_URL=nowhere)
+    assert result.returncode == 0, out(result)
+    assert shows in result.stdout
+    assert "FAILED" not in out(result)
+
+
+async def test_current_and_check_answer_while_a_migration_holds_the_lock(empty_db: DatabaseTarget) -> None:
+    assert (await asyncio.to_thread(run_alembic, "upgrade", "head", target=empty_db)).returncode == 0
+    holder = await connect(empty_db, "long-index-build")
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+        # A command that waited for the lock would wait 10 minutes, past run_alembic's bound.
+        current = await asyncio.to_thread(run_alembic, "current", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="600")
+        check = await asyncio.to_thread(run_alembic, "check", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="600")
+    finally:
+        await holder.close()
+    assert current.returncode == 0, out(current)
+    assert current.stdout == f"{HEAD} (head)\n"
+    # Who runs it, since when.
+    [running] = [line for line in current.stderr.splitlines() if "a migration is running" in line]
+    assert (
+        f"the migration lock is held by pid {holder.get_server_pid()} (application_name 'long-index-build', "
+    ) in running
+    assert ", connected since " in running
+    assert check.returncode == 0, out(check)
+    assert "No new upgrade operations detected" in out(check)
 
 
 def test_commands_work_from_backend_as_from_the_root(empty_db: DatabaseTarget) -> None:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -237,23 +238,147 @@ async def test_a_blocked_migration_gives_up_without_stalling_the_service(
     assert len({r["run_id"] for r in attempts}) == 1
 
 
-async def test_waiting_for_the_migration_lock_names_the_holder(empty_db: DatabaseTarget) -> None:
+async def test_waiting_for_the_migration_lock_names_the_holder_in_this_database(
+    empty_db: DatabaseTarget, database_factory: Callable[[], DatabaseTarget]
+) -> None:
+    # Advisory locks are per database: a session holding the same key in another database on the
+    # server blocks nothing here, and is not the one to name (or to pg_terminate_backend).
+    elsewhere = await connect(await asyncio.to_thread(database_factory), "another-database")
     holder = await connect(empty_db, "deploy-pipeline")
     try:
+        await elsewhere.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         pid = holder.get_server_pid()
         result = await asyncio.to_thread(
             run_alembic, "upgrade", "head", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="1"
         )
+        await holder.close()
+        # With only the other database's session left, nothing waits.
+        unblocked = await asyncio.to_thread(
+            run_alembic, "upgrade", "head", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="1"
+        )
     finally:
         await holder.close()
+        await elsewhere.close()
     assert result.returncode != 0
     failed = [line for line in out(result).splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1
     assert "gave up after 1 s waiting for the migration lock" in failed[0]
     assert f"held by pid {pid} (application_name 'deploy-pipeline'" in failed[0]
+    assert f"pid {elsewhere.get_server_pid()} " not in failed[0]
+    # Since when, and what it is doing: its state and the start of its query.
     assert "connected since" in failed[0]
-    assert (await fetch(empty_db, "SELECT to_regclass('alembic_version') IS NULL"))[0][0]
+    assert "; idle since " in failed[0]
+    assert ": SELECT pg_advisory_lock($1))" in failed[0]
+    assert unblocked.returncode == 0, out(unblocked)
+    assert [r[0] for r in await fetch(empty_db, "SELECT version_num FROM alembic_version")] == [HEAD]
+
+
+# Two revisions: the first waits for an advisory lock the test holds (so the test decides when it
+# ends, with no lock_timeout of its own), the second creates a table.
+WAITS_FOR_THE_TEST = f"""
+    from alembic import op
+
+    revision = "{NEXT}"
+    down_revision = "{HEAD}"
+    branch_labels = None
+    depends_on = None
+
+
+    def upgrade():
+        op.execute("SET LOCAL lock_timeout = 0")
+        op.execute("SELECT pg_advisory_xact_lock(4242)")
+
+
+    def downgrade():
+        pass
+"""
+AFTER_THE_WAIT = f"""
+    from alembic import op
+
+    revision = "{int(NEXT) + 1:03d}"
+    down_revision = "{NEXT}"
+    branch_labels = None
+    depends_on = None
+
+
+    def upgrade():
+        op.execute("CREATE TABLE kraken_after_the_wait (id int)")
+
+
+    def downgrade():
+        op.execute("DROP TABLE kraken_after_the_wait")
+"""
+THE_LOCK_HOLDER = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    f" AND classid = (({LOCK_KEY} >> 32) & 4294967295)::oid AND objid = ({LOCK_KEY} & 4294967295)::oid"
+)
+
+
+async def upgrade_through_the_wait(
+    db: DatabaseTarget, tmp_path: Path, while_waiting: Callable[[], Awaitable[None]], **env: str
+) -> tuple[int, str]:
+    """Run `alembic upgrade head` over the two revisions; call ``while_waiting`` while the first one
+    waits for the test, then let it finish. The exit code and everything printed."""
+    revisions = {f"{NEXT}_waits.py": WAITS_FOR_THE_TEST, f"{int(NEXT) + 1:03d}_after.py": AFTER_THE_WAIT}
+    ini = scratch_alembic(tmp_path, revisions)
+    gate = await connect(db)
+    await gate.execute("SET idle_session_timeout = 0")  # a test may set one on the database
+    await gate.execute("SELECT pg_advisory_lock(4242)")
+    try:
+        migration = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head",
+            cwd=PROJECT_ROOT, env=child_env(db, **env),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        finished = asyncio.ensure_future(migration.communicate())
+        waiting = "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted"
+        while not await gate.fetch(waiting):
+            assert not finished.done(), (await finished)[0].decode()
+            await asyncio.sleep(0.05)
+        await while_waiting()
+    finally:
+        await gate.close()  # the first revision goes on
+    output = (await finished)[0].decode()
+    assert migration.returncode is not None
+    return migration.returncode, output
+
+
+async def test_a_killed_lock_session_stops_the_run_before_the_next_step(
+    empty_db: DatabaseTarget, tmp_path: Path
+) -> None:
+    async def kill_the_lock_session() -> None:
+        [(pid,)] = await fetch(empty_db, THE_LOCK_HOLDER)
+        assert (await fetch(empty_db, "SELECT pg_terminate_backend($1)", pid))[0][0]
+
+    code, output = await upgrade_through_the_wait(empty_db, tmp_path, kill_the_lock_session)
+    assert code != 0
+    # One line: the lock was lost, and nothing ran after it (the release error in the cleanup hides nothing).
+    [failed] = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert failed.startswith("FAILED: the migration lock was lost (its connection failed: "), output
+    assert failed.endswith("): nothing further ran; what was applied before stays, and the next run resumes from there")
+    assert "Traceback" not in output
+    # The revision that was running when the lock went finished (its own session was fine); the next never started.
+    assert [r[0] for r in await fetch(empty_db, "SELECT version_num FROM alembic_version")] == [NEXT]
+    assert not (await fetch(empty_db, "SELECT to_regclass('kraken_after_the_wait')"))[0][0]
+    steps = await fetch(empty_db, "SELECT revision, success FROM alembic_ledger WHERE revision > $1", HEAD)
+    assert [tuple(r) for r in steps] == [(NEXT, True)]
+
+
+async def test_the_lock_session_outlives_an_idle_session_timeout(empty_db: DatabaseTarget, tmp_path: Path) -> None:
+    # A server (here: the database) that ends idle sessions after a second: the lock's session sits
+    # idle while the first revision runs, for longer than that.
+    await fetch(empty_db, f"ALTER DATABASE {empty_db.database} SET idle_session_timeout = '1s'")
+
+    async def outlast_it() -> None:
+        await asyncio.sleep(2.5)
+        # Still held, by the same session that took it.
+        assert len(await fetch(empty_db, THE_LOCK_HOLDER)) == 1
+
+    code, output = await upgrade_through_the_wait(empty_db, tmp_path, outlast_it)
+    assert code == 0, output
+    assert (await fetch(empty_db, "SELECT to_regclass('kraken_after_the_wait') IS NOT NULL"))[0][0]
 
 
 CONCURRENT_INDEX = (
