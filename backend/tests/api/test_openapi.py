@@ -6,7 +6,7 @@ every phase) runs against the live app to hold it so; the tests before it pin wh
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -184,6 +184,30 @@ FUZZER_CONFIG = {
 }
 
 
+# Two lone surrogates in a row, high then low: JSON carries them as a surrogate pair escape, which
+# the server reads as ONE character (a valid one). A body holding them is not the one the generator
+# judged (a string one character longer than the server sees, "lone surrogates" that arrive as a
+# valid character), so a negative case built on them is accepted, rightly.
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _sent_as_generated(context: Any, body: Any) -> bool:
+    return not any(_SURROGATE_PAIR.search(text) for text in _strings(body))
+
+
 def run_fuzzer(app: Any) -> tuple[list[str], dict[str, set[int]], float]:
     """(failures and errors, statuses seen per operation, seconds) of a full run against the ASGI app."""
     config = schemathesis.Config.from_dict(FUZZER_CONFIG)
@@ -192,6 +216,7 @@ def run_fuzzer(app: Any) -> tuple[list[str], dict[str, set[int]], float]:
     statuses: dict[str, set[int]] = defaultdict(set)
     try:
         schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+        schema.hook("filter_body")(_sent_as_generated)
         for event in engine.from_schema(schema).execute():
             if isinstance(event, events.ScenarioFinished):
                 problems += _failures(event)
