@@ -223,7 +223,8 @@ def libpq_keywords(raw: str, *, variable: str = "DATABASE_URL") -> dict[str, str
 
     # User and password: up to the first '@' that comes before any '/'.
     pos = _scan(rest, 0, "@/")
-    if rest[pos : pos + 1] == "@":
+    userinfo = rest[pos : pos + 1] == "@"
+    if userinfo:
         user, colon, password = rest[:pos].partition(":")
         if user:
             store("user", user, "the user name")
@@ -258,6 +259,12 @@ def libpq_keywords(raw: str, *, variable: str = "DATABASE_URL") -> dict[str, str
         if rest[pos : pos + 1] != ",":
             break
         pos += 1
+    if not userinfo and "@" in rest[pos:] and any(p and not re.fullmatch(_PORT, p) for p in ports):
+        # user:password read as host:port (a port that is not a number: refused anyway), the
+        # password cut at an unencoded '/' or '?': what follows it would reach a message below.
+        raise DatabaseUrlError(
+            f"{variable} could not be parsed: percent-encode '/', '?' and '@' in the password (%2F, %3F, %40)"
+        )
     # libpq keeps a list whose entries are all empty (",") too: each entry is then the default.
     if any(hosts) or len(hosts) > 1:
         store("host", ",".join(hosts), "the host list")
@@ -309,10 +316,13 @@ def _query(params: str, found: dict[str, str], variable: str) -> None:
 # --- what the keywords mean ---------------------------------------------------------------
 
 
+_PORT = r"\s*\+?[0-9]+\s*"  # what libpq reads as a port number
+
+
 def _port(value: str, variable: str) -> int | None:
     if value == "":
         return None
-    if not re.fullmatch(r"\s*\+?[0-9]+\s*", value):
+    if not re.fullmatch(_PORT, value):
         raise DatabaseUrlError(f"{variable} has a port that is not a number")
     port = int(value)
     if not 0 < port < 65536:
@@ -326,12 +336,12 @@ def _host(name: str, variable: str) -> str:
         return DEFAULT_SOCKET_DIR
     if name.startswith("/"):
         return name
+    if "@" in name[1:]:
+        # The password held an unencoded '@' (libpq ends it at the first one): printing this
+        # host name would print the rest of the password (so before the abstract socket's line).
+        raise DatabaseUrlError(f"{variable} could not be parsed: percent-encode '@' in the password as %40")
     if name.startswith("@"):
         raise DatabaseUrlError(f"{variable} names an abstract Unix socket ({name}), which this service cannot use")
-    if "@" in name:
-        # The password held an unencoded '@' (libpq ends it at the first one): printing this
-        # host name would print the rest of the password.
-        raise DatabaseUrlError(f"{variable} could not be parsed: percent-encode '@' in the password as %40")
     if ":" in name:
         try:
             ipaddress.IPv6Address(name)
@@ -387,6 +397,13 @@ def parse_database_url(
     env = os.environ if environ is None else environ
     keywords = libpq_keywords(raw, variable=variable)
     unknown = sorted(set(keywords) - set(PASSED_TO_ASYNCPG) - set(_OURS))
+    if any(not re.fullmatch(r"\w+", name) for name in unknown):
+        # No option's name: a password's unencoded '?' started the query early, so the name
+        # holds the rest of the password.
+        raise DatabaseUrlError(
+            f"{variable} has a query option whose name is not a word: percent-encode '/', '?' and '@' in the "
+            "password (%2F, %3F, %40)"
+        )
     if unknown:
         raise DatabaseUrlError(
             f"{variable} has query option(s) {', '.join(unknown)} that this service does not support "

@@ -159,6 +159,20 @@ def test_bad_urls_are_refused_with_one_line_without_the_password(raw: str, fragm
     assert message.startswith("DATABASE_URL")
 
 
+@pytest.mark.parametrize(
+    "password",
+    ["front/back?x=back2", "front?back=x@back2", "front/b?back@@back2", "front@@back2", "front@?back=1"],
+)
+def test_a_password_with_unencoded_separators_stays_out_of_the_refusal(password: str) -> None:
+    # libpq cuts such a password at a '/', '?' or '@'; the rest lands in the port, the query or the
+    # host, whose messages would print it.
+    with pytest.raises(DatabaseUrlError) as caught:
+        parse_database_url(f"postgresql://u:{password}@db.example.com/app?sslmode=require")
+    message = str(caught.value)
+    assert "percent-encode" in message
+    assert "back" not in message
+
+
 def test_safe_form_never_shows_the_password() -> None:
     target = parse_database_url(f"postgresql://kraken:{PASSWORD}@db.internal:5433,db2.internal/app")
     assert target.safe == "kraken@db.internal:5433,db2.internal/app"
