@@ -182,14 +182,20 @@ def sql(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Recor
     return asyncio.run(fetch(target, query, *args))
 
 
-async def until_waiting_for_a_lock(target: DatabaseTarget, count: int = 1) -> None:
-    """Until ``count`` sessions in ``target``'s database wait for a lock, polled on a connection of
-    its own (inside a transaction, pg_stat_activity would not change)."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+async def until_waiting_for_a_lock(
+    target: DatabaseTarget, count: int = 1, *, statement: str = "", for_more_than: float = 0.0
+) -> None:
+    """Until ``count`` sessions in ``target``'s database wait for a lock (those running a query
+    that starts with ``statement``, waiting for more than ``for_more_than`` seconds), polled on a
+    connection of its own (inside a transaction, pg_stat_activity would not change)."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        " AND starts_with(query, $1) AND clock_timestamp() - query_start > make_interval(secs => $2)"
+    )
     conn = await connect(target)
     try:
-        async with asyncio.timeout(60):  # a safety net, not a measurement
-            while await conn.fetchval(query) < count:
+        async with asyncio.timeout(60 + for_more_than):  # a safety net, not a measurement
+            while await conn.fetchval(query, statement, for_more_than) < count:
                 await asyncio.sleep(0.01)
     finally:
         await conn.close()

@@ -37,6 +37,7 @@ from backend.tests.helpers import (
     run_ops_async,
     run_ops_on,
     sql,
+    until_waiting_for_a_lock,
     url_of,
 )
 
@@ -174,16 +175,6 @@ SHORT = "300ms"  # the session's DDL lock_timeout in these tests
 PATIENT = ops.LongWaits("0", "KRAKEN_INDEX_BUILD_TIMEOUT (0 s)")  # no limit
 
 
-async def waiting(db: DatabaseTarget, statement: str) -> None:
-    """Until a session runs ``statement`` (a prefix) and waits for a lock, for longer than SHORT."""
-    query = (
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        " AND query LIKE $1 AND clock_timestamp() - query_start > interval '1 s'"
-    )
-    while not (await fetch(db, query, statement + "%"))[0][0]:
-        await asyncio.sleep(0.05)
-
-
 @pytest.fixture
 async def items(empty_db: DatabaseTarget) -> DatabaseTarget:
     await fetch(empty_db, "CREATE TABLE items (id bigserial PRIMARY KEY, n integer NOT NULL)")
@@ -203,7 +194,7 @@ async def test_a_concurrent_drop_waits_for_a_reader_of_its_table(items: Database
                     items, lambda: ops.drop_index_concurrently("ix_items_n"), lock_timeout=SHORT, long_waits=PATIENT
                 )
             )
-            await waiting(items, "DROP INDEX CONCURRENTLY")
+            await until_waiting_for_a_lock(items, statement="DROP INDEX CONCURRENTLY", for_more_than=1)  # > SHORT
             assert not drop.done()
         await drop
     finally:
@@ -226,7 +217,7 @@ async def test_a_validation_waits_for_its_lock_and_writes_go_on_meanwhile(items:
                     long_waits=PATIENT,
                 )
             )
-            await waiting(items, "ALTER TABLE")
+            await until_waiting_for_a_lock(items, statement="ALTER TABLE", for_more_than=1)  # > SHORT
             # Its queued lock stops neither reads nor writes.
             await writer.execute("INSERT INTO items (n) VALUES (1)")
             assert await writer.fetchval("SELECT count(*) FROM items") == 1001
