@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -43,6 +44,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
+
+from backend.migrations.ledger import when
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +245,8 @@ _WAITING_FOR = sa.text(
 )
 
 
-def _at(moment: Any) -> str:
-    return f"{moment:%Y-%m-%d %H:%M:%S%z}" if moment is not None else "-"
+def _at(moment: datetime | None) -> str:
+    return when(moment) if moment is not None else "-"  # as the lock's holder is told
 
 
 def _log_waits(conn: sa.Connection, pid: int, what: str, seconds: float) -> None:

@@ -51,7 +51,7 @@ LOG_EVERY = ("-x", f"{ops.LOG_INTERVAL_ARGUMENT}=0.5")
 WAIT_LINE = re.compile(
     rf"building index {USAGE_INDEX} for (\d+) s, now waiting for 1 other session\(s\) to end their transaction "
     r"\(phase: waiting for old snapshots\): pid (\d+) \(application_name 'monthly-report', [^,]+, idle in transaction, "
-    r"transaction since \d{4}-\d\d-\d\d [\d:]+\+\d{4}, query since "
+    r"transaction since \d{4}-\d\d-\d\d [\d:]+ UTC, query since "
 )
 
 
