@@ -12,6 +12,8 @@ Started from Alembic's async template. Additions:
   revisions' checksums first; read-only ones (current, check) take no lock;
 - ``history`` (like ``heads``, ``branches``, ``show``) needs no database;
 - ``--sql`` output creates the ledger and records each step, one line each;
+- a run applies one deploy phase (``backend.migrations.phases``): pre-deploy unless
+  ``-x phase=post-deploy``;
 - ``revision`` numbers files 00N after the head, and an autogenerate that finds nothing
   writes no file;
 - logging is configured from alembic.ini only when run from the alembic CLI, so running
@@ -37,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util.concurrency import in_greenlet
 
 from backend.config import ConfigError, Settings, get_settings
-from backend.migrations import ledger, runner
+from backend.migrations import ledger, phases, runner
 from backend.migrations.revisions import next_revision_id, read_revisions
 from backend.models import Base
 
@@ -108,8 +110,14 @@ def _scripts_only() -> bool:
     return not getattr(config.cmd_opts, "indicate_current", False) and "current" not in ends
 
 
+def _phase() -> str:
+    """The deploy phase this run applies: ``-x phase=post-deploy``, else pre-deploy."""
+    return phases.requested(context.get_x_argument(as_dictionary=True), config.attributes)
+
+
 def run_migrations_offline() -> None:
     """Emit SQL to stdout: no database, no DATABASE_URL, no embedded server."""
+    files = read_revisions(Path(context.script.dir)).by_revision
     context.configure(
         dialect_name="postgresql",
         target_metadata=target_metadata,
@@ -117,9 +125,11 @@ def run_migrations_offline() -> None:
         transaction_per_migration=True,
         include_name=_include_name,
         process_revision_directives=_process_revision_directives,
-        on_version_apply=ledger.offline_recorder(read_revisions(Path(context.script.dir)).by_revision),
+        on_version_apply=ledger.offline_recorder(files),
         as_sql=True,
     )
+    ctx = context.get_context()
+    phases.limit_to_phase(ctx, _phase(), files, before_step=phases.offline_timezone(ctx))
     if context.is_offline_mode():
         # The bounds an online run sets, so SQL applied by hand (psql -f) waits no longer for locks.
         for statement in runner.timeout_statements(_settings(offline=True)):
@@ -141,7 +151,9 @@ def do_run_migrations(connection: Connection) -> None:
             process_revision_directives=_process_revision_directives,
             on_version_apply=on_version_apply,
         )
-        return context.get_context()
+        ctx = context.get_context()
+        phases.limit_to_phase(ctx, _phase(), read_revisions(Path(context.script.dir)).by_revision)
+        return ctx
 
     runner.migrate_locked(
         connection,

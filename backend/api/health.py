@@ -61,7 +61,8 @@ async def health(request: Request) -> Health:
     },
 )
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the database answers and its schema is at this code's head (checked live, one query)."""
+    """Readiness: the database answers and its schema serves this code (checked live, one query): at
+    its head, or with only post-deploy revisions pending."""
     settings: Settings = request.app.state.settings
     heads = sorted(read_revisions().heads)
     if request.app.state.draining:  # SIGTERM: send new work elsewhere while requests in flight finish
@@ -72,7 +73,7 @@ async def ready(request: Request) -> JSONResponse:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
         return _unreachable(heads)  # connecting failed, or the connection did
     body: dict[str, Any] = {"revision": status.revision, "head": heads}
-    if status.at_head or (status.ahead and settings.schema_ahead == "serve"):
+    if status.serves_code or (status.ahead and settings.schema_ahead == "serve"):
         return JSONResponse({"status": "ready", **body})
     reason = "schema is ahead of this code" if status.ahead else "schema is not at head"
     return JSONResponse({"status": "unavailable", "reason": reason, **body}, 503)

@@ -86,8 +86,11 @@ async def show_ledger(settings: Settings, script_location: Path, args: argparse.
     if not rows:
         _out("the ledger is empty")
         return
-    table = [("started (UTC)", "run", "revision", "direction", "duration", "who", "result")]
+    files = read_revisions(script_location).by_revision
+    table = [("started (UTC)", "run", "revision", "direction", "phase", "duration", "who", "result")]
     for r in rows:
+        # The phase is the revision file's (its checksum covers it), for the steps that ran it.
+        known = files.get(r["revision"]) if r["direction"] in ("upgrade", "downgrade") else None
         who = f"{r['db_role']}@{r['client_host']} {r['application_name'] or '-'} {r['service_version']}"
         table.append(
             (
@@ -95,6 +98,7 @@ async def show_ledger(settings: Settings, script_location: Path, args: argparse.
                 str(r["run_id"])[:8],
                 r["revision"],
                 r["direction"],
+                known.phase if known is not None else "-",
                 _duration(r["duration_ms"]),
                 who,
                 _result(r["success"], r["error"]),

@@ -17,11 +17,19 @@ from pathlib import Path
 
 from alembic.config import Config
 from alembic.script import Script, ScriptDirectory
-from alembic.util import to_tuple
+from alembic.util import CommandError, to_tuple
 
 from backend.migrations.checksums import tree_checksum
 
 ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
+
+# A deploy's phases (see backend/alembic/README.md, "Deployment"). A pre-deploy revision runs
+# before the restart, while the previous release serves, so that release must work on what it
+# builds; a post-deploy revision (a file's ``phase = "post-deploy"``) runs only once the new
+# release serves: steps the previous release cannot read (a type swap, dropping an old column).
+PRE_DEPLOY = "pre-deploy"
+POST_DEPLOY = "post-deploy"
+PHASES = (PRE_DEPLOY, POST_DEPLOY)
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,8 @@ class RevisionFile:
     # follow down_revision only.
     depends_on: tuple[str, ...]
     checksum: str
+    # When a deploy applies it (PRE_DEPLOY unless the file says ``phase = "post-deploy"``).
+    phase: str = PRE_DEPLOY
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,29 @@ class SchemaStatus:
     def revision(self) -> str | None:
         return ",".join(sorted(self.current)) or None
 
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """This code's revisions the database has not applied."""
+        applied = self.revisions.applied(self.current)
+        return tuple(sorted(rev for rev in self.revisions.graph if rev not in applied))
+
+    @property
+    def post_deploy_pending(self) -> tuple[str, ...]:
+        """Pending revisions that wait for the post-deploy phase (this code serves without them)."""
+        files = self.revisions.by_revision
+        return tuple(rev for rev in self.pending if rev in files and files[rev].phase == POST_DEPLOY)
+
+    @property
+    def behind(self) -> bool:
+        """A revision this code needs before it serves (a pre-deploy one) is not applied."""
+        return len(self.post_deploy_pending) < len(self.pending)
+
+    @property
+    def serves_code(self) -> bool:
+        """This code can serve on the schema: nothing it needs is missing, and nothing unknown is there
+        (pending post-deploy revisions are fine: the post-deploy phase runs once this code serves)."""
+        return not self.behind and not self.ahead
+
 
 def alembic_config(script_location: Path = ALEMBIC_DIR) -> Config:
     """An Alembic config for in-process use: no alembic.ini, so no logging set-up."""
@@ -118,7 +151,9 @@ _REVISION_FILE = re.compile(r"(?!\.#|__init__).*\.py$")
 # What Alembic reads from a revision module (Script.__init__), and a module __getattr__, which
 # would answer for a depends_on the file leaves out. branch_labels is not part of the graph.
 _DECLARED = frozenset({"revision", "down_revision", "depends_on"})
-_WATCHED = _DECLARED | {"__getattr__", "*"}
+# And the project's own declaration: the revision's deploy phase.
+_READ = _DECLARED | {"phase"}
+_WATCHED = _READ | {"__getattr__", "*"}
 
 
 def _ids(value: ast.expr) -> tuple[str, ...] | None:
@@ -166,9 +201,9 @@ def _binds_watched(node: ast.AST) -> bool:
     return any(name in _WATCHED for name in names)
 
 
-def _declared(tree: ast.Module) -> tuple[str, tuple[str, ...], tuple[str, ...]] | None:
-    """The module's revision, down_revision and depends_on as importing it would give them, or
-    None when reading the tree might give another answer than importing.
+def _declared(tree: ast.Module) -> tuple[str, tuple[str, ...], tuple[str, ...], object] | None:
+    """The module's revision, down_revision, depends_on and phase (PRE_DEPLOY when it has none) as
+    importing it would give them, or None when reading the tree might give another answer than importing.
 
     Read here: top-level assignments of literals, annotated or not (the last one wins, as on
     import), whatever the comments and line breaks. Left to Alembic: any other binding of these
@@ -187,7 +222,7 @@ def _declared(tree: ast.Module) -> tuple[str, tuple[str, ...], tuple[str, ...]] 
         else:
             continue
         for target in targets:
-            if isinstance(target, ast.Name) and target.id in _DECLARED:
+            if isinstance(target, ast.Name) and target.id in _READ:
                 read.add(target)
                 if value is not None:  # `revision: str` alone binds nothing
                     values[target.id] = value
@@ -200,7 +235,17 @@ def _declared(tree: ast.Module) -> tuple[str, tuple[str, ...], tuple[str, ...]] 
     depends = _ids(values["depends_on"]) if "depends_on" in values else ()
     if down is None or depends is None:
         return None
-    return revision.value, down, depends
+    phase = values.get("phase")
+    if phase is not None and not isinstance(phase, ast.Constant):
+        return None
+    return revision.value, down, depends, PRE_DEPLOY if phase is None else phase.value
+
+
+def _phase(file: str, value: object) -> str:
+    """A file's declared phase, refused in one line unless it is one of PHASES."""
+    if value not in PHASES:
+        raise CommandError(f"revision file {file}: phase = {value!r} is not one of {', '.join(map(repr, PHASES))}")
+    return str(value)
 
 
 @cache
@@ -236,8 +281,10 @@ def read_revisions(script_location: Path = ALEMBIC_DIR) -> Revisions:
                 found.revision,
                 to_tuple(found.down_revision, default=()),
                 to_tuple(found.dependencies, default=()),
+                getattr(found.module, "phase", PRE_DEPLOY),
             )
-        files.append(RevisionFile(path.name, *declared, digest))
+        revision, down, depends, phase = declared
+        files.append(RevisionFile(path.name, revision, down, depends, digest, _phase(path.name, phase)))
     return Revisions({f.revision: f.down_revisions for f in files}, tuple(files))
 
 

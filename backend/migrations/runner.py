@@ -46,6 +46,7 @@ from backend.migrations.lock import (
     sleep,
 )
 from backend.migrations.ops import LOCK_NOT_AVAILABLE
+from backend.migrations.phases import POST_DEPLOY_COMMAND, SET_TIMEZONE
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_config, read_revisions
 
 logger = logging.getLogger(__name__)
@@ -259,10 +260,12 @@ async def run_migrations_measured(
         enforce_checksums(verdict, settings)
         schema_ahead(status, settings, action="start")
         return MigrationRun(status, time.monotonic() - started, 0.0, 0)
-    # At head with every applied revision on record, only validation is left; no lock is needed
-    # to read. A database without the ledger, or with revisions not on record, is adopted under it.
-    if status.at_head and verdict is not None and not verdict.unrecorded:
+    # With nothing left for the boot's phase (pre-deploy) and every applied revision on record, only
+    # validation is left; no lock is needed to read. A database without the ledger, or with
+    # revisions not on record, is adopted under it.
+    if not status.behind and verdict is not None and not verdict.unrecorded:
         enforce_checksums(verdict, settings)
+        log_post_deploy_pending(status)
         return MigrationRun(status, time.monotonic() - started, 0.0, 0)
     facts: dict[str, Any] = {}
 
@@ -292,7 +295,8 @@ async def check_schema(settings: Settings, *, script_location: Path = ALEMBIC_DI
     state = await read_boot_state(target, wait=settings.db_connect_timeout, script_location=script_location)
     status = state.status
     enforce_checksums(state.verdict, settings)
-    if status.at_head:
+    if not status.behind and not status.ahead:
+        log_post_deploy_pending(status)
         return status
     if status.ahead:
         schema_ahead(status, settings, action="start")
@@ -301,6 +305,16 @@ async def check_schema(settings: Settings, *, script_location: Path = ALEMBIC_DI
         f"database schema is at revision {status.revision or 'none'}, code expects "
         f"{','.join(sorted(status.heads))}; run 'uv run alembic upgrade head' (KRAKEN_MIGRATE_ON_STARTUP=check)"
     )
+
+
+def log_post_deploy_pending(status: SchemaStatus) -> None:
+    """Say so when the schema serves this code but waits for its post-deploy phase."""
+    if status.post_deploy_pending:
+        logger.info(
+            "post-deploy revision(s) %s not applied yet: run '%s' once this release serves",
+            ", ".join(status.post_deploy_pending),
+            POST_DEPLOY_COMMAND,
+        )
 
 
 # --- what env.py runs under the lock ----------------------------------------------------------
@@ -322,9 +336,10 @@ def long_waits(settings: Settings) -> ops.LongWaits:
 
 
 def _set_session_bounds(connection: Connection, settings: Settings) -> None:
-    """Session-level bounds for DDL, set once the advisory lock is held; a revision may SET LOCAL its own."""
+    """Session-level bounds for DDL and the session's time zone (UTC, whatever the server's or the
+    database's default), set once the advisory lock is held; a revision may SET LOCAL its own."""
     began = not connection.in_transaction()
-    for statement in timeout_statements(settings):
+    for statement in [*timeout_statements(settings), SET_TIMEZONE]:
         connection.execute(text(statement))
     connection.info[ops.LONG_WAITS] = long_waits(settings)
     if (connection.dialect.server_version_info or (0,)) >= (14,):

@@ -93,7 +93,11 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 def test_deploy_waits_for_ready_after_the_restart() -> None:
     workflow = DEPLOY_WORKFLOW.read_text()
     restart = workflow.index('systemctl restart "$3"')
-    assert restart < workflow.index("deploy/wait_ready.py --timeout 60", restart)
+    ready = workflow.index("deploy/wait_ready.py --timeout 60", restart)
+    # The post-deploy phase runs once the new release serves, and only then.
+    assert workflow.index("alembic upgrade head") < restart
+    assert ready < workflow.index("alembic -x phase=post-deploy upgrade head", ready)
+    assert workflow.count("phase=post-deploy") == 1
 
 
 # --- wait_ready.py against servers that answer what we tell them ---------------------------------
