@@ -2,6 +2,8 @@
 rows refuse unless the operator says so."""
 
 import re
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import asyncpg
 import pytest
@@ -38,14 +40,31 @@ def revisions() -> list[tuple[str, str | None]]:
     return steps
 
 
-Rows = dict[str, list[dict[str, str]]]
+Rows = dict[str, list[dict[str, str | None]]]
 
 
-def rows(db: DatabaseTarget) -> Rows:
-    """Every row of the tables there are, as {column: value as text}."""
-    present = [t for t in TABLES if sql(db, "SELECT to_regclass($1) IS NOT NULL", t)[0][0]]
+def comparable(value: object) -> str | None:
+    """A value as text that is equal for equal values whatever the column's type: an instant as
+    naive UTC (a timestamptz and the timestamp holding its UTC wall-clock time name the same one),
+    a number in its shortest form (numeric(10,6)'s 1.500000 is 1.5, as are an int or a float of
+    it), NULL as None, anything else as text."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        instant = value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+        return instant.isoformat()
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        number = Decimal(str(value)).normalize()
+        return f"{number:f}"
+    return str(value)
+
+
+def rows(db: DatabaseTarget, tables: tuple[str, ...] = TABLES) -> Rows:
+    """Every row of the tables there are, as {column: comparable(value)}."""
+    present = [t for t in tables if sql(db, "SELECT to_regclass($1) IS NOT NULL", t)[0][0]]
     return {
-        t: sorted(({k: str(v) for k, v in r.items()} for r in sql(db, f"SELECT * FROM {t}")), key=str) for t in present
+        t: sorted(({k: comparable(v) for k, v in r.items()} for r in sql(db, f"SELECT * FROM {t}")), key=str)
+        for t in present
     }
 
 
@@ -56,7 +75,7 @@ def kept(before: Rows, after: Rows) -> Rows:
         columns = set(after[table][0]) if after.get(table) else set()
         for row in table_rows:
             dropped = {k: v for k, v in row.items() if k not in columns}
-            assert set(dropped.values()) <= {"None"}, f"{table}: values in dropped columns {dropped}"
+            assert set(dropped.values()) <= {None}, f"{table}: values in dropped columns {dropped}"
         projected[table] = sorted(({k: v for k, v in r.items() if k in columns} for r in table_rows), key=str)
     return projected
 
@@ -137,3 +156,28 @@ async def test_offline_downgrade_sql_carries_the_same_refusal(empty_db: Database
     assert allowed.returncode == 0, out(allowed)
     assert "$guard$" not in allowed.stdout
     assert 'DROP TABLE IF EXISTS "kraken_turns"' in allowed.stdout
+
+
+def test_the_comparison_is_by_type_and_still_sees_a_lost_row(empty_db: DatabaseTarget) -> None:
+    """A type change keeps every value (timestamp to timestamptz, numeric(10,6) to numeric(12,2)):
+    compared as text, `+00:00` and `1.500000` would cry "lost rows"; a row or an instant that is
+    really gone still fails."""
+    table = ("kraken_stairway_types",)
+    sql(empty_db, "CREATE TABLE kraken_stairway_types (id int, at timestamp, cost numeric(10,6), n int)")
+    sql(empty_db, "INSERT INTO kraken_stairway_types VALUES (1, '2026-12-03 10:00:00', 1.5, 2), (2, NULL, 0, 3)")
+    before = rows(empty_db, table)
+    sql(
+        empty_db,
+        "ALTER TABLE kraken_stairway_types ALTER at TYPE timestamptz USING at AT TIME ZONE 'UTC',"
+        " ALTER cost TYPE numeric(12,2), ALTER n TYPE bigint",
+    )
+    after = rows(empty_db, table)
+    assert str(sql(empty_db, "SELECT at FROM kraken_stairway_types WHERE id = 1")[0][0]).endswith("+00:00")
+    assert after == kept(before, after)
+
+    sql(empty_db, "UPDATE kraken_stairway_types SET at = at + interval '5 hours' WHERE id = 1")  # a shifted instant
+    assert rows(empty_db, table) != before
+    sql(empty_db, "UPDATE kraken_stairway_types SET at = at - interval '5 hours' WHERE id = 1")
+    sql(empty_db, "DELETE FROM kraken_stairway_types WHERE id = 2")  # a lost row
+    after = rows(empty_db, table)
+    assert after != kept(before, after)

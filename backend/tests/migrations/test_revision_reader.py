@@ -24,15 +24,21 @@ from backend.tests.helpers import HEAD, NEXT, out, run_alembic, scratch_alembic
 IMPORTED = 'open(__file__ + ".imported", "w").close()\n'
 TAIL = "\n\ndef upgrade() -> None:\n    pass\n\n\ndef downgrade() -> None:\n    pass\n\n\n" + IMPORTED
 
-Read = tuple[dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]], frozenset[str]]
+Read = tuple[dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str]], frozenset[str]]
 
 
 def alembic_reads(script_location: Path) -> Read:
-    """Each revision's file, down_revision and depends_on, and the heads, as Alembic has them."""
+    """Each revision's file, down_revision, depends_on and deploy phase (the module's ``phase``), and
+    the heads, as Alembic has them."""
     script = ScriptDirectory.from_config(alembic_config(script_location))
     return (
         {
-            s.revision: (Path(s.path).name, to_tuple(s.down_revision, default=()), to_tuple(s.dependencies, default=()))
+            s.revision: (
+                Path(s.path).name,
+                to_tuple(s.down_revision, default=()),
+                to_tuple(s.dependencies, default=()),
+                getattr(s.module, "phase", "pre-deploy"),
+            )
             for s in script.walk_revisions()
         },
         frozenset(script.get_heads()),
@@ -43,7 +49,7 @@ def reader_reads(script_location: Path) -> Read:
     revisions = read_revisions(script_location)
     files = revisions.by_revision
     assert revisions.graph == {rev: f.down_revisions for rev, f in files.items()}
-    return {rev: (f.file, f.down_revisions, f.depends_on) for rev, f in files.items()}, revisions.heads
+    return {rev: (f.file, f.down_revisions, f.depends_on, f.phase) for rev, f in files.items()}, revisions.heads
 
 
 def write_versions(script_location: Path, files: dict[str, bytes]) -> Path:
@@ -127,6 +133,9 @@ AWKWARD: dict[str, str | bytes] = {
     "006_other_branch.py": """
         revision = "006"
         down_revision = "004"
+        phase: str = (
+            "post-deploy"  # "pre-deploy" in an earlier draft
+        )
         """,
     "007_depends_on.py": """
         revision = "007"
@@ -158,8 +167,10 @@ def test_the_reader_agrees_with_alembic_on_awkward_files(tmp_path: Path) -> None
     assert graph["002"][1] == ("001",)
     assert graph["003"][1] == ("001",)
     assert graph["004"][1] == ("002", "003")
-    assert graph["005"][1:] == (("004",), ("003",))
-    assert graph["007"][1:] == (("005",), ("006",))
+    assert graph["005"][1:3] == (("004",), ("003",))
+    assert graph["007"][1:3] == (("005",), ("006",))
+    assert graph["006"][3] == "post-deploy"
+    assert {graph[rev][3] for rev in graph if rev != "006"} == {"pre-deploy"}
     assert graph["008"][0] == "008_assigned_twice.py"
     assert set(graph) == {f"{n:03d}" for n in range(1, 10)}
 
@@ -173,6 +184,7 @@ COMPUTED = {
     "005_unpacked.py": 'revision, down_revision = "005", "004"\ndepends_on = None\n',
     "006_rebound.py": 'revision = "006"\ndown_revision = "005"\nfor depends_on in ["002"]:\n    pass\n',
     "007_branch.py": 'revision = "007"\ndown_revision = "001"\n',
+    "008_computed_phase.py": 'revision = "008"\ndown_revision = "006"\nphase = "-".join(["post", "deploy"])\n',
 }
 
 
@@ -180,7 +192,8 @@ def test_values_that_are_not_literals_are_asked_of_alembic(tmp_path: Path) -> No
     write_versions(tmp_path, {name: with_tail(name, source) for name, source in COMPUTED.items()})
     graph, heads = reader_reads(tmp_path)
     assert (graph, heads) == alembic_reads(tmp_path)
-    assert heads == {"006", "007"}
+    assert heads == {"007", "008"}
+    assert graph["008"][3] == "post-deploy"
     assert graph["003"][1] == ("002",)
     assert graph["006"][2] == ("002",)
     assert read_revisions(tmp_path).by_revision["002"].file == "002_computed.py"
