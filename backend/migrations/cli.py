@@ -3,6 +3,7 @@
     uv run kraken-migrations ledger [--limit N]   # the steps recorded, newest first
     uv run kraken-migrations validate             # applied revisions against their files; exit 1 on a mismatch
     uv run kraken-migrations repair               # accept the files as they are (a repair row each)
+    uv run kraken-migrations backfills [--limit N] # the backfills' progress (alembic_backfill), newest first
 
 The database is found as the alembic CLI finds it (MIGRATIONS_DATABASE_URL, DATABASE_URL, or the
 embedded server), and a failure is one ``FAILED:`` line that never holds a password: exit 2 for a
@@ -28,7 +29,7 @@ from sqlalchemy.exc import DBAPIError
 
 from backend.config import ConfigError, Settings, get_settings
 from backend.db.errors import first_line, sqlstate
-from backend.migrations import ledger
+from backend.migrations import backfills, ledger
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, read_revisions
 from backend.migrations.runner import (
@@ -102,6 +103,50 @@ async def show_ledger(settings: Settings, script_location: Path, args: argparse.
                 _duration(r["duration_ms"]),
                 who,
                 _result(r["success"], r["error"]),
+            )
+        )
+    for line in _table(table):
+        _out(line)
+
+
+# --- backfills ------------------------------------------------------------------------------
+
+
+def _backfill_state(r: asyncpg.Record, rate: float) -> str:
+    if r["finished_at"] is not None:
+        return f"finished in {backfills.duration((r['finished_at'] - r['started_at']).total_seconds())}"
+    left = backfills.duration(backfills.estimated_seconds(r["rows_total"] - r["rows_done"], rate))
+    return (
+        f"unfinished: last batch committed {ledger.when(r['updated_at'])}, about {left} to go; "
+        "a running upgrade goes on, the next one continues after that batch"
+    )
+
+
+async def show_backfills(settings: Settings, script_location: Path, args: argparse.Namespace) -> None:
+    conn = await open_connection(await migrations_target(settings))
+    try:
+        rows = await conn.fetch(backfills.LIST_QUERY, args.limit)
+    except asyncpg.UndefinedTableError:
+        rows = []
+    finally:
+        await conn.close()
+    if not rows:
+        _out("no backfill recorded in this database yet (ops.backfill_by_key records its progress)")
+        return
+    table = [("started (UTC)", "revision", "table", "label", "walked", "changed", "rate", "state")]
+    for r in rows:
+        rate = backfills.rate_of(r["rows_done"], r["updated_at"] - r["started_at"])
+        share = f" ({min(100, 100 * r['rows_done'] // r['rows_total'])}%)" if r["rows_total"] else ""
+        table.append(
+            (
+                ledger.when(r["started_at"]).removesuffix(" UTC"),
+                r["revision"] or "-",
+                r["table_name"],
+                r["label"],
+                f"{r['rows_done']:,} of about {r['rows_total']:,}{share}",
+                f"{r['rows_changed']:,}",
+                f"{rate:,.0f} rows/s",
+                _backfill_state(r, rate),
             )
         )
     for line in _table(table):
@@ -191,7 +236,12 @@ async def repair(settings: Settings, script_location: Path, args: argparse.Names
 
 # --- the command -----------------------------------------------------------------------------
 
-COMMANDS: dict[str, Any] = {"ledger": show_ledger, "validate": validate, "repair": repair}
+COMMANDS: dict[str, Any] = {
+    "ledger": show_ledger,
+    "validate": validate,
+    "repair": repair,
+    "backfills": show_backfills,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -205,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     commands.add_parser("validate", help="compare applied revisions with their files; exit 1 on a mismatch")
     commands.add_parser("repair", help="accept the files as they are: a repair row per changed revision")
+    progress = commands.add_parser("backfills", help="the backfills' progress (alembic_backfill), newest first")
+    progress.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     return parser
 
 

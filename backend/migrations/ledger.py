@@ -68,6 +68,10 @@ CREATE_TABLE = (
     "service_version text NOT NULL)"
 )
 
+# Where the runner leaves the id of the revision being run, on the migration connection's ``info``
+# (Recorder.track): ops.backfill_by_key keys its progress row by it ('' without a runner).
+RUNNING_REVISION = "kraken_running_revision"
+
 INTERRUPTED = "interrupted: the runner stopped before the step finished (killed, or its connection was lost)"
 _CLOSE_INTERRUPTED = f"UPDATE {TABLE} SET success = false, error = :error WHERE success IS NULL"
 
@@ -369,6 +373,8 @@ class Recorder:
             for step in plan(heads, context):
                 before_each()
                 self._open(step.info)
+                if context.connection is not None:  # a backfill's progress is kept by revision
+                    context.connection.info[RUNNING_REVISION] = step.info.up_revision_id or ""
                 yield step
 
         ctx._migrations_fn = steps

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import textwrap
@@ -45,7 +46,8 @@ from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
-from backend.migrations.ledger import when
+from backend.migrations import backfills
+from backend.migrations.ledger import RUNNING_REVISION, when
 
 logger = logging.getLogger(__name__)
 
@@ -688,13 +690,13 @@ def backfill_in_batches(statement: str) -> int:
 _KEYS = re.compile(r"(?<![:\w]):keys\b")
 
 
-def _batch_scan(table: str, key: str, batch_size: int, pending: str, *, upper: str, after: str | None) -> str:
-    """The next batch's keys, up to ``upper`` and past ``after`` (none: from the first), each with
-    whether it is still to do; read without locking anything."""
+def _batch_scan(table: str, key: str, size: int | str, pending: str, *, upper: str, after: str | None) -> str:
+    """The next batch's keys (``size`` of them: a number, or a parameter), up to ``upper`` and past
+    ``after`` (none: from the first), each with whether it is still to do; read without locking anything."""
     lower = "" if after is None else f"{ident(key)} > {after} AND "
     return (
         f"SELECT {ident(key)}, ({pending}) FROM {ident(table)} WHERE {lower}{ident(key)} <= {upper}"
-        f" ORDER BY {ident(key)} LIMIT {int(batch_size)}"
+        f" ORDER BY {ident(key)} LIMIT {size if isinstance(size, str) else int(size)}"
     )
 
 
@@ -706,6 +708,111 @@ def _batch_lock(table: str, key: str, keys: str) -> str:
     )
 
 
+# How long (seconds) a backfill waits for lock waiters on its table to go, or a standby to catch up,
+# before it goes on anyway (with a warning): someone else's stuck lock must not stall a deploy forever.
+MAX_PAUSE = 60.0
+_PAUSE_STEP = 0.1
+
+# Who waits for a lock on the table (not granted: a DDL in the queue, writers behind it, writers
+# waiting for each other's rows), and the largest replay lag of a standby (NULL without one, or
+# when the role may not read it). pg_locks and pg_stat_replication are read live, not from a snapshot.
+_HOLD_BACK = sa.text(
+    "SELECT array(SELECT DISTINCT l.pid FROM pg_locks AS l"
+    " WHERE NOT l.granted AND l.relation = CAST(:table AS regclass)"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY l.pid),"
+    " (SELECT max(extract(epoch FROM r.replay_lag)) FROM pg_stat_replication AS r)"
+)
+# Sessions waiting for this one (for the rows its batch locked): asked before the batch commits.
+_WAITING_ON_ME = sa.text(
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE wait_event_type = 'Lock' AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+)
+
+
+@dataclass
+class _Walk:
+    """Where a backfill is: what it walked and changed (in this run and before it), since when."""
+
+    label: str
+    total: int
+    batch_size: int
+    done: int = 0  # rows walked, runs before this one included
+    changed: int = 0
+    walked_now: int = 0  # in this run
+    changed_now: int = 0
+    locked: int = 0
+    batches: int = 0
+    largest: int = 0  # the largest batch
+    longest_lock: float = 0.0  # what a writer of a locked row can wait for a batch, at most
+    since_vacuum: int = 0
+    paused: float = 0.0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    logged: float = dataclasses.field(default_factory=time.monotonic)
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.walked_now / elapsed if elapsed > 0 else 0.0
+
+    def report(self, *, force: bool = False) -> None:
+        if force or time.monotonic() - self.logged >= backfills.PROGRESS_INTERVAL:
+            self.logged = time.monotonic()
+            logger.info(
+                backfills.progress_line(self.label, self.done, self.total, self.changed, self.rate(), self.batch_size)
+            )
+
+
+def _hold_back(table: str, label: str, max_replay_lag: float) -> float:
+    """Wait, between two batches, while sessions wait for a lock on ``table`` or a standby lags by
+    more than ``max_replay_lag`` s (up to ``MAX_PAUSE``); the seconds waited. Sleeps on the server
+    (``pg_sleep``), so an asyncio driver's event loop runs meanwhile; commits after each look, as
+    pg_stat_activity would not change inside one transaction."""
+    waited = 0.0
+    told = -backfills.PROGRESS_INTERVAL
+    while True:
+        waiters, lag = _bind().execute(_HOLD_BACK, {"table": ident(table)}).one()
+        lagging = lag is not None and lag > max_replay_lag
+        if not waiters and not lagging:
+            commit()
+            return waited
+        if waited >= MAX_PAUSE:
+            logger.warning("%s: paused for %.0f s, going on regardless", label, waited)
+            commit()
+            return waited
+        if waited - told >= backfills.PROGRESS_INTERVAL:
+            told = waited
+            why = (
+                f"{len(waiters)} session(s) wait for a lock on {table} (pid {', '.join(map(str, waiters))})"
+                if waiters
+                else f"a standby replays {lag:.1f} s behind (more than {max_replay_lag:g} s)"
+            )
+            logger.info("%s: paused, %s", label, why)
+        _bind().execute(sa.text(f"SELECT pg_sleep({_PAUSE_STEP})"))
+        commit()
+        waited += _PAUSE_STEP
+
+
+def _vacuum(table: str, label: str) -> None:
+    """A plain VACUUM of ``table`` (its lock blocks no read or write; SKIP_LOCKED: none when an
+    autovacuum or a schema change holds the table, and then it waits for nothing), so that the
+    space of the row versions the batches replaced is used again by the next batches."""
+    started = time.monotonic()
+    with _context().autocommit_block():
+        _bind().execute(sa.text(f"VACUUM (SKIP_LOCKED) {ident(table)}"))
+    logger.debug("%s: VACUUM %s took %.1f s", label, table, time.monotonic() - started)
+
+
+def _estimated_rows(table: str) -> int:
+    """The table's rows as the planner estimates them (cheap on any size); counted when it has no
+    estimate yet (a table never analyzed)."""
+    estimate = _bind().execute(
+        sa.text("SELECT reltuples FROM pg_class WHERE oid = CAST(:t AS regclass)"), {"t": ident(table)}
+    )
+    rows = estimate.scalar()
+    if rows is not None and rows > 0:
+        return int(rows)
+    return int(_bind().execute(sa.text(f"SELECT count(*) FROM {ident(table)}")).scalar_one())
+
+
 def backfill_by_key(
     table: str,
     key: str,
@@ -715,14 +822,19 @@ def backfill_by_key(
     pending: str = "true",
     key_type: str = "uuid",
     label: str | None = None,
+    target_seconds: float | None = backfills.TARGET_BATCH_SECONDS,
+    max_batch_size: int = backfills.MAX_BATCH_SIZE,
+    vacuum_every: int | None = None,
+    max_replay_lag: float = 10.0,
 ) -> int:
-    """Walk ``table`` in the order of its unique ``key``, ``batch_size`` rows at a time, and run
+    """Walk ``table`` in the order of its unique ``key``, a batch of rows at a time, and run
     ``batch_sql`` on each batch's rows still to do; returns the rows ``batch_sql`` changed, and logs
     it with the longest a batch held its locks (its wait for them included): the longest a writer
     of those rows can have waited for the walk.
 
     The walk ends: its upper bound is the highest key when it starts, so rows written meanwhile
-    (after that key, or behind the walk) never keep it going. Each batch reads its keys first,
+    (after that key, or behind the walk) never keep it going, and only that bound ends it (a batch
+    that changes nothing does not). Each batch reads its keys first,
     with ``pending`` (a condition on the row, its columns named as in ``SELECT ... FROM table``;
     default: every row) saying which are still to do, and locks nothing while it reads. Then, in a
     transaction of its own, two statements: the first locks the rows to do ``FOR NO KEY UPDATE``,
@@ -734,11 +846,29 @@ def backfill_by_key(
     to lock. The read that ``pending`` makes holds no lock, so the rows stay locked only as long as
     the rows to do take. ``FOR NO KEY UPDATE`` still lets rows that reference them be inserted (a
     foreign key check takes KEY SHARE). ``batch_sql`` must touch only the rows of ``:keys``, and
-    only those still to do (a retried or resumed walk starts again from the first key).
+    only those still to do.
+
+    Online, the engine around the walk:
+
+    - the batch size starts at ``batch_size`` and is tuned after each batch so that a batch takes
+      about ``target_seconds`` (between ``MIN_BATCH_SIZE`` and ``max_batch_size`` rows); it halves
+      when a session waited for the batch's rows. ``target_seconds=None``: every batch is
+      ``batch_size`` rows;
+    - before each batch it pauses while sessions wait for a lock on the table, or a standby replays
+      more than ``max_replay_lag`` s behind (nothing to wait for without standbys), up to ``MAX_PAUSE``;
+    - every ``vacuum_every`` rows changed (default: a quarter of the table, at least 10,000; 0:
+      never), and at the end, it runs a plain ``VACUUM`` of the table, so the next batches reuse the space of the
+      row versions the earlier ones replaced instead of growing the table;
+    - its progress (rows walked of the estimated total, rate, time to go) is logged every
+      ``PROGRESS_INTERVAL`` s and kept in ``alembic_backfill`` (backend/migrations/backfills.py),
+      updated in each batch's transaction: a run killed half-way is continued, by the next run of
+      the same revision, after the last batch that committed (``key_type`` must read back from
+      text: uuid, integers, text).
 
     Offline, the walk is one ``DO`` block between transactions, which commits after each batch
     (run it outside a transaction block: ``psql`` does, unless given ``-1``); it counts against
-    ``statement_timeout`` as a whole, and says how many rows it changed in a NOTICE.
+    ``statement_timeout`` as a whole, and says how many rows it changed in a NOTICE. It keeps the
+    first ``batch_size`` throughout and records no progress.
     """
     if batch_size < 1:
         raise ValueError(f"backfill_by_key({table!r}): batch_size must be at least 1, not {batch_size}")
@@ -746,34 +876,95 @@ def backfill_by_key(
     if _offline():
         _emit_backfill_by_key(table, key, batch_sql, batch_size, pending, key_type, label)
         return 0
-    started = time.monotonic()
-    highest = sa.text(f"SELECT {ident(key)} FROM {ident(table)} ORDER BY {ident(key)} DESC LIMIT 1")
-    upper = _bind().execute(highest).scalar()
-    first = sa.text(_batch_scan(table, key, batch_size, pending, upper=":upper", after=None))
-    following = sa.text(_batch_scan(table, key, batch_size, pending, upper=":upper", after=":after"))
+    smallest = min(batch_size, backfills.MIN_BATCH_SIZE)
+    largest = max(batch_size, max_batch_size)
+    row_key = {"revision": _bind().info.get(RUNNING_REVISION, ""), "table": table, "label": label}
+    _bind().execute(sa.text(backfills.CREATE_TABLE))
+    commit()
+    _hold_back(table, label, max_replay_lag)
+    resumed = _bind().execute(sa.text(backfills.RESUME.format(key_type=key_type)), row_key).first()
+    if resumed is not None:
+        upper, after, done, changed, since = resumed
+        walk = _Walk(label, max(done, _estimated_rows(table)), batch_size, done=done, changed=changed)
+        logger.info(
+            "%s: continuing a walk started %s, after key %s (%d row(s) walked)",
+            label,
+            f"{since:%Y-%m-%d %H:%M:%S%z}",
+            after,
+            done,
+        )
+    else:
+        highest = sa.text(f"SELECT {ident(key)} FROM {ident(table)} ORDER BY {ident(key)} DESC LIMIT 1")
+        upper, after = _bind().execute(highest).scalar(), None
+        walk = _Walk(label, _estimated_rows(table), batch_size)
+        start = {
+            **row_key,
+            "upper": None if upper is None else str(upper),
+            "total": walk.total,
+            "batch_size": batch_size,
+        }
+        _bind().execute(sa.text(backfills.START), start)
+    commit()
+    if vacuum_every is None:
+        vacuum_every = max(10_000, walk.total // 4)
+    first = sa.text(_batch_scan(table, key, ":size", pending, upper=":upper", after=None))
+    following = sa.text(_batch_scan(table, key, ":size", pending, upper=":upper", after=":after"))
     lock = sa.text(_batch_lock(table, key, ":keys"))
-    touched = walked = locked = batches = 0
-    longest_lock = 0.0  # what a writer of a locked row can wait for the batch, at most
-    batch = [] if upper is None else list(_bind().execute(first, {"upper": upper}).all())
-    while batch:
+    advance = sa.text(backfills.ADVANCE)
+    while upper is not None:
+        began = time.monotonic()
+        scan, params = (first, {}) if after is None else (following, {"after": after})
+        batch = list(_bind().execute(scan, {**params, "upper": upper, "size": walk.batch_size}).all())
+        if not batch:
+            break
         commit()  # the read locked nothing, but ends its snapshot
-        todo = [row_key for row_key, to_do in batch if to_do]
+        todo = [row_key_ for row_key_, to_do in batch if to_do]
+        touched = waiters = 0
         if todo:
             locking = time.monotonic()
             keys = list(_bind().execute(lock, {"keys": todo}).scalars())
-            touched += _bind().execute(sa.text(batch_sql), {"keys": keys}).rowcount
-            commit()
-            longest_lock = max(longest_lock, time.monotonic() - locking)
-            locked += len(keys)
-        walked += len(batch)
-        batches += 1
-        batch = list(_bind().execute(following, {"upper": upper, "after": batch[-1][0]}).all())
+            touched = _bind().execute(sa.text(batch_sql), {"keys": keys}).rowcount
+            walk.locked += len(keys)
+            waiters = int(_bind().execute(_WAITING_ON_ME).scalar_one()) if target_seconds is not None else 0
+        after = batch[-1][0]
+        progress = {"last": str(after), "walked": len(batch), "changed": touched, "batch_size": walk.batch_size}
+        _bind().execute(advance, {**row_key, **progress})
+        commit()
+        if todo:
+            walk.longest_lock = max(walk.longest_lock, time.monotonic() - locking)
+        elapsed = time.monotonic() - began
+        walk.batches += 1
+        walk.largest = max(walk.largest, len(batch))
+        walk.done += len(batch)
+        walk.walked_now += len(batch)
+        walk.changed += touched
+        walk.changed_now += touched
+        walk.since_vacuum += touched
+        if target_seconds is not None:
+            tuned = backfills.next_batch_size(walk.batch_size, elapsed, target_seconds, smallest, largest)
+            walk.batch_size = max(smallest, walk.batch_size // 2) if waiters else tuned
+        logger.debug(
+            "%s: batch of %d key(s), %d changed, %.0f ms%s; next %d",
+            label, len(batch), touched, elapsed * 1000,
+            f", {waiters} session(s) waited" if waiters else "", walk.batch_size,
+        )  # fmt: skip
+        if vacuum_every and walk.since_vacuum >= vacuum_every:
+            walk.since_vacuum = 0
+            _vacuum(table, label)
+        walk.report()
+        walk.paused += _hold_back(table, label, max_replay_lag)
+    _bind().execute(sa.text(backfills.FINISH), row_key)
     commit()
+    if walk.since_vacuum and vacuum_every:
+        _vacuum(table, label)  # the rest of the space, and the visibility map that index-only scans read
     logger.info(
-        "%s: %d of %d row(s) changed (%d to do), in %d batch(es) of up to %d (%.1f s; locks held %.0f ms at most)",
-        label, touched, walked, locked, batches, batch_size, time.monotonic() - started, longest_lock * 1000,
+        "%s: %d of %d row(s) changed (%d to do), in %d batch(es) of up to %d (%.1f s; locks held %.0f ms at most;"
+        " %.0f rows/s%s)",
+        label, walk.changed_now, walk.walked_now, walk.locked, walk.batches, walk.largest,
+        time.monotonic() - walk.started, walk.longest_lock * 1000, walk.rate(),
+        f"; paused {walk.paused:.1f} s" if walk.paused else "",
     )  # fmt: skip
-    return touched
+    return walk.changed_now
 
 
 def _emit_backfill_by_key(

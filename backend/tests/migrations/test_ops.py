@@ -425,7 +425,8 @@ def test_backfill_by_key_walks_batch_after_batch_each_in_its_own_transaction(db:
     sql(db, "ALTER TABLE items ADD COLUMN doubled integer")
     sql(db, "UPDATE items SET doubled = n * 2 WHERE n <= 10")  # 100 rows already done
     done: list[int] = []
-    run_ops(db, lambda: done.append(ops.backfill_by_key("items", "id", DOUBLE_BATCH, 150)))
+    # target_seconds=None: every batch 150 keys, not tuned to a batch time.
+    run_ops(db, lambda: done.append(ops.backfill_by_key("items", "id", DOUBLE_BATCH, 150, target_seconds=None)))
     assert done == [900]  # what the batches changed, not what they walked
     assert sql(db, "SELECT count(*) FROM items WHERE doubled IS DISTINCT FROM n * 2")[0][0] == 0
     # The 900 rows changed in 7 batches (150 keys each, 1000 in all), 7 transactions: a row's xmin
@@ -460,7 +461,10 @@ def test_backfill_by_key_ends_while_rows_keep_coming_after_its_upper_bound(db: D
         " UPDATE ticks SET seen = true WHERE id = ANY(:keys)"
     )
     done: list[int] = []
-    run_ops(db, lambda: done.append(ops.backfill_by_key("ticks", "id", batch, 10, key_type="bigint")))
+    # Untuned, 10 batches of 10: 10 rows written past the bound.
+    run_ops(
+        db, lambda: done.append(ops.backfill_by_key("ticks", "id", batch, 10, key_type="bigint", target_seconds=None))
+    )
     assert done == [100]
     assert sql(db, "SELECT array_agg(id ORDER BY id) FROM ticks WHERE NOT seen")[0][0] == list(range(101, 111))
     with pytest.raises(ValueError, match="batch_size must be at least 1, not 0"):
