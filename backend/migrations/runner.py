@@ -168,8 +168,9 @@ def schema_ahead(status: SchemaStatus, settings: Settings, *, action: Literal["s
     """The database records a revision this code does not know (a deploy was rolled back).
 
     KRAKEN_SCHEMA_AHEAD=refuse: raise MigrationError. serve (the default): warn, and the caller
-    carries on without migrating: revisions are additive, so the older code works on the newer
-    schema, and refusing would turn a rollback into an outage. ``action`` is what the caller
+    carries on without migrating: pre-deploy revisions are additive, so the older code works on the
+    newer schema, and refusing would turn a rollback into an outage (a rollback past a post-deploy
+    revision downgrades it first). ``action`` is what the caller
     would refuse to do: "start" (the service) or "upgrade" (the CLI).
     """
     refused, served = _AHEAD_OUTCOME[action]
