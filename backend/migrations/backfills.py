@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+# Where the runner leaves the id of the revision being run, on the migration connection's ``info``
+# (ledger.Recorder.track): ops.backfill_by_key keys its progress row by it ('' without a runner).
+RUNNING_REVISION = "kraken_running_revision"
+
 TABLE = "alembic_backfill"
 
 CREATE_TABLE = (

@@ -31,6 +31,7 @@ from backend.config import ConfigError, Settings, get_settings
 from backend.db.errors import first_line, sqlstate
 from backend.migrations import backfills, ledger
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock
+from backend.migrations.moments import when
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, read_revisions
 from backend.migrations.runner import (
     DatabaseUnavailable,
@@ -95,7 +96,7 @@ async def show_ledger(settings: Settings, script_location: Path, args: argparse.
         who = f"{r['db_role']}@{r['client_host']} {r['application_name'] or '-'} {r['service_version']}"
         table.append(
             (
-                ledger.when(r["started_at"]).removesuffix(" UTC"),
+                when(r["started_at"]).removesuffix(" UTC"),
                 str(r["run_id"])[:8],
                 r["revision"],
                 r["direction"],
@@ -117,7 +118,7 @@ def _backfill_state(r: asyncpg.Record, rate: float) -> str:
         return f"finished in {backfills.duration((r['finished_at'] - r['started_at']).total_seconds())}"
     left = backfills.duration(backfills.estimated_seconds(r["rows_total"] - r["rows_done"], rate))
     return (
-        f"unfinished: last batch committed {ledger.when(r['updated_at'])}, about {left} to go; "
+        f"unfinished: last batch committed {when(r['updated_at'])}, about {left} to go; "
         "a running upgrade goes on, the next one continues after that batch"
     )
 
@@ -139,7 +140,7 @@ async def show_backfills(settings: Settings, script_location: Path, args: argpar
         share = f" ({min(100, 100 * r['rows_done'] // r['rows_total'])}%)" if r["rows_total"] else ""
         table.append(
             (
-                ledger.when(r["started_at"]).removesuffix(" UTC"),
+                when(r["started_at"]).removesuffix(" UTC"),
                 r["revision"] or "-",
                 r["table_name"],
                 r["label"],

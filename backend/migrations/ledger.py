@@ -27,7 +27,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -39,6 +39,8 @@ from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from backend.db.errors import first_line, sqlstate
+from backend.migrations.backfills import RUNNING_REVISION
+from backend.migrations.moments import when
 from backend.migrations.revisions import RevisionFile, Revisions, SchemaStatus
 
 logger = logging.getLogger(__name__)
@@ -68,9 +70,6 @@ CREATE_TABLE = (
     "service_version text NOT NULL)"
 )
 
-# Where the runner leaves the id of the revision being run, on the migration connection's ``info``
-# (Recorder.track): ops.backfill_by_key keys its progress row by it ('' without a runner).
-RUNNING_REVISION = "kraken_running_revision"
 
 INTERRUPTED = "interrupted: the runner stopped before the step finished (killed, or its connection was lost)"
 _CLOSE_INTERRUPTED = f"UPDATE {TABLE} SET success = false, error = :error WHERE success IS NULL"
@@ -211,10 +210,6 @@ class Verdict:
 
 def short(checksum: str) -> str:
     return checksum[:12]
-
-
-def when(moment: datetime) -> str:
-    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def applied_revisions(status: SchemaStatus, recorded: Checksums) -> frozenset[str]:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.util.concurrency import await_, in_greenlet
 
 from backend.db.errors import first_line, is_pooler_symptom
-from backend.migrations.ledger import when
+from backend.migrations.moments import when
 
 logger = logging.getLogger(__name__)
 

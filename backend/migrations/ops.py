@@ -47,7 +47,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
 from backend.migrations import backfills
-from backend.migrations.ledger import RUNNING_REVISION, when
+from backend.migrations.backfills import RUNNING_REVISION
+from backend.migrations.moments import when
 
 logger = logging.getLogger(__name__)
 

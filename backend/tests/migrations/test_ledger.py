@@ -13,6 +13,7 @@ from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations import ledger
 from backend.migrations.lock import LOCK_KEY
+from backend.migrations.moments import when
 from backend.migrations.revisions import Revisions, SchemaStatus, read_revisions
 from backend.migrations.runner import MigrationError, check_schema, run_migrations
 from backend.tests.helpers import (
@@ -199,7 +200,7 @@ def test_an_operation_edit_is_refused_by_the_cli_and_by_the_boot(
     (ini.parent / "alembic" / "versions" / f"{NEXT}_following.py").write_text(FOLLOWING.replace("\n    ", "\n"))
     new = read_revisions(tmp_path / "alembic").by_revision["002"].checksum
     problem = (
-        f"revision 002 ({REVISION_002}) changed since it was applied on {ledger.when(applied_at)}: "
+        f"revision 002 ({REVISION_002}) changed since it was applied on {when(applied_at)}: "
         f"checksum {FILES['002'].checksum[:12]} recorded, {new[:12]} now; undo the edit, or accept the file as it "
         "is with 'uv run kraken-migrations repair'"
     )
