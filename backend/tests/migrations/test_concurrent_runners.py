@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from backend.config import PROJECT_ROOT
-from backend.db.engine import connect
+from backend.db.engine import connect, create_migration_engine
 from backend.db.url import DatabaseTarget
 from backend.migrations import ledger
-from backend.migrations.lock import LOCK_KEY
+from backend.migrations.lock import LOCK_KEY, holder
 from backend.migrations.revisions import read_revisions
 from backend.tests.helpers import (
     BARRIER,
@@ -424,3 +424,29 @@ def test_the_lock_survives_a_revision_that_leaves_its_transaction(empty_db: Data
         "SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
+
+
+async def test_the_holder_is_nobody_when_only_another_database_holds_the_key(
+    empty_db: DatabaseTarget, database_factory: Callable[[], DatabaseTarget]
+) -> None:
+    # lock.holder() answering None is what makes the timeout say "a session that has gone
+    # meanwhile": the holder of the same key in another database must not count as one here.
+    elsewhere = await connect(await asyncio.to_thread(database_factory), "another-database")
+    engine = create_migration_engine(empty_db)
+    try:
+        await elsewhere.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(holder) is None
+        here = await connect(empty_db, "deploy-pipeline")
+        try:
+            await here.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
+            async with engine.connect() as conn:
+                named = await conn.run_sync(holder)
+            assert named is not None
+            assert f"pid {here.get_server_pid()}" in named
+            assert "deploy-pipeline" in named
+        finally:
+            await here.close()
+    finally:
+        await engine.dispose()
+        await elsewhere.close()
