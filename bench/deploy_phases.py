@@ -1,0 +1,232 @@
+"""A deploy of the revisions after --base on a large live database, both phases, with the service
+serving appends over HTTP throughout: what the service's clients and the stored instants see.
+
+    uv run python bench/deploy_phases.py --base 005 --conversations 200000 --turns 5
+
+Creates a scratch database on DATABASE_URL's server (or the embedded one when it is unset), sets
+its default time zone to --timezone (America/New_York: a session that forgets to name its zone
+shifts instants by the offset, and a rewrite shows), migrates it to --base and fills it
+(bench/support.py: 1M turns with the defaults). It records every stored instant (started_at,
+ended_at, created_at, as epochs, keyed by id) in a side table, starts `kraken-backend` on the
+database (KRAKEN_MIGRATE_ON_STARTUP=off: the pipeline migrates) and keeps --clients connections
+appending turns with 3 tool calls to the filled conversations over HTTP while it runs, one after
+the other, as deploy.yml does:
+
+- the pre-deploy phase: ``alembic upgrade head``;
+- the post-deploy phase: ``alembic -x phase=post-deploy upgrade head``.
+
+The same code serves both phases (there is no restart: a restart's own gap is not what is
+measured). Prints each phase's time and the migrations' progress lines as they come, then the
+appends' latency (median, p99, worst: the worst is the longest an append waited for the
+migration's locks, plus its own work), the answers that were not 2xx, the instants that changed
+(stored rows whose epoch differs from before, and appended turns whose created_at lies outside the
+moments their requests were in flight), the tables' sizes before and after, and drops the
+database. A benchmark, not a test: the numbers depend on the machine (the load average is
+printed with them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from http_load import API_KEY, Server
+from support import alembic, bench_server, fill, migrate, say, turn_payload
+
+from backend.config import Settings
+from backend.conversations.schemas import dumps
+from backend.db.admin import scratch_database
+from backend.db.engine import connect
+from backend.db.url import DatabaseTarget
+from backend.migrations.ops import ident, literal
+from backend.migrations.phases import PHASE_ARGUMENT
+from backend.migrations.revisions import POST_DEPLOY, read_revisions
+from backend.tests.helpers import SERVICE, child_env, free_port
+
+TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
+# Every stored instant before the deploy, as an epoch: for `timestamp` columns the epoch of the
+# wall-clock time read as UTC (what the service stores), for `timestamptz` the instant itself.
+# Equal epochs after the deploy: no instant moved.
+SNAPSHOT = """
+CREATE TABLE bench_instants AS
+SELECT 'c' AS kind, id, extract(epoch FROM started_at) AS a, extract(epoch FROM ended_at) AS b
+FROM kraken_conversations
+UNION ALL
+SELECT 't', id, extract(epoch FROM created_at), NULL FROM kraken_turns
+"""
+CHANGED = """
+SELECT count(*) FROM bench_instants s
+LEFT JOIN kraken_conversations c ON s.kind = 'c' AND c.id = s.id
+LEFT JOIN kraken_turns t ON s.kind = 't' AND t.id = s.id
+WHERE (s.kind = 'c' AND (extract(epoch FROM c.started_at), extract(epoch FROM c.ended_at)) IS DISTINCT FROM (s.a, s.b))
+   OR (s.kind = 't' AND extract(epoch FROM t.created_at) IS DISTINCT FROM s.a)
+"""
+APPENDED = "SELECT id, extract(epoch FROM created_at) FROM kraken_turns WHERE id = ANY($1::uuid[])"
+SIZES = "SELECT relname, pg_total_relation_size(oid) FROM pg_class WHERE relname = ANY($1::text[])"
+
+
+@dataclass
+class Append:
+    began: float  # wall-clock epoch seconds
+    ended: float
+    status: int  # 0: no answer
+    turn_id: uuid.UUID | None
+
+
+async def scalar(db: DatabaseTarget, query: str, *args: object) -> object:
+    conn = await connect(db)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+async def sizes(db: DatabaseTarget) -> dict[str, int]:
+    conn = await connect(db)
+    try:
+        return {row[0]: row[1] for row in await conn.fetch(SIZES, list(TABLES))}
+    finally:
+        await conn.close()
+
+
+async def append_forever(
+    client: httpx.AsyncClient, ids: list[str], body: bytes, record: list[Append], stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        picked = random.choice(ids)
+        began = time.time()
+        try:
+            answer = await client.post(f"/conversations/{picked}/turns", content=body)
+            status = answer.status_code
+            turn = uuid.UUID(answer.json()["id"]) if status == 201 else None
+        except httpx.HTTPError:
+            status, turn = 0, None
+        record.append(Append(began, time.time(), status, turn))
+
+
+def describe(record: list[Append]) -> str:
+    ms = sorted((a.ended - a.began) * 1000 for a in record)
+    if not ms:
+        return "no appends"
+    p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+    return f"{len(ms):,} appends, median {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, worst {ms[-1]:.1f} ms"
+
+
+async def deploy(db: DatabaseTarget, server: Server, args: argparse.Namespace, ids: list[str]) -> list[Append]:
+    """Both phases, one after the other, under the appends; returns every append's record."""
+    body = dumps(turn_payload(tool_calls=3)).encode()
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    record: list[Append] = []
+    stop = asyncio.Event()
+    async with httpx.AsyncClient(base_url=server.url(""), headers=headers, timeout=30) as client:
+        clients = [asyncio.ensure_future(append_forever(client, ids, body, record, stop)) for _ in range(args.clients)]
+        try:
+            for phase, command in (
+                ("pre-deploy", ["upgrade", "head"]),
+                ("post-deploy", ["-x", f"{PHASE_ARGUMENT}={POST_DEPLOY}", "upgrade", "head"]),
+            ):
+                began, first = time.monotonic(), len(record)
+                code, output = await alembic(db, *command)
+                for line in output.splitlines():
+                    if "backend.migrations" in line or "Running upgrade" in line:
+                        say(f"  {line.strip()}")
+                if code != 0:
+                    raise SystemExit(f"alembic {' '.join(command)} failed:\n{output}")
+                say(f"{phase}: {time.monotonic() - began:.1f} s (the alembic process's start included)")
+                say(f"  appends meanwhile: {describe(record[first:])}")
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+    return record
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = Settings()
+    root = await bench_server(settings)
+    if args.base not in read_revisions().graph:
+        raise SystemExit(f"--base {args.base}: no such revision")
+    async with scratch_database(root, "kraken_bench_deploy") as db:
+        conn = await connect(db)
+        try:
+            await conn.execute(f"ALTER DATABASE {ident(db.database)} SET timezone = {literal(args.timezone)}")
+        finally:
+            await conn.close()
+        await migrate(db, "upgrade", args.base)
+        await fill(db, args.conversations, args.turns)
+        conn = await connect(db)
+        try:
+            await conn.execute(SNAPSHOT)
+            ids = [str(row[0]) for row in await conn.fetch("SELECT id FROM kraken_conversations LIMIT 10000")]
+        finally:
+            await conn.close()
+        before = await sizes(db)
+        with tempfile.TemporaryDirectory() as logs:
+            port = free_port()
+            env = child_env(
+                db,
+                KRAKEN_API_KEY=API_KEY,
+                KRAKEN_PORT=str(port),
+                KRAKEN_WORKERS=str(args.workers),
+                KRAKEN_MIGRATE_ON_STARTUP="off",
+            )
+            server = Server("kraken", [SERVICE], env, port, Path(logs))
+            try:
+                server.wait_until_up()
+                started = time.monotonic()
+                record = await deploy(db, server, args, ids)
+                total = time.monotonic() - started
+            finally:
+                server.stop()
+        after = await sizes(db)
+        conn = await connect(db)
+        try:
+            changed = await conn.fetchval(CHANGED)
+            created = {
+                row[0]: float(row[1]) for row in await conn.fetch(APPENDED, [a.turn_id for a in record if a.turn_id])
+            }
+        finally:
+            await conn.close()
+        # An appended turn's created_at is written while its request is in flight (the clocks of
+        # this machine and its server are one clock; 1 ms of slack for the epoch's rounding).
+        moved = sum(
+            1
+            for a in record
+            if a.turn_id is not None and not (a.began - 0.001 <= created.get(a.turn_id, -1.0) <= a.ended + 0.001)
+        )
+        failed = [a for a in record if not 200 <= a.status < 300]
+        say(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; database time zone {args.timezone}")
+        say(f"deploy: {total:.1f} s in all")
+        say(f"appends over HTTP throughout: {describe(record)}")
+        say(
+            f"answers that were not 2xx: {len(failed)}"
+            + (f" (statuses {sorted({a.status for a in failed})})" if failed else "")
+        )
+        say(f"stored instants that changed: {changed} (of the rows there before)")
+        say(f"appended turns stamped outside the moments their request was in flight: {moved}")
+        for name in TABLES:
+            mb_before, mb_after = before[name] / 2**20, after[name] / 2**20
+            say(f"{name}: {mb_before:,.0f} MB before, {mb_after:,.0f} MB after ({after[name] / before[name]:.2f}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="005", help="the revision the database is at before the deploy")
+    parser.add_argument("--conversations", type=int, default=200_000)
+    parser.add_argument("--turns", type=int, default=5, help="turns per conversation (one tool call each)")
+    parser.add_argument("--timezone", default="America/New_York", help="the database's default time zone")
+    parser.add_argument("--clients", type=int, default=4, help="connections appending over HTTP")
+    parser.add_argument("--workers", type=int, default=2, help="kraken-backend's worker processes")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
