@@ -11,6 +11,9 @@ import pytest
 from backend.db.engine import connect_kwargs
 from backend.db.url import DatabaseUrlError, Host, parse_database_url
 
+# Checksums, URLs and revision files must read the same on every Python we support (.ci/run).
+pytestmark = pytest.mark.every_python
+
 PASSWORD = "s3cr3t-Pa55"
 
 

@@ -24,6 +24,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 from backend.db.url import DEFAULT_SOCKET_DIR, DatabaseUrlError, parse_database_url
 
+# Checksums, URLs and revision files must read the same on every Python we support (.ci/run).
+pytestmark = pytest.mark.every_python
+
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 # Options this service honours, and what it reads them into besides DatabaseTarget.options.
 OWN = {"connect_timeout", "application_name"}

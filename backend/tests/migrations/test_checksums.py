@@ -11,6 +11,9 @@ from backend.migrations.checksums import checksum
 from backend.migrations.revisions import read_revisions
 from backend.tests.helpers import HEAD, NEXT
 
+# Checksums, URLs and revision files must read the same on every Python we support (.ci/run).
+pytestmark = pytest.mark.every_python
+
 VERSIONS = PROJECT_ROOT / "backend" / "alembic" / "versions"
 
 REVISION = '''

@@ -11,6 +11,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from alembic.script import ScriptDirectory
 from alembic.util import to_tuple
 
@@ -19,6 +20,9 @@ from backend.db.url import DatabaseTarget
 from backend.migrations.revisions import ALEMBIC_DIR, alembic_config, read_revisions
 from backend.migrations.runner import check_schema, run_migrations
 from backend.tests.helpers import HEAD, NEXT, out, run_alembic, scratch_alembic
+
+# Checksums, URLs and revision files must read the same on every Python we support (.ci/run).
+pytestmark = pytest.mark.every_python
 
 # A line a test adds to a revision file: importing the file leaves a trace beside it.
 IMPORTED = 'open(__file__ + ".imported", "w").close()\n'
