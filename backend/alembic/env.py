@@ -29,8 +29,8 @@ from typing import Any
 
 from alembic import command as alembic_command
 from alembic import context
-from alembic.operations import ops
-from alembic.runtime.migration import MigrationContext
+from alembic.operations import ops as alembic_ops
+from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from pydantic import ValidationError
@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util.concurrency import in_greenlet
 
 from backend.config import ConfigError, Settings, get_settings
-from backend.migrations import ledger, phases, runner
+from backend.migrations import ledger, ops, phases, runner
 from backend.migrations.revisions import next_revision_id, read_revisions
 from backend.models import Base
 
@@ -81,7 +81,7 @@ def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:
 
 
 def _process_revision_directives(ctx: MigrationContext, revision: Any, directives: list[Any]) -> None:
-    script: ops.MigrationScript = directives[0]
+    script: alembic_ops.MigrationScript = directives[0]
     cmd_opts = config.cmd_opts
     if cmd_opts is not None and getattr(cmd_opts, "autogenerate", False):
         upgrade_ops = script.upgrade_ops
@@ -129,7 +129,13 @@ def run_migrations_offline() -> None:
         as_sql=True,
     )
     ctx = context.get_context()
-    phases.limit_to_phase(ctx, _phase(), files, before_step=phases.offline_timezone(ctx))
+    timezone = phases.offline_timezone(ctx)
+
+    def before_step(info: MigrationInfo) -> None:
+        ops.new_step(ctx, info.up_revision_id)
+        timezone(info)
+
+    phases.limit_to_phase(ctx, _phase(), files, before_step=before_step)
     if context.is_offline_mode():
         # The bounds an online run sets, so SQL applied by hand (psql -f) waits no longer for locks.
         for statement in runner.timeout_statements(_settings(offline=True)):
@@ -152,7 +158,12 @@ def do_run_migrations(connection: Connection) -> None:
             on_version_apply=on_version_apply,
         )
         ctx = context.get_context()
-        phases.limit_to_phase(ctx, _phase(), read_revisions(Path(context.script.dir)).by_revision)
+        phases.limit_to_phase(
+            ctx,
+            _phase(),
+            read_revisions(Path(context.script.dir)).by_revision,
+            before_step=lambda info: ops.new_step(ctx, info.up_revision_id),
+        )
         return ctx
 
     runner.migrate_locked(

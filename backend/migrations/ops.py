@@ -6,7 +6,13 @@ stops it for longer than a moment:
 - indexes are built and dropped ``CONCURRENTLY``, outside any transaction;
 - foreign keys and check constraints are added ``NOT VALID`` (a catalog change under a brief
   lock) and validated in a later transaction, whose scan lets writes continue;
-- a unique constraint is attached to a unique index built concurrently beforehand.
+- a unique constraint is attached to a unique index built concurrently beforehand;
+- a new table is created whole in one transaction, its foreign keys added after it as on an
+  existing table, the referenced table locked first.
+
+The checks that may refuse a revision (``refuse_violations``, ``refuse_data_loss``, the one in
+``drop_table``) must run before its first commit, or a refusal would leave it half applied: one
+placed after a commit refuses to run, online and offline.
 
 Every lock wait is bounded by the session's ``lock_timeout`` (set by ``runner.py``); a revision
 that hits it is rolled back and run again. Statements whose lock blocks no read or write (an index
@@ -29,15 +35,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import re
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TextIO, cast
 
 import sqlalchemy as sa
 from alembic import op
@@ -108,12 +116,73 @@ def _require_own_transactions(ctx: MigrationContext) -> None:
         )
 
 
+# --- a revision's steps: checks before the first commit ----------------------------------------
+
+
+@dataclass
+class _Step:
+    """What the running revision (one step of a run) has done so far, as the checks need it."""
+
+    revision: str | None = None
+    committed: str | None = None  # the helper (or ops.commit()) whose commit ended its first transaction
+    cleared: set[str] = dataclasses.field(default_factory=set)  # tables refuse_data_loss let it drop
+
+
+# Per migration context, reset by ``new_step`` as each revision starts (env.py calls it; a context
+# built by hand, as tests do, is one step).
+_STEPS: weakref.WeakKeyDictionary[MigrationContext, _Step] = weakref.WeakKeyDictionary()
+
+
+def new_step(ctx: MigrationContext, revision: str | None) -> None:
+    """A revision starts on ``ctx`` (each attempt of a retried one too): nothing committed yet."""
+    _STEPS[ctx] = _Step(revision)
+
+
+def _step() -> _Step:
+    ctx = _context()
+    found = _STEPS.get(ctx)
+    if found is None:
+        found = _STEPS[ctx] = _Step()
+    return found
+
+
+def _caller() -> str:
+    """The ops helper the revision called (the outermost frame of this module on the stack)."""
+    frame, name = inspect.currentframe(), "ops.commit()"
+    while frame is not None:
+        if frame.f_globals.get("__name__") == __name__ and not frame.f_code.co_name.startswith("_"):
+            name = f"ops.{frame.f_code.co_name}()"
+        frame = frame.f_back
+    return name
+
+
+def _autocommit(ctx: MigrationContext) -> contextlib.AbstractContextManager[None]:
+    """``ctx.autocommit_block()``, noted: from here on this revision is no longer all or nothing."""
+    step = _step()
+    if step.committed is None:
+        step.committed = _caller()
+    return ctx.autocommit_block()
+
+
+def _refuse_after_commit(check: str, *, hint: str = "") -> None:
+    """A check that could refuse must come before the revision's first commit: a refusal after it
+    would stop a revision that has already changed the database."""
+    step = _step()
+    if step.committed is not None:
+        revision = f"revision {step.revision}" if step.revision else "the revision"
+        raise CommandError(
+            f"{check} would run after {revision} already committed a step ({step.committed} commits): "
+            "a refusal there would leave the database changed; move the check before the first change"
+            + (f" ({hint})" if hint else "")
+        )
+
+
 def commit() -> None:
     """End the revision's current transaction here (releasing its locks) and begin a new one."""
     ctx = _context()
     if not ctx.as_sql:
         _require_own_transactions(ctx)
-    with ctx.autocommit_block():
+    with _autocommit(ctx):
         pass
 
 
@@ -123,6 +192,112 @@ def _static(text: str) -> None:
     if _offline() and buffer is not None:
         # Not static_output(): squawk applies an ignore comment only to the line right below it.
         buffer.write(text + "\n")
+
+
+# --- waiving a lint rule for a statement ---------------------------------------------------------
+
+_RULE_NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
+# What squawk reads above a statement: the rules it skips there, and after " -- " our reason.
+SQUAWK_IGNORE = "-- squawk-ignore "
+_TRANSACTION_LINES = frozenset({"BEGIN;", "COMMIT;"})
+
+
+def squawk_ignore(rules: Sequence[str], reason: str | None = None) -> str:
+    """The comment line that makes squawk skip ``rules`` for the statement right below it."""
+    line = SQUAWK_IGNORE + ", ".join(rules)
+    return line if reason is None else f"{line} -- {reason}"
+
+
+_QUOTE_START = re.compile(r"'|\"|\$[A-Za-z_]*\$|--")
+
+
+def _quote_after(line: str, quote: str | None) -> str | None:
+    """The quote (``'``, ``"`` or a dollar tag) still open at the end of ``line``, given the one
+    open at its start."""
+    at = 0
+    while True:
+        if quote is None:
+            found = _QUOTE_START.search(line, at)
+            if found is None or found.group() == "--":
+                return None
+            quote, at = found.group(), found.end()
+        end = line.find(quote, at)
+        if end < 0:
+            return quote
+        if quote in ("'", '"') and line.startswith(quote, end + 1):  # '' inside '...'
+            at = end + 2
+            continue
+        at, quote = end + len(quote), None
+
+
+def _commented(text: str, comment: str) -> str:
+    """``comment`` above each line of a statement that starts outside a quoted string: squawk
+    reads an ignore comment for the line right below it, and a finding points at a line."""
+    lines, quote = [], None
+    for line in text.split("\n"):
+        if quote is None and line.strip():
+            lines.append(comment)
+        lines.append(line)
+        quote = _quote_after(line, quote)
+    return "\n".join(lines)
+
+
+class Waiver:
+    """A squawk rule waived, with its reason: for the next statement (``ops.waive(...)`` on its own
+    line), or for every statement of a ``with ops.waive(...):`` block.
+
+    Offline it stands in for the output while it lasts, and writes its comment above each line of
+    each statement (BEGIN, COMMIT and comments pass as they are): squawk reads an ignore comment
+    for the line right below it only, and points a finding at a line of a statement.
+    """
+
+    def __init__(self, ctx: MigrationContext, comment: str) -> None:
+        self.ctx = ctx
+        self.comment: str | None = comment
+        self.once = True
+        self.inner = ctx.impl.output_buffer
+        if ctx.as_sql and self.inner is not None:
+            ctx.impl.output_buffer = cast(TextIO, self)  # Alembic only writes and flushes it
+
+    def write(self, text: str) -> int:
+        assert self.inner is not None
+        line = text.strip()
+        if self.comment is not None and line and line not in _TRANSACTION_LINES and not line.startswith("--"):
+            text = _commented(text, self.comment)
+            if self.once:
+                self._end()
+        return int(self.inner.write(text) or 0)
+
+    def flush(self) -> None:
+        if self.inner is not None:
+            self.inner.flush()
+
+    def _end(self) -> None:
+        self.comment = None  # passes everything on from now (if a later waiver wraps it)
+        if cast(object, self.ctx.impl.output_buffer) is self:
+            self.ctx.impl.output_buffer = self.inner
+
+    def __enter__(self) -> Waiver:
+        self.once = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end()
+
+
+def waive(*rules: str, reason: str) -> Waiver:
+    """Waive squawk ``rules`` (its names: ``prefer-text-field``) for the next statement, or, used as
+    ``with ops.waive(...):``, for each statement in the block, saying why in ``reason`` (one line).
+
+    Offline it writes ``-- squawk-ignore <rules> -- <reason>`` above each line of the statement(s)
+    (but lines inside a quoted string), which squawk honours and ``kraken-migrations lint`` lists
+    with the reason; online it does nothing.
+    """
+    if not rules or any(_RULE_NAME.fullmatch(rule) is None for rule in rules):
+        raise ValueError(f"ops.waive{rules!r}: give squawk rule names, such as 'prefer-text-field'")
+    if not reason.strip() or "\n" in reason:
+        raise ValueError(f"ops.waive{rules!r}: give the reason, on one line")
+    return Waiver(_context(), squawk_ignore(rules, reason.strip()))
 
 
 # --- the catalog -----------------------------------------------------------------------------
@@ -400,11 +575,11 @@ def create_index_concurrently(
         ddl += f" WHERE {where}"
     ctx = _context()
     if ctx.as_sql:
-        with ctx.autocommit_block():
+        with _autocommit(ctx):
             op.execute(ddl)
         return
     _require_own_transactions(ctx)
-    with ctx.autocommit_block():
+    with _autocommit(ctx):
         found = index_info(name)
         if found is not None:
             if (found.table, found.columns, found.unique) != (table, tuple(columns), unique):
@@ -441,11 +616,11 @@ def drop_index_concurrently(name: str) -> None:
     ctx = _context()
     drop = f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}"
     if ctx.as_sql:
-        with ctx.autocommit_block():
+        with _autocommit(ctx):
             op.execute(drop)
         return
     _require_own_transactions(ctx)
-    with ctx.autocommit_block(), _waiting_patiently(f"dropping index {name}", "the next run drops it again"):
+    with _autocommit(ctx), _waiting_patiently(f"dropping index {name}", "the next run drops it again"):
         op.execute(drop)
 
 
@@ -655,11 +830,225 @@ def replace_foreign_key(
     _lock_referenced_first(table, ref_table, "ACCESS EXCLUSIVE")
     # squawk warns about any dropped or renamed constraint; this one is replaced by an equal,
     # already validated key that takes over its name in the same transaction.
-    _static("-- squawk-ignore ban-drop-constraint")
+    _static(squawk_ignore(["ban-drop-constraint"]))
     op.execute(f"ALTER TABLE {ident(table)} DROP CONSTRAINT IF EXISTS {ident(name)}")
-    _static("-- squawk-ignore renaming-object")
+    _static(squawk_ignore(["renaming-object"]))
     op.execute(f"ALTER TABLE {ident(table)} RENAME CONSTRAINT {ident(pending)} TO {ident(name)}")
     commit()
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """A foreign key of a new table (``create_table``): added NOT VALID, then validated."""
+
+    name: str
+    columns: Sequence[str]
+    ref_table: str
+    ref_columns: Sequence[str] = ("id",)
+    on_delete: str | None = None
+
+
+_REFERENCES = re.compile(r"\bREFERENCES\b", re.IGNORECASE)
+
+# A table's definition as the catalog holds it, for telling whether an existing table is the one a
+# revision creates: columns (type, NOT NULL, default, identity), constraints other than foreign
+# keys, and indexes, each by name. Temporary tables live in a pg_temp_N schema that the text of
+# their defaults and indexes names: it is left out, so a temporary copy compares equal.
+_SHAPE = sa.text(
+    "SELECT 'column ' || a.attname, format_type(a.atttypid, a.atttypmod)"
+    " || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END"
+    " || coalesce(' DEFAULT ' || regexp_replace(pg_get_expr(d.adbin, d.adrelid), 'pg_temp_[0-9]+\\.', '', 'g'), '')"
+    " || CASE a.attidentity WHEN 'a' THEN ' GENERATED ALWAYS AS IDENTITY'"
+    "      WHEN 'd' THEN ' GENERATED BY DEFAULT AS IDENTITY' ELSE '' END"
+    " FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+    " WHERE a.attrelid = CAST(:table AS regclass) AND a.attnum > 0 AND NOT a.attisdropped"
+    " UNION ALL SELECT 'constraint ' || c.conname, pg_get_constraintdef(c.oid) FROM pg_constraint c"
+    " WHERE c.conrelid = CAST(:table AS regclass) AND c.contype NOT IN ('f', 'n')"
+    " UNION ALL SELECT 'index ' || i.relname,"
+    " regexp_replace(pg_get_indexdef(x.indexrelid), '^.* USING ', CASE WHEN x.indisunique THEN 'UNIQUE ' ELSE '' END)"
+    " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = CAST(:table AS regclass)"
+)
+_FOREIGN_KEYS_OF = sa.text(
+    "SELECT conname FROM pg_constraint WHERE conrelid = CAST(:table AS regclass) AND contype = 'f' ORDER BY conname"
+)
+_REFERENCED_BY = sa.text(
+    "SELECT conrelid::regclass::text || '.' || conname FROM pg_constraint"
+    " WHERE confrelid = CAST(:table AS regclass) AND conrelid <> confrelid AND contype = 'f' ORDER BY 1"
+)
+
+
+def _table_sql(
+    name: str,
+    columns: Mapping[str, str],
+    primary_key: Sequence[str],
+    uniques: Mapping[str, Sequence[str]],
+    checks: Mapping[str, str],
+    *,
+    temporary: bool = False,
+    if_not_exists: bool = False,
+) -> str:
+    parts = [f"{ident(column)} {definition}" for column, definition in columns.items()]
+    if primary_key:
+        parts.append(f"CONSTRAINT {ident(name + '_pkey')} PRIMARY KEY ({_columns(primary_key)})")
+    parts += [f"CONSTRAINT {ident(u)} UNIQUE ({_columns(cols)})" for u, cols in uniques.items()]
+    parts += [f"CONSTRAINT {ident(c)} CHECK ({condition})" for c, condition in checks.items()]
+    body = ",\n".join(f"    {part}" for part in parts)
+    create = "CREATE TEMPORARY TABLE" if temporary else "CREATE TABLE"
+    return f"{create}{' IF NOT EXISTS' if if_not_exists else ''} {ident(name)} (\n{body}\n)"
+
+
+def _index_sql(name: str, table: str, columns: Sequence[str]) -> str:
+    """A plain index of a new table (``table``: its name as SQL)."""
+    return f"CREATE INDEX IF NOT EXISTS {ident(name)} ON {table} ({_columns(columns)})"
+
+
+def _shape(table: str) -> dict[str, str]:
+    return {str(what): str(how) for what, how in _bind().execute(_SHAPE, {"table": table}).all()}
+
+
+def _differences(
+    name: str, create: str, indexes: Mapping[str, Sequence[str]], foreign_keys: Sequence[ForeignKey]
+) -> list[str]:
+    """How the existing table ``name`` differs from what the revision would create: the revision's
+    definition is created as a temporary table (in a savepoint, rolled back) and both are read
+    back from the catalog, so no SQL is parsed here."""
+    found = _shape(ident(name))
+    savepoint = _bind().begin_nested()
+    try:
+        _bind().execute(sa.text(create))
+        for index, columns in indexes.items():
+            _bind().execute(sa.text(_index_sql(index, f"pg_temp.{ident(name)}", columns)))
+        wanted = _shape(f"pg_temp.{ident(name)}")
+    finally:
+        savepoint.rollback()
+    problems = [
+        f"{what} is {found[what]}, not {how}" for what, how in wanted.items() if what in found and found[what] != how
+    ]
+    problems += [f"{what} is missing" for what in wanted if what not in found]
+    problems += [f"{what} is not in the revision" for what in found if what not in wanted]
+    declared = {fk.name: fk for fk in foreign_keys}
+    for (existing,) in _bind().execute(_FOREIGN_KEYS_OF, {"table": ident(name)}).all():
+        fk = declared.get(existing)
+        if fk is None:
+            problems.append(f"foreign key {existing} is not in the revision")
+        elif not _fk_matches(constraint_info(existing, name), fk.columns, fk.ref_table, fk.ref_columns, fk.on_delete):
+            problems.append(f"foreign key {existing} has another definition")
+    return problems
+
+
+def create_table(
+    name: str,
+    columns: Mapping[str, str],
+    *,
+    primary_key: Sequence[str] = (),
+    uniques: Mapping[str, Sequence[str]] | None = None,
+    checks: Mapping[str, str] | None = None,
+    indexes: Mapping[str, Sequence[str]] | None = None,
+    foreign_keys: Sequence[ForeignKey] = (),
+) -> None:
+    """Create a table, with its own constraints and indexes, then its foreign keys to existing tables.
+
+    ``columns`` maps each column to its type and options (``"bigint NOT NULL"``, ``"text"``,
+    ``"timestamptz NOT NULL DEFAULT now()"``); the primary key is named ``<table>_pkey``, as
+    PostgreSQL names it; ``uniques``, ``checks`` and ``indexes`` map a name to columns or a condition.
+
+    One transaction creates the table, its constraints and its indexes (a plain CREATE INDEX: the
+    table is new and empty, and only this transaction sees it): it commits whole or not at all. If
+    the table exists (a revision run again after a later step failed), it is compared with the
+    definition, and one that differs (another table of that name, an older draft of the revision)
+    is refused with its differences: ``IF NOT EXISTS`` alone would keep it silently.
+
+    Each of ``foreign_keys`` then goes as on an existing table, one at a time, so only one busy
+    table is ever locked: in a transaction of its own, the referenced table is locked first
+    (SHARE ROW EXCLUSIVE, which waits within lock_timeout and holds writes to it back only for the
+    catalog change; the service locks the referenced row before it writes a referencing one, so
+    this order cannot deadlock with it), then the constraint is added NOT VALID (SHARE ROW
+    EXCLUSIVE on the new table) and committed; then validated in a transaction of its own
+    (SHARE UPDATE EXCLUSIVE on the new table, ROW SHARE on the referenced one: reads and writes go
+    on), which on the new, empty table scans nothing. Inline ``REFERENCES`` are refused: they would
+    take the referenced table's lock inside the creating transaction.
+
+    Offline: ``CREATE TABLE IF NOT EXISTS`` (there is nothing to compare with), then the same steps.
+    """
+    uniques, checks, indexes = uniques or {}, checks or {}, indexes or {}
+    for what, text in [*columns.items(), *checks.items()]:
+        if _REFERENCES.search(text):
+            raise ValueError(
+                f"create_table({name!r}): {what} has an inline REFERENCES; give it in foreign_keys= "
+                "(ops.ForeignKey(...)), which adds it NOT VALID after the table, locking the referenced table first"
+            )
+    create = _table_sql(name, columns, primary_key, uniques, checks, if_not_exists=_offline())
+    if _offline() or _rows("SELECT to_regclass(:t)", t=ident(name))[0][0] is None:
+        op.execute(create)
+        for index, index_columns in indexes.items():
+            op.execute(_index_sql(index, ident(name), index_columns))
+    else:
+        temporary = _table_sql(name, columns, primary_key, uniques, checks, temporary=True)
+        problems = _differences(name, temporary, indexes, foreign_keys)
+        if problems:
+            raise CommandError(
+                f"table {name} exists and differs from the one this revision creates: {'; '.join(problems)}. "
+                "Drop it if nothing needs it, or give the new table another name"
+            )
+    commit()
+    for fk in foreign_keys:
+        add_foreign_key_not_valid(fk.name, name, fk.columns, fk.ref_table, fk.ref_columns, on_delete=fk.on_delete)
+        validate_constraint(fk.name, name)
+
+
+def drop_table(name: str) -> None:
+    """Drop a table, refusing while it holds rows unless ``-x allow_data_loss=true`` (or an earlier
+    ``refuse_data_loss`` of this revision covered it), and refusing while another table refers to it.
+
+    Its foreign keys go first, one at a time, each in a transaction of its own that locks the
+    referenced table first (ACCESS EXCLUSIVE, for the catalog change only), in the service's
+    order; then ``DROP TABLE IF EXISTS``, which then locks no table but this one. Idempotent: a
+    table already gone is nothing to do. Offline the foreign keys are found by a ``DO`` block,
+    run between transactions, that commits after each (as the backfill's does).
+    """
+    if name not in _step().cleared:
+        _refuse_after_commit(
+            f"the data-loss check of ops.drop_table({name!r})",
+            hint="call ops.refuse_data_loss(revision, tables=[...]) with every table it drops first",
+        )
+        refuse_data_loss(_step().revision or "this revision", tables=[name])
+    if _offline():
+        _emit_drop_foreign_keys(name)
+    elif _rows("SELECT to_regclass(:t)", t=ident(name))[0][0] is None:
+        return
+    else:
+        referenced_by = [row[0] for row in _rows(str(_REFERENCED_BY), table=ident(name))]
+        if referenced_by:
+            raise CommandError(
+                f"cannot drop table {name}: foreign key(s) {', '.join(referenced_by)} refer to it; drop them first"
+            )
+        for (fk,) in _bind().execute(_FOREIGN_KEYS_OF, {"table": ident(name)}).all():
+            drop_constraint(fk, name)
+    op.execute(f"DROP TABLE IF EXISTS {ident(name)}")
+    commit()
+
+
+def _emit_drop_foreign_keys(name: str) -> None:
+    # No % anywhere (see _emit_violation_guard); the variable's name is one no column has.
+    table = literal(ident(name))
+    refused = literal(f"cannot drop table {name}: other tables refer to it")
+    with _autocommit(_context()):
+        op.execute(
+            "DO $drop_table$\nDECLARE\n    drop_table_fk record;\nBEGIN\n"
+            f"    IF EXISTS (SELECT FROM pg_constraint WHERE confrelid = to_regclass({table})"
+            " AND conrelid <> confrelid AND contype = 'f') THEN\n"
+            f"        RAISE EXCEPTION USING MESSAGE = {refused};\n"
+            "    END IF;\n"
+            "    FOR drop_table_fk IN SELECT conname, confrelid::regclass::text AS referenced FROM pg_constraint\n"
+            f"        WHERE conrelid = to_regclass({table}) AND contype = 'f' ORDER BY conname LOOP\n"
+            "        EXECUTE 'LOCK TABLE ' || drop_table_fk.referenced || ' IN ACCESS EXCLUSIVE MODE';\n"
+            f"        EXECUTE 'ALTER TABLE ' || {table} || ' DROP CONSTRAINT ' || quote_ident(drop_table_fk.conname);\n"
+            "        COMMIT;\n"
+            "    END LOOP;\nEND\n$drop_table$"
+        )
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -801,7 +1190,7 @@ def _vacuum(table: str, label: str, *, last: bool = False) -> None:
     indexes too, and sets the visibility map that index-only scans read."""
     started = time.monotonic()
     options = "SKIP_LOCKED, TRUNCATE OFF" + ("" if last else ", INDEX_CLEANUP OFF")
-    with _context().autocommit_block():
+    with _autocommit(_context()):
         _bind().execute(sa.text(f"VACUUM ({options}) {ident(table)}"))
     logger.debug("%s: VACUUM (%s) %s took %.1f s", label, options, table, time.monotonic() - started)
 
@@ -994,7 +1383,7 @@ def _emit_backfill_by_key(
         f"SELECT array_agg(locked.{ident(key)}) INTO backfill_keys"
         f" FROM ({_batch_lock(table, key, 'backfill_keys')}) AS locked;"
     )
-    with _context().autocommit_block():
+    with _autocommit(_context()):
         op.execute(
             "DO $backfill$\nDECLARE\n"
             f"    backfill_upper {key_type};\n    backfill_after {key_type};\n"
@@ -1086,6 +1475,7 @@ def refuse_violations(revision: str, rules: Sequence[Rule]) -> None:
     CLI prints one ``FAILED:`` line and the service logs all of it) counts the rows per rule and
     gives a query that lists them. Offline, the same check is emitted as a DO block that raises.
     """
+    _refuse_after_commit("ops.refuse_violations()")
     if _offline():
         _emit_violation_guard(revision, rules)
         return
@@ -1135,6 +1525,8 @@ def refuse_data_loss(
     """Stop a downgrade that would drop tables holding rows (or columns holding values), unless the
     operator passed ``-x allow_data_loss=true``. The message says how much would be lost."""
     columns = columns or {}
+    _refuse_after_commit("ops.refuse_data_loss()")
+    _step().cleared.update(tables)  # a drop_table() after this one need not count them again
     if allow_data_loss():
         logger.warning("downgrade of %s may drop data: -x allow_data_loss=true was given", revision)
         return

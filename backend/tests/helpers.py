@@ -207,15 +207,16 @@ async def run_ops_async(
     *,
     lock_timeout: str = "5s",
     long_waits: ops.LongWaits | None = None,
+    x: Sequence[str] = (),
 ) -> None:
     """Run ``operations`` (calls to backend.migrations.ops) as a revision runs: on a connection of
     its own, with lock_timeout set (and ``long_waits``, as runner.py sets them), inside a
-    MigrationContext whose transactions Alembic manages."""
+    MigrationContext whose transactions Alembic manages; ``x``: what ``alembic -x`` would pass."""
     engine = create_migration_engine(target)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(
-                lambda sync: run_ops_on(sync, operations, lock_timeout=lock_timeout, long_waits=long_waits)
+                lambda sync: run_ops_on(sync, operations, lock_timeout=lock_timeout, long_waits=long_waits, x=x)
             )
     finally:
         await engine.dispose()
@@ -251,9 +252,10 @@ def run_ops(
     *,
     lock_timeout: str = "5s",
     long_waits: ops.LongWaits | None = None,
+    x: Sequence[str] = (),
 ) -> None:
     """``run_ops_async`` for synchronous test code."""
-    asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout, long_waits=long_waits))
+    asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout, long_waits=long_waits, x=x))
 
 
 def offline_ops(operations: Callable[[], object]) -> str:
