@@ -4,6 +4,7 @@
     uv run kraken-migrations validate             # applied revisions against their files; exit 1 on a mismatch
     uv run kraken-migrations repair               # accept the files as they are (a repair row each)
     uv run kraken-migrations backfills [--limit N] # the backfills' progress (alembic_backfill), newest first
+    uv run kraken-migrations lint [REVISION ...]   # squawk on the revisions' offline SQL, as CI runs it
 
 The database is found as the alembic CLI finds it (MIGRATIONS_DATABASE_URL, DATABASE_URL, or the
 embedded server), and a failure is one ``FAILED:`` line that never holds a password: exit 2 for a
@@ -30,6 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from backend.config import ConfigError, Settings, get_settings
 from backend.db.errors import first_line, sqlstate
 from backend.migrations import backfills, ledger
+from backend.migrations import lint as revision_lint
 from backend.migrations.lock import MigrationLockTimeout, TransactionPooler, migration_lock
 from backend.migrations.moments import when
 from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, read_revisions
@@ -235,6 +237,27 @@ async def repair(settings: Settings, script_location: Path, args: argparse.Names
         _out(line)
 
 
+# --- lint ------------------------------------------------------------------------------------
+
+
+def lint(script_location: Path, args: argparse.Namespace) -> None:
+    """squawk on each revision's offline SQL (or the ones named), as CI runs it; no database."""
+    results = revision_lint.lint(script_location, args.revisions)
+    for result in results:
+        if result.report.strip():
+            _out(result.report.rstrip())
+        for waiver in result.waivers:
+            why = f"reason: {waiver.reason}" if waiver.reason else "no reason given"
+            _out(f"{result.revision}: waives {waiver.rules} ({why}), line {waiver.line}: {waiver.statement.strip()}")
+        _out(f"{result.revision}: {'ok' if result.ok else 'squawk found problems (above)'}")
+    failed = [result.revision for result in results if not result.ok]
+    if failed:
+        raise Failed(
+            f"FAILED: squawk found problems in the offline SQL of revision(s) {', '.join(failed)}: fix the "
+            "statements, or waive a rule for one statement with ops.waive(rule, reason=...) just before it"
+        )
+
+
 # --- the command -----------------------------------------------------------------------------
 
 COMMANDS: dict[str, Any] = {
@@ -256,6 +279,10 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     commands.add_parser("validate", help="compare applied revisions with their files; exit 1 on a mismatch")
     commands.add_parser("repair", help="accept the files as they are: a repair row per changed revision")
+    linting = commands.add_parser("lint", help="squawk on the revisions' offline SQL, as CI runs it (no database)")
+    linting.add_argument(
+        "revisions", nargs="*", metavar="REVISION", help="the revision(s) to lint, or head (default: all)"
+    )
     progress = commands.add_parser("backfills", help="the backfills' progress (alembic_backfill), newest first")
     progress.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
     return parser
@@ -274,9 +301,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)-5.5s [%(name)s] %(message)s")
     try:
+        if args.command == "lint":  # offline: no settings, no database
+            lint(_script_location(args.config), args)
+            return
         settings = get_settings()
         asyncio.run(COMMANDS[args.command](settings, _script_location(args.config), args))
     except ConfigError as exc:
+        _out(f"FAILED: {exc}")
+        sys.exit(2)
+    except revision_lint.LintError as exc:
         _out(f"FAILED: {exc}")
         sys.exit(2)
     except Failed as exc:
