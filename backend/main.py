@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import multiprocessing
 import os
@@ -15,95 +13,21 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 
-import asyncpg
 from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 from uvicorn.config import STARTUP_FAILURE
 
-from backend import metrics
+from backend import database, metrics
 from backend.api import ROUTERS
 from backend.api.errors import install_error_handlers
 from backend.api.middleware import GZIP_MINIMUM_BYTES, BodySizeLimit, Cors, RequestContext
 from backend.api.openapi import install_openapi, operation_id
 from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
-from backend.db.embedded import release_servers
+from backend.database import STARTUP_ERRORS
 from backend.db.leases import NotStarted
-from backend.db.pool import SETTLE_SECONDS, PoolLender, create_pool
-from backend.db.url import DatabaseTarget
 from backend.logs import configure_logging
-from backend.migrations.revisions import SchemaStatus, read_revisions
-from backend.migrations.runner import (
-    DatabaseUnavailable,
-    MigrationError,
-    SchemaNotAtHead,
-    check_schema,
-    migrations_target,
-    read_schema_status,
-    run_migrations_measured,
-)
 
 logger = logging.getLogger(__name__)
-
-# What stops a boot without a traceback: each is reported as one line.
-STARTUP_ERRORS = (ConfigError, DatabaseUnavailable, MigrationError, SchemaNotAtHead)
-
-
-async def prepare_schema(settings: Settings) -> SchemaStatus:
-    """Apply KRAKEN_MIGRATE_ON_STARTUP: upgrade to head, check that it is there, or only look."""
-    if settings.migrate_on_startup == "upgrade":
-        run = await run_migrations_measured(settings)
-        if settings.metrics:
-            metrics.record_migration(run)
-        return run.status
-    if settings.migrate_on_startup == "check":
-        status = await check_schema(settings)
-    else:
-        status = await read_schema_status(await migrations_target(settings), wait=settings.db_connect_timeout)
-    if settings.metrics:
-        metrics.record_schema(status)
-    return status
-
-
-# Where `kraken-backend` hands its workers the schema's status (hand_schema_to_workers); not a setting.
-HANDED_SCHEMA = "KRAKEN_SUPERVISOR_SCHEMA"
-
-
-def hand_schema_to_workers(status: SchemaStatus) -> None:
-    """Worker processes started from now on, replacements included, take ``status`` instead of
-    reading it from the database: a worker's start needs no database, so one started during an
-    outage serves (503 until the database is back) rather than failing and stopping the service.
-
-    In the environment: uvicorn's supervisor starts every worker with this process's, the channel
-    their settings already come through; a file would have to be written, found and removed.
-    """
-    os.environ[HANDED_SCHEMA] = json.dumps(status.current)
-
-
-def handed_schema_status() -> SchemaStatus | None:
-    """The status `kraken-backend` handed this worker process; None outside one."""
-    handed = os.environ.get(HANDED_SCHEMA)
-    if handed is None or multiprocessing.parent_process() is None:
-        return None
-    return SchemaStatus(tuple(json.loads(handed)), read_revisions())
-
-
-async def create_service_pool(target: DatabaseTarget, settings: Settings) -> asyncpg.Pool:
-    """The pool requests use, sized and configured by the settings (no connection opened yet)."""
-    return await create_pool(
-        target,
-        size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
-        statement_cache=settings.db_statement_cache,
-        statement_timeout=settings.db_statement_timeout or None,
-    )
-
-
-def service_lender(pool: asyncpg.Pool, settings: Settings) -> PoolLender:
-    """Lends ``pool``'s connections to requests, as the settings say (and counted, with metrics on)."""
-    lender = PoolLender(pool, size=settings.db_pool_size, timeout=settings.db_pool_timeout)
-    if settings.metrics:
-        metrics.watch_pool(lender)
-    return lender
 
 
 @asynccontextmanager
@@ -118,7 +42,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # `kraken-backend` prepares the schema before serving (to fail with one line) and hands
         # its status to its worker processes; other servers (`uvicorn backend.main:app`) prepare
         # it here.
-        status = getattr(app.state, "schema_status", None) or handed_schema_status() or await prepare_schema(settings)
+        status = (
+            getattr(app.state, "schema_status", None)
+            or database.handed_schema_status()
+            or await database.run_migrations(settings)
+        )
         target = await resolve_target(settings)
     except STARTUP_ERRORS as exc:
         if multiprocessing.parent_process() is None:
@@ -133,7 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         os._exit(STARTUP_FAILURE)
     # The pool connects on first use, not here: a worker started while the database is down
     # serves 503 database_unavailable (and /ready 503) until it is back.
-    lender = service_lender(await create_service_pool(target, settings), settings)
+    lender = database.service_lender(await database.create_service_pool(target, settings), settings)
     app.state.fault_log.where = target.safe
     app.state.settings = settings
     app.state.schema_status = status
@@ -145,13 +73,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         restore_sigterm()
-        # Requests cut off at shutdown still settle their connections (their statements cancelled
-        # on the database) before the pool goes.
-        if not await lender.all_returned(timeout=SETTLE_SECONDS + 1):
-            logger.warning("closing the pool with connections still out (their requests did not settle)")
-        await lender.close()
-        if settings.database_url is None:
-            await asyncio.to_thread(release_servers)
+        await database.close_service_pool(lender, settings)
 
 
 def _drain_on_sigterm(app: FastAPI) -> Callable[[], None]:

@@ -70,13 +70,14 @@ def serve(settings: Settings) -> int:
 
 def _serve(settings: Settings) -> int:
     # Imported here, after the environment is set (see the module's docstring).
+    from backend.database import STARTUP_ERRORS, hand_schema_to_workers, run_migrations
     from backend.db.embedded import release_servers
-    from backend.main import STARTUP_ERRORS, app, hand_schema_to_workers, prepare_schema
+    from backend.main import app
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             try:
-                status = runner.run(prepare_schema(settings))
+                status = runner.run(run_migrations(settings))
             except STARTUP_ERRORS as exc:
                 logger.error("cannot start: %s", exc)
                 return 1

@@ -50,12 +50,12 @@ from support import bench_server, conversation, turn_payload
 from backend.config import PROJECT_ROOT, Settings, load_settings
 from backend.conversations import service
 from backend.conversations.schemas import TurnCreate, dumps
+from backend.database import create_service_pool, service_lender
 from backend.db.admin import scratch_database
 from backend.db.engine import SERVICE_APPLICATION_NAME, connect_kwargs, sqlalchemy_engine
 from backend.db.leases import Lease
 from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
-from backend.main import create_service_pool, service_lender
 from backend.migrations.runner import run_migrations
 from backend.models import Conversation, ToolCall, Turn
 from backend.tests.helpers import free_port

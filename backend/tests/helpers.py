@@ -35,10 +35,10 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backend.config import PROJECT_ROOT, Settings
+from backend.database import create_service_pool, service_lender
 from backend.db.engine import connect, create_migration_engine
 from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
-from backend.main import create_service_pool, service_lender
 from backend.migrations import ops
 from backend.migrations.revisions import alembic_config, read_revisions
 

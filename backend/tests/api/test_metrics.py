@@ -16,9 +16,10 @@ from fastapi import FastAPI
 
 from backend import metrics
 from backend.config import Settings
+from backend.database import run_migrations as startup_hook
 from backend.db.leases import Lease
 from backend.db.url import DatabaseTarget
-from backend.main import create_app, prepare_schema
+from backend.main import create_app
 from backend.migrations.revisions import read_revisions
 from backend.tests.conftest import settings_of
 from backend.tests.helpers import API_KEY, AUTH, HEAD, live, metric, new_conversation, turn_body
@@ -144,14 +145,14 @@ async def test_the_pool_gauges_follow_checkouts_and_overflow(live_db: DatabaseTa
 
 
 async def test_boot_migrations_record_the_schema_and_what_they_did(empty_db: DatabaseTarget) -> None:
-    await prepare_schema(settings_of(empty_db))
+    await startup_hook(settings_of(empty_db))
     text = scraped()
     assert metric(text, "kraken_schema_revision", revision=HEAD) == 1
     assert metric(text, "kraken_boot_revisions_applied") == len(read_revisions().graph)
     assert 0 < metric(text, "kraken_boot_migration_seconds") < 120
     assert 0 <= metric(text, "kraken_boot_migration_lock_wait_seconds") < 1
     # A boot at head applies nothing.
-    await prepare_schema(settings_of(empty_db))
+    await startup_hook(settings_of(empty_db))
     assert metric(scraped(), "kraken_boot_revisions_applied") == 0
 
 

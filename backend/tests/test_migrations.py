@@ -1,0 +1,131 @@
+"""A real upgrade to head, as the deploy runs it (`alembic upgrade head`), and the schema it leaves:
+tables, columns, indexes and foreign keys. On DATABASE_URL's server when it is set, otherwise on
+the embedded PostgreSQL.
+
+    cd backend && uv run pytest tests/test_migrations.py -v
+
+The columns are compared with the models (backend/models.py), each type as PostgreSQL itself
+spells the model's; the constraints and indexes with the lists spelled out from the issues that
+asked for them (backend/tests/helpers.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy.dialects import postgresql
+
+from backend.db.engine import connect
+from backend.db.url import DatabaseTarget
+from backend.models import Base
+from backend.tests.helpers import (
+    EXPECTED_CONSTRAINTS,
+    EXPECTED_INDEXES_004,
+    assert_indexes,
+    constraints,
+    out,
+    run_alembic,
+    sql,
+)
+
+TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
+# The columns the original design lists for each table.
+SEED_COLUMNS = {
+    "kraken_conversations": {
+        "id", "session_id", "model", "system_prompt_hash", "agent_version", "status", "started_at", "ended_at",
+        "total_turns", "total_tokens", "total_cost_usd",
+    },
+    "kraken_turns": {
+        "id", "conversation_id", "turn_number", "user_query", "assistant_response", "input_tokens", "output_tokens",
+        "cost_usd", "duration_ms", "tool_calls_count", "cache_creation_tokens", "cache_read_tokens", "model",
+        "created_at",
+    },
+    "kraken_tool_calls": {
+        "id", "turn_id", "tool_name", "tool_args", "tool_result", "result_truncated", "sequence_order",
+    },
+}  # fmt: skip
+COLUMNS = """
+SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
+WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped
+"""
+
+
+@pytest.fixture(scope="module")
+def upgraded(database_factory: Callable[[], DatabaseTarget]) -> DatabaseTarget:
+    """A new database brought to head by the alembic CLI."""
+    db = database_factory()
+    result = run_alembic("upgrade", "head", target=db)
+    assert result.returncode == 0, out(result)
+    return db
+
+
+def columns(db: DatabaseTarget, table: str) -> dict[str, tuple[str, bool]]:
+    """column -> (its type as PostgreSQL prints it, NOT NULL)"""
+    return {name: (kind, not_null) for name, kind, not_null in sql(db, COLUMNS, table)}
+
+
+def model_columns(db: DatabaseTarget, table: str) -> dict[str, tuple[str, bool]]:
+    """The model's columns, each type compiled for PostgreSQL and printed back by the server
+    (a temporary table of those types: ``VARCHAR(16)`` comes back as ``character varying(16)``)."""
+    model = Base.metadata.tables[table]
+    dialect = postgresql.dialect()
+    probe = ", ".join(f'"{c.name}" {c.type.compile(dialect=dialect)}' for c in model.columns)
+
+    async def printed() -> list[tuple[str, str]]:
+        conn = await connect(db)
+        try:
+            await conn.execute(f"CREATE TEMPORARY TABLE probe ({probe})")
+            return [(r[0], r[1]) for r in await conn.fetch(COLUMNS.replace("attnotnull", "false"), "probe")]
+        finally:
+            await conn.close()
+
+    return {name: (kind, not model.columns[name].nullable) for name, kind in asyncio.run(printed())}
+
+
+def test_the_upgrade_reaches_head(upgraded: DatabaseTarget) -> None:
+    current = run_alembic("current", target=upgraded)
+    assert current.returncode == 0, out(current)
+    assert "(head)" in current.stdout
+
+
+def test_the_tables_are_there(upgraded: DatabaseTarget) -> None:
+    found = {row[0] for row in sql(upgraded, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {*TABLES, "alembic_version", "alembic_ledger"} <= found
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_every_column_of_the_design_is_there(upgraded: DatabaseTarget, table: str) -> None:
+    assert SEED_COLUMNS[table] <= set(columns(upgraded, table))
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_the_columns_are_the_models_with_their_types_and_nullability(upgraded: DatabaseTarget, table: str) -> None:
+    assert columns(upgraded, table) == model_columns(upgraded, table)
+
+
+def test_the_constraints_and_foreign_keys_are_there_and_validated(upgraded: DatabaseTarget) -> None:
+    found = constraints(upgraded)
+    assert {key: definition for key, (definition, _) in found.items()} == EXPECTED_CONSTRAINTS
+    assert all(validated for _, validated in found.values())
+    foreign = {key: d for key, (d, _) in found.items() if d.startswith("FOREIGN KEY")}
+    assert foreign == {
+        ("kraken_turns", "kraken_turns_conversation_id_fkey"): (
+            "FOREIGN KEY (conversation_id) REFERENCES kraken_conversations(id) ON DELETE CASCADE"
+        ),
+        ("kraken_tool_calls", "kraken_tool_calls_turn_id_fkey"): (
+            "FOREIGN KEY (turn_id) REFERENCES kraken_turns(id) ON DELETE CASCADE"
+        ),
+    }
+
+
+def test_the_indexes_are_there_and_valid(upgraded: DatabaseTarget) -> None:
+    assert_indexes(upgraded, EXPECTED_INDEXES_004)
+
+
+def test_a_second_upgrade_changes_nothing(upgraded: DatabaseTarget) -> None:
+    before = {table: columns(upgraded, table) for table in TABLES}, constraints(upgraded)
+    again = run_alembic("upgrade", "head", target=upgraded)
+    assert again.returncode == 0, out(again)
+    assert ({table: columns(upgraded, table) for table in TABLES}, constraints(upgraded)) == before
