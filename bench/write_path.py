@@ -52,7 +52,7 @@ from backend.conversations import service
 from backend.conversations.schemas import TurnCreate, dumps
 from backend.database import create_service_pool, service_lender
 from backend.db.admin import scratch_database
-from backend.db.engine import SERVICE_APPLICATION_NAME, connect_kwargs, sqlalchemy_engine
+from backend.db.engine import SERVICE_APPLICATION_NAME, connect_kwargs, service_session, sqlalchemy_engine
 from backend.db.leases import Lease
 from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
@@ -452,8 +452,13 @@ async def main(args: argparse.Namespace) -> None:
         bench_settings = Settings.model_validate({"DATABASE_URL": scratch.dsn, "db_pool_size": POOL})
         await run_migrations(bench_settings)
         lender = service_lender(await create_service_pool(scratch, bench_settings), bench_settings)
-        connect = connect_kwargs(
-            scratch, SERVICE_APPLICATION_NAME, bench_settings.db_statement_cache, bench_settings.db_statement_timeout
+        connect = service_session(
+            connect_kwargs(
+                scratch,
+                SERVICE_APPLICATION_NAME,
+                bench_settings.db_statement_cache,
+                bench_settings.db_statement_timeout,
+            )
         )
         engine = sqlalchemy_engine(connect, bench_settings.db_statement_cache, pool_size=POOL)
         db = Db(lender, async_sessionmaker(engine, expire_on_commit=False))

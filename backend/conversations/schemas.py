@@ -75,7 +75,7 @@ STORABLE_TEXT: JsonDict = {"not": {"pattern": NUL_PATTERN}}
 STORABLE_TEXT_RULE = "No NUL character (U+0000) and no unpaired UTF-16 surrogate: PostgreSQL cannot store them."
 # cost_usd as a string: plain decimal notation, 0 to 1000 (as a JSON number, a minimum and a maximum say it).
 COST_STRING_PATTERN = r"^(?:[0-9]{1,3}(?:\.[0-9]+)?|1000(?:\.0+)?)$"
-# A listing cursor: a conversation's started_at in microseconds since 0001-01-01T00:00:00 and its id.
+# A listing cursor: a conversation's started_at in microseconds since 0001-01-01T00:00:00Z and its id.
 CURSOR_PATTERN = r"^[0-9]{1,18}-[0-9a-f]{32}$"
 # Usage bounds, each form a pattern: a date-time with an offset (RFC 3339), one without (UTC), or
 # a date (its midnight UTC). Patterns, not only formats: a date-time without an offset has no
@@ -312,16 +312,28 @@ StorableJson = TypeAliasType(  # type: ignore[misc]
 )
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` as an aware UTC datetime: the one place times become what the code holds.
+
+    A naive value is UTC wall-clock time: what a `timestamp without time zone` column holds
+    (asyncpg reads those naive, `timestamptz` ones aware), and a usage bound without an offset or
+    a date (its midnight). An aware one is converted.
+    """
+    # USAGE_DATE_TIME_PATTERN keeps the conversion of a usage bound inside the years datetime holds.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _utc_iso(value: datetime) -> str:
     # isoformat, not strftime: %Y does not zero-pad years before 1000, which RFC 3339 requires.
-    # Stored times are naive UTC; one read back from JSON (a replayed turn) carries its Z.
-    return _as_utc(value).isoformat(timespec="microseconds") + "Z"
+    return as_utc(value).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-# Stored as UTC wall-clock time (timestamp without time zone); always shown with microseconds
-# and a Z, the same text the shared view's SQL produces (TIMESTAMP_FORMAT in the service).
+# A stored time, `timestamp` (UTC wall-clock) or `timestamptz` alike, held as an aware UTC
+# datetime; always shown with microseconds and a Z, the same text the shared view's SQL produces
+# (TIMESTAMP_FORMAT in the service).
 UtcTimestamp = Annotated[
     datetime,
+    AfterValidator(as_utc),
     PlainSerializer(_utc_iso, return_type=str, when_used="json"),
     WithJsonSchema({"type": "string", "format": "date-time"}, mode="serialization"),
 ]
@@ -476,16 +488,10 @@ class ConversationDetail(ConversationPublic):
 # --- usage ---------------------------------------------------------------------------------
 
 
-def _as_utc(value: datetime) -> datetime:
-    """A date (naive midnight) is UTC; a date-time is converted. Stored times are naive UTC."""
-    # USAGE_DATE_TIME_PATTERN keeps the conversion inside the years datetime holds.
-    return value if value.tzinfo is None else value.astimezone(UTC).replace(tzinfo=None)
-
-
 UsageTime = Annotated[
     datetime,
     BeforeValidator(_check_usage_time),
-    AfterValidator(_as_utc),
+    AfterValidator(as_utc),
     WithJsonSchema(
         {
             "anyOf": [

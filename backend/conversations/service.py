@@ -11,6 +11,17 @@ The only multi-statement operation, delete, runs its two statements in one trans
 They are correct with or without revision 002 (unique turn and sequence numbers, cascading
 deletes, CHECKs): turn numbers come from the locked conversation row, deletes remove children
 explicitly, and values are validated by the schemas, not by CHECKs.
+
+Times: the same statements are right whether ``started_at``, ``ended_at`` and ``created_at`` are
+``timestamp without time zone`` (UTC wall-clock) or ``timestamptz``, as they may be either while a
+deploy converts them. They run in the service's session, whose TimeZone is UTC
+(``backend.db.engine.SERVICE_SESSION``), and every conversion between the two types goes by that
+zone: ``clock_timestamp()`` assigned to a ``timestamp`` column is UTC wall-clock time, ``to_char``
+of a ``timestamptz`` prints UTC, a ``timestamptz`` cast to a date is its UTC day. Times sent as
+parameters are aware and typed ``timestamptz`` in the SQL (asyncpg's ``timestamp`` codec refuses
+aware values, its ``timestamptz`` one reads naive ones in the machine's zone); compared with a
+``timestamp`` column they stay inside the column's b-tree operator family, so its index serves.
+Times read back are made aware UTC in one place, ``schemas.as_utc``.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, NoReturn, TypeVar
 
 import asyncpg
@@ -50,16 +61,17 @@ from backend.conversations.schemas import (
     UsageGroup,
     UsageGrouping,
     UsageReport,
+    as_utc,
     dumps,
 )
 from backend.db.statements import Statement, execute, fetch_all, fetch_one, transaction
 
 # --- SQL -----------------------------------------------------------------------------------
 
-# Stored times are UTC wall-clock (timestamp without time zone), whatever the session's TimeZone;
-# the time the row is written, not the transaction's start.
-NOW = "timezone('UTC', clock_timestamp())"
-# Must print what schemas.UtcTimestamp prints.
+# The time the row is written, not the transaction's start: a timestamptz, stored as UTC in a
+# column of either type (see the module's docstring).
+NOW = "clock_timestamp()"
+# Must print what schemas.UtcTimestamp prints (to_char of a timestamptz prints the session's zone: UTC).
 TIMESTAMP_FORMAT = """'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'"""
 
 T = TypeVar("T")
@@ -260,7 +272,7 @@ LIMIT :limit
 """
 LIST_FIRST = Statement.of(_LIST.format(after=""))
 LIST_AFTER = Statement.of(
-    _LIST.format(after="AND (started_at, id) < (CAST(:started_at AS timestamp), CAST(:id AS uuid))")
+    _LIST.format(after="AND (started_at, id) < (CAST(:started_at AS timestamptz), CAST(:id AS uuid))")
 )
 
 # Locks the conversation first: appends then wait, so the delete below (a new statement, with a
@@ -287,11 +299,11 @@ SELECT {key} AS key,
        COALESCE(sum(CAST(input_tokens AS bigint) + output_tokens), 0) AS total_tokens,
        COALESCE(sum(cost_usd), 0) AS cost_usd
 FROM kraken_turns
-WHERE created_at >= :start AND created_at < :end
+WHERE created_at >= CAST(:start AS timestamptz) AND created_at < CAST(:end AS timestamptz)
 GROUP BY {group}
 ORDER BY {group}
 """
-_DAY = "CAST(created_at AS date)"
+_DAY = "CAST(created_at AS date)"  # the UTC day, of either type, in the service's session
 USAGE: dict[UsageGrouping, Statement] = {
     "model": Statement.of(_USAGE.format(key="model", group="model")),
     "day": Statement.of(_USAGE.format(key=f"to_char({_DAY}, 'YYYY-MM-DD')", group=_DAY)),
@@ -493,12 +505,14 @@ async def shared_view_json(
 
 
 # A cursor is a position in the listing, (started_at, id), written as CURSOR_PATTERN says. Every
-# string of that form is a position, so none that the OpenAPI document allows is refused.
-_EPOCH = datetime.min
+# string of that form is a position, so none that the OpenAPI document allows is refused. Its
+# microseconds count from 0001-01-01T00:00:00Z, the same number whichever type started_at has.
+_EPOCH = datetime.min.replace(tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 
 
 def encode_cursor(started_at: datetime, conversation_id: uuid.UUID) -> str:
+    """The cursor of a position; ``started_at`` is aware (as ``ConversationPublic`` holds it)."""
     return f"{(started_at - _EPOCH) // _MICROSECOND}-{conversation_id.hex}"
 
 
@@ -533,7 +547,9 @@ async def list_conversations(
 
 
 async def usage(conn: asyncpg.Connection, start: datetime, end: datetime, group_by: UsageGrouping) -> UsageReport:
-    """Turns, tokens and cost of the turns created in [start, end), per model or per UTC day."""
+    """Turns, tokens and cost of the turns created in [start, end), per model or per UTC day (a naive
+    bound is UTC)."""
+    start, end = as_utc(start), as_utc(end)
     rows = await fetch_all(conn, USAGE[group_by], start=start, end=end)
     return UsageReport(
         start=start, end=end, group_by=group_by, groups=[UsageGroup.model_validate(dict(r)) for r in rows]

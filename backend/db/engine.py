@@ -19,6 +19,13 @@ from backend.db.url import DatabaseTarget
 ASYNC_DRIVER = "postgresql+asyncpg"
 SERVICE_APPLICATION_NAME = "kraken-backend"
 MIGRATION_APPLICATION_NAME = "kraken-migrate"
+# The session the service's SQL is written for (backend.conversations.service), whatever the
+# server's or the database's default: UTC. Times are written and read in it as UTC whether a
+# column is `timestamp` or `timestamptz` (an assignment between the two, to_char of a
+# timestamptz, a cast to date and a comparison across the types all go by the session's zone).
+# A startup parameter, not a SET: PgBouncer tracks TimeZone per client and sets it on whichever
+# server connection it lends, so it holds through a transaction-pooling proxy too.
+SERVICE_SESSION = {"TimeZone": "UTC"}
 
 
 def connect_kwargs(
@@ -46,6 +53,11 @@ def connect_kwargs(
         # PgBouncer refuses; this works through any proxy.
         kwargs["command_timeout"] = statement_timeout
     return kwargs
+
+
+def service_session(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` (from ``connect_kwargs``) for a connection that runs the service's SQL: in SERVICE_SESSION."""
+    return {**kwargs, "server_settings": {**kwargs["server_settings"], **SERVICE_SESSION}}
 
 
 async def connect(

@@ -22,7 +22,7 @@ from typing import cast
 
 import asyncpg
 
-from backend.db.engine import SERVICE_APPLICATION_NAME, connect_kwargs
+from backend.db.engine import SERVICE_APPLICATION_NAME, connect_kwargs, service_session
 from backend.db.url import DatabaseTarget
 
 # Idle connections are closed after this long: before the idle timeouts of the NAT gateways and
@@ -64,7 +64,7 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """The pool of the service's connections: none opened yet (see the module's docstring)."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        **connect_kwargs(target, SERVICE_APPLICATION_NAME, statement_cache, statement_timeout),
+        **service_session(connect_kwargs(target, SERVICE_APPLICATION_NAME, statement_cache, statement_timeout)),
         min_size=0,
         max_size=size + max_overflow,
         max_inactive_connection_lifetime=IDLE_CLOSE_SECONDS,

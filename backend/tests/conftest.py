@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
@@ -18,16 +19,23 @@ import pytest
 from alembic.config import Config
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool
 
 from backend.config import Settings
 from backend.db.admin import create_database, drop_databases
 from backend.db.embedded import embedded_server
-from backend.db.engine import create_migration_engine
+from backend.db.engine import (
+    MIGRATION_APPLICATION_NAME,
+    connect_kwargs,
+    create_migration_engine,
+    service_session,
+    sqlalchemy_engine,
+)
 from backend.db.url import DatabaseTarget, parse_database_url
 from backend.main import create_app
 from backend.migrations.revisions import alembic_config as script_config
 from backend.migrations.runner import run_migrations
-from backend.tests.helpers import API_KEY, AUTH, RUN_ID, SavepointLender, driver_of, url_of
+from backend.tests.helpers import API_KEY, AUTH, RUN_ID, SavepointLender, driver_of, sql, url_of
 
 DatabaseFactory = Callable[[], DatabaseTarget]
 
@@ -121,10 +129,72 @@ def own_live_db(database_factory: DatabaseFactory) -> DatabaseTarget:
     return _migrated(database_factory)
 
 
+# The two forms of the three timestamp columns (started_at, ended_at, created_at) the service
+# meets: `timestamp without time zone` (revisions 001-005) and `timestamptz`, converted by hand as a
+# later revision converts them, keeping every instant.
+CONVERT_TO_TIMESTAMPTZ = (
+    "ALTER TABLE kraken_conversations"
+    " ALTER COLUMN started_at TYPE timestamptz USING started_at AT TIME ZONE 'UTC',"
+    " ALTER COLUMN ended_at TYPE timestamptz USING ended_at AT TIME ZONE 'UTC'",
+    "ALTER TABLE kraken_turns ALTER COLUMN created_at TYPE timestamptz USING created_at AT TIME ZONE 'UTC'",
+)
+# A default time zone far from UTC, with summer time: a session that kept it would shift instants.
+NEW_YORK = "America/New_York"
+
+
+@pytest.fixture(scope="session")
+def new_york_dbs(database_factory: DatabaseFactory) -> Callable[[str], DatabaseTarget]:
+    """A database at head per form of the timestamp columns (``TIMESTAMP_FORMS``), made on first use,
+    whose default time zone is America/New_York."""
+    made: dict[str, DatabaseTarget] = {}
+
+    def of(form: str) -> DatabaseTarget:
+        if form not in made:
+            target = _migrated(database_factory)
+            statements = [f"ALTER DATABASE \"{target.database}\" SET timezone = '{NEW_YORK}'"]
+            if form == "timestamptz":
+                statements += CONVERT_TO_TIMESTAMPTZ
+            for statement in statements:
+                sql(target, statement)
+            made[form] = target
+        return made[form]
+
+    return of
+
+
 @pytest.fixture
-async def db_connection(migrated_db: DatabaseTarget) -> AsyncIterator[AsyncConnection]:
-    """One connection in an outer transaction, rolled back at the end of the test."""
-    engine = create_migration_engine(migrated_db, statement_cache=settings_of(migrated_db).db_statement_cache)
+def timestamp_form() -> str | None:
+    """The form of the timestamp columns API tests run on: None for ``migrated_db``; a test marked
+    ``both_timestamp_forms`` runs on each, in a database of ``new_york_dbs``."""
+    return None
+
+
+@pytest.fixture
+def api_db(
+    request: pytest.FixtureRequest, timestamp_form: str | None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[DatabaseTarget]:
+    """The database of the test's transaction (``db_connection``) and its app. On a form of
+    ``new_york_dbs`` this process's local time zone is New York's too: asyncpg reads a naive
+    datetime sent as a timestamptz in it, so a time the code left naive would shift."""
+    if timestamp_form is None:
+        yield request.getfixturevalue("migrated_db")
+        return
+    monkeypatch.setenv("TZ", NEW_YORK)
+    time.tzset()
+    try:
+        yield request.getfixturevalue("new_york_dbs")(timestamp_form)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.fixture
+async def db_connection(api_db: DatabaseTarget) -> AsyncIterator[AsyncConnection]:
+    """One connection in an outer transaction, rolled back at the end of the test: in the service's
+    session (the pool's: ``service_session``), since the app's requests run on it."""
+    statement_cache = settings_of(api_db).db_statement_cache
+    connect = service_session(connect_kwargs(api_db, MIGRATION_APPLICATION_NAME, statement_cache))
+    engine = sqlalchemy_engine(connect, statement_cache, poolclass=NullPool)
     try:
         async with engine.connect() as connection:
             transaction = await connection.begin()
@@ -140,8 +210,8 @@ async def db_connection(migrated_db: DatabaseTarget) -> AsyncIterator[AsyncConne
 
 
 @pytest.fixture
-def api_settings(migrated_db: DatabaseTarget, settings_for: Callable[..., Settings]) -> Settings:
-    return settings_for(migrated_db, api_key=API_KEY)
+def api_settings(api_db: DatabaseTarget, settings_for: Callable[..., Settings]) -> Settings:
+    return settings_for(api_db, api_key=API_KEY)
 
 
 @pytest.fixture

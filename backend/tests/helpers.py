@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -381,6 +382,29 @@ async def live(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://kraken", headers=AUTH) as client:
             yield client
+
+
+# The forms of the three timestamp columns (started_at, ended_at, created_at) the service must
+# serve (conftest's new_york_dbs); a test marked so runs on each.
+TIMESTAMP_FORMS = ("timestamp", "timestamptz")
+both_timestamp_forms = pytest.mark.parametrize("timestamp_form", TIMESTAMP_FORMS)
+
+
+def utc(moment: str) -> datetime:
+    """An instant written without an offset, as UTC: ``utc("2025-01-01 10:00")``."""
+    return datetime.fromisoformat(moment).replace(tzinfo=UTC)
+
+
+def instant(value: datetime) -> datetime:
+    """A time read from either form of column (naive UTC wall-clock, or aware) as an aware UTC datetime."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+async def set_time(connection: AsyncConnection, table: str, column: str, row_id: str, moment: str) -> None:
+    """Store the instant ``moment`` (UTC) in ``table.column`` of row ``row_id``, whichever form the column has."""
+    await rows(
+        connection, f"UPDATE {table} SET {column} = CAST(:at AS timestamptz) WHERE id = :id", at=utc(moment), id=row_id
+    )
 
 
 async def new_conversation(client: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Every conversation endpoint, success and failure, through the ASGI app on a real database."""
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -9,21 +9,31 @@ import pytest
 
 from backend.conversations import service
 from backend.conversations.schemas import dumps
-from backend.tests.helpers import CONVERSATION, new_conversation, rows, stored_counts, turn_body
+from backend.tests.helpers import (
+    CONVERSATION,
+    both_timestamp_forms,
+    instant,
+    new_conversation,
+    rows,
+    set_time,
+    stored_counts,
+    turn_body,
+    utc,
+)
 
 TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 def parse_ts(value: str) -> datetime:
-    return datetime.strptime(value, TS_FORMAT)
+    """A time the API shows, which is always UTC with microseconds and a Z."""
+    return datetime.strptime(value, TS_FORMAT).replace(tzinfo=UTC)
 
 
 # --- POST /conversations -------------------------------------------------------------------
 
 
+@both_timestamp_forms  # in a database whose default time zone is New York: stored times are still UTC
 async def test_create_starts_an_active_conversation_with_zero_totals(client, db_connection):
-    # A server time zone far from UTC: stored times must still be UTC.
-    await db_connection.exec_driver_sql("SET TIME ZONE 'Asia/Kathmandu'")
     created = await new_conversation(client)
 
     assert {key: created[key] for key in CONVERSATION} == CONVERSATION
@@ -32,11 +42,12 @@ async def test_create_starts_an_active_conversation_with_zero_totals(client, db_
     assert (created["total_turns"], created["total_tokens"], created["total_cost_usd"]) == (0, 0, 0)
     [row] = await rows(
         db_connection,
-        "SELECT started_at, timezone('UTC', clock_timestamp()) AS utc_now FROM kraken_conversations WHERE id = :id",
+        "SELECT started_at, clock_timestamp() AS now FROM kraken_conversations WHERE id = :id",
         id=created["id"],
     )
-    assert parse_ts(created["started_at"]) == row.started_at
-    assert timedelta(0) <= row.utc_now - row.started_at < timedelta(minutes=5)
+    assert parse_ts(created["started_at"]) == instant(row.started_at)
+    assert timedelta(0) <= row.now - instant(row.started_at) < timedelta(minutes=5)
+    assert timedelta(0) <= datetime.now(UTC) - parse_ts(created["started_at"]) < timedelta(minutes=5)
 
 
 async def test_create_stores_sql_looking_text_verbatim(client, db_connection):
@@ -209,6 +220,7 @@ async def test_the_truncation_limit_is_a_setting(client, app):
 # --- POST /conversations/{id}/end ----------------------------------------------------------
 
 
+@both_timestamp_forms
 @pytest.mark.parametrize("status", ["completed", "abandoned", "error"])
 async def test_end_sets_the_status_and_ended_at(client, status):
     conversation = await new_conversation(client)
@@ -250,6 +262,7 @@ async def test_end_with_a_bad_status_is_422_naming_the_field(client, body):
 # --- GET /conversations/{id} ---------------------------------------------------------------
 
 
+@both_timestamp_forms
 async def test_the_shared_view_is_what_was_posted_in_order(client, anonymous):
     conversation = await new_conversation(client)
     posted = []
@@ -405,6 +418,7 @@ async def test_malformed_and_unknown_ids_are_404(client, conversation_id, method
 # --- GET /conversations?session_id= --------------------------------------------------------
 
 
+@both_timestamp_forms
 async def test_listing_is_newest_first_and_pages_without_gaps_or_repeats(client, db_connection):
     ids = [(await new_conversation(client, session_id="listed"))["id"] for _ in range(7)]
     await new_conversation(client, session_id="another session")
@@ -412,13 +426,9 @@ async def test_listing_is_newest_first_and_pages_without_gaps_or_repeats(client,
     starts = ["2025-01-01 10:00", "2025-01-01 11:00", "2025-01-01 11:00", "2025-01-02 09:00", "2025-01-03 00:00"]
     starts += ["2025-01-03 00:00", "2025-01-04 00:00"]
     for conversation_id, start in zip(ids, starts, strict=True):
-        await rows(
-            db_connection,
-            "UPDATE kraken_conversations SET started_at = :start WHERE id = :id",
-            id=conversation_id,
-            start=datetime.fromisoformat(start),
-        )
+        await set_time(db_connection, "kraken_conversations", "started_at", conversation_id, start)
     expected = [i for _, i in sorted(zip(starts, [uuid.UUID(i) for i in ids], strict=True), reverse=True)]
+    shown = {uuid.UUID(i): f"{utc(start):%Y-%m-%dT%H:%M:%S}.000000Z" for i, start in zip(ids, starts, strict=True)}
 
     seen, cursor, pages = [], None, 0
     while True:
@@ -427,6 +437,7 @@ async def test_listing_is_newest_first_and_pages_without_gaps_or_repeats(client,
         assert response.status_code == 200, response.text
         page = response.json()
         seen += [uuid.UUID(item["id"]) for item in page["items"]]
+        assert all(item["started_at"] == shown[uuid.UUID(item["id"])] for item in page["items"])  # the instants kept
         pages += 1
         cursor = page["next_cursor"]
         if cursor is None:
@@ -435,15 +446,11 @@ async def test_listing_is_newest_first_and_pages_without_gaps_or_repeats(client,
     assert pages == 4
 
 
+@both_timestamp_forms
 async def test_any_cursor_of_the_documented_form_is_a_position(client, db_connection):
     ids = [(await new_conversation(client, session_id="positions"))["id"] for _ in range(2)]
     for conversation_id, start in zip(ids, ["2025-01-01 10:00", "2025-01-01 11:00"], strict=True):
-        await rows(
-            db_connection,
-            "UPDATE kraken_conversations SET started_at = :start WHERE id = :id",
-            id=conversation_id,
-            start=datetime.fromisoformat(start),
-        )
+        await set_time(db_connection, "kraken_conversations", "started_at", conversation_id, start)
 
     async def page(cursor: str) -> list[str]:
         response = await client.get("/conversations", params={"session_id": "positions", "cursor": cursor})
@@ -452,8 +459,11 @@ async def test_any_cursor_of_the_documented_form_is_a_position(client, db_connec
 
     assert await page(f"0-{'0' * 32}") == []  # before every conversation
     assert await page(f"{10**18 - 1}-{'f' * 32}") == [ids[1], ids[0]]  # after the last time datetime holds
-    between = service.encode_cursor(datetime(2025, 1, 1, 10, 30), uuid.UUID(int=0))
+    between = service.encode_cursor(utc("2025-01-01 10:30"), uuid.UUID(int=0))
     assert await page(between) == [ids[0]]
+    # The first conversation's own position: what comes after it in the listing, not it.
+    assert await page(service.encode_cursor(utc("2025-01-01 10:00"), uuid.UUID(ids[0]))) == []
+    assert await page(service.encode_cursor(utc("2025-01-01 11:00"), uuid.UUID(ids[1]))) == [ids[0]]
 
 
 async def test_listing_an_unknown_session_is_empty(client):
@@ -488,14 +498,10 @@ async def test_bad_listing_parameters_are_422_naming_them(client, params, loc):
 
 async def _turn_at(client, db_connection, conversation_id, created_at, **fields):
     turn = (await client.post(f"/conversations/{conversation_id}/turns", json=turn_body(**fields))).json()
-    await rows(
-        db_connection,
-        "UPDATE kraken_turns SET created_at = :at WHERE id = :id",
-        id=turn["id"],
-        at=datetime.fromisoformat(created_at),
-    )
+    await set_time(db_connection, "kraken_turns", "created_at", turn["id"], created_at)
 
 
+@both_timestamp_forms
 async def test_usage_sums_turns_tokens_and_cost_per_model_and_per_day(client, db_connection):
     conversation = (await new_conversation(client))["id"]
     tokens = {"cache_creation_tokens": 0, "cache_read_tokens": 1}
@@ -544,6 +550,7 @@ async def test_usage_sums_turns_tokens_and_cost_per_model_and_per_day(client, db
     ]
 
 
+@both_timestamp_forms
 async def test_usage_takes_offsets_and_reads_times_without_one_as_utc(client, db_connection):
     conversation = (await new_conversation(client))["id"]
     await _turn_at(client, db_connection, conversation, "2025-03-01 22:30:00")
@@ -555,6 +562,7 @@ async def test_usage_takes_offsets_and_reads_times_without_one_as_utc(client, db
     assert outside.json()["groups"] == []
 
 
+@both_timestamp_forms
 async def test_usage_takes_a_date_as_its_midnight_utc(client, db_connection):
     conversation = (await new_conversation(client))["id"]
     await _turn_at(client, db_connection, conversation, "2025-03-01 00:00:00")
@@ -590,6 +598,7 @@ async def test_an_interval_ending_at_or_before_its_start_is_empty(client, db_con
         ("9999-12-30T23:59:59-23:59", "9999-12-31T23:58:59.000000Z"),
     ],
 )
+@both_timestamp_forms
 async def test_usage_writes_every_year_it_accepts_as_rfc_3339(client, start, shown):
     response = await client.get("/usage", params={"from": start, "to": "9999-12-31"})
     assert response.status_code == 200, response.text

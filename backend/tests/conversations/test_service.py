@@ -4,7 +4,7 @@ import asyncio
 import json
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -26,7 +26,7 @@ from backend.conversations.schemas import (
 )
 from backend.db import pool as db_pool
 from backend.db.leases import Lease
-from backend.tests.helpers import CONVERSATION, driver_of, lender_on, rows, turn_body
+from backend.tests.helpers import CONVERSATION, both_timestamp_forms, driver_of, lender_on, rows, turn_body
 
 # --- store_tool_result ---------------------------------------------------------------------
 
@@ -72,10 +72,12 @@ def test_results_are_measured_as_compact_utf8_json():
 
 @pytest.mark.parametrize("started_at", [datetime(2025, 3, 1, 12, 30, 5, 123456), datetime.min, datetime.max])
 def test_a_cursor_round_trips_its_position(started_at):
-    position = (started_at, uuid.uuid4())
+    position = (started_at.replace(tzinfo=UTC), uuid.uuid4())
     cursor = service.encode_cursor(*position)
     assert re.fullmatch(CURSOR_PATTERN, cursor)
     assert service.decode_cursor(cursor) == position
+    # The number releases that held naive UTC times wrote: their cursors name the same positions.
+    assert cursor.split("-")[0] == str((started_at - datetime.min) // timedelta(microseconds=1))
 
 
 def test_a_cursor_after_the_last_time_python_holds_lists_from_the_first_row():
@@ -267,6 +269,24 @@ async def test_delete_removes_children_without_relying_on_cascades(conn, db_conn
     assert await rows(db_connection, "SELECT 1 FROM kraken_turns WHERE id = :id", id=turn.id) == []
     with pytest.raises(errors.ConversationNotFound):
         await service.delete_conversation(conn, conversation_id)
+
+
+@both_timestamp_forms
+@pytest.mark.parametrize("group_by", ["model", "day"])
+async def test_usage_reads_its_interval_from_the_created_at_index_on_either_form(conn, group_by):
+    # The bounds are timestamptz whatever created_at is: compared with a timestamp column they
+    # must still be conditions of its index (the cross-type operators of its b-tree family).
+    await conn.execute("SET LOCAL enable_seqscan = off")
+    start, end = datetime(2025, 3, 1, tzinfo=UTC), datetime(2025, 3, 2, tzinfo=UTC)
+    explained = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {service.USAGE[group_by].sql}", start, end)
+    [plan] = json.loads(explained) if isinstance(explained, str) else explained  # decoded by SQLAlchemy's codec
+
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(n for child in node.get("Plans", []) for n in nodes(child))]
+
+    [scan] = [node for node in nodes(plan["Plan"]) if node.get("Index Name") == "ix_kraken_turns_created_at"]
+    assert "created_at >=" in scan["Index Cond"]
+    assert "created_at <" in scan["Index Cond"]
 
 
 async def test_usage_of_an_empty_window_has_no_groups(conn):

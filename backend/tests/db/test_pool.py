@@ -136,3 +136,23 @@ async def test_the_pool_opens_nothing_until_a_request_needs_a_connection(setting
                 with pytest.raises(expected) as caught:
                     await Lease(lender).connection()
                 assert request_fault(caught.value) == "unavailable"
+
+
+@pytest.fixture
+def new_york_db(new_york_dbs):
+    return new_york_dbs("timestamptz")
+
+
+async def test_the_pools_sessions_are_in_utc_whatever_the_databases_default(new_york_db, settings_for):
+    db = new_york_db
+    bare = await connect(db)
+    try:
+        assert await bare.fetchval("SHOW timezone") == "America/New_York"  # what a session is given otherwise
+    finally:
+        await bare.close()
+    async with lender_on(db, settings_for(db, db_pool_size=2, db_max_overflow=0)) as lender:
+        leases = [Lease(lender), Lease(lender)]  # two connections at once: each opened in UTC
+        zones = [await (await lease.connection()).fetchval("SHOW timezone") for lease in leases]
+        for lease in leases:
+            await lease.end(succeeded=True)
+    assert zones == ["UTC", "UTC"]

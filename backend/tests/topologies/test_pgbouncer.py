@@ -10,12 +10,15 @@ import secrets
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from backend.config import PROJECT_ROOT, Settings
 from backend.db.admin import create_database, drop_databases
+from backend.db.engine import connect
+from backend.db.leases import Lease
 from backend.db.url import DatabaseTarget, parse_database_url
 from backend.main import create_app
 from backend.migrations.runner import MigrationError, run_migrations
@@ -29,6 +32,7 @@ from backend.tests.helpers import (
     SERVICE,
     child_env,
     fetch,
+    live,
     out,
     run_alembic,
     run_kraken_migrations,
@@ -250,3 +254,41 @@ async def test_a_statement_cache_left_on_behind_the_pooler_is_told_once(
     assert told[0].levelno == logging.ERROR
     assert not [r for r in caplog.records if r.exc_info]  # no traceback for it, let alone one per request
     assert os.environ.get("KRAKEN_DB_STATEMENT_CACHE") is None
+
+
+@pytest.fixture
+def one_server_connection(pg_cluster: Cluster) -> Iterator[PgBouncer]:
+    """A transaction pooler with one server connection per database, shared by every client."""
+    with pgbouncer(pg_cluster, default_pool_size=1) as running:
+        yield running
+
+
+async def test_the_services_sessions_stay_in_utc_on_a_server_connection_another_client_set_otherwise(
+    one_server_connection: PgBouncer, pg_cluster: Cluster, database: str
+) -> None:
+    # TimeZone is a startup parameter PgBouncer tracks per client: it sets each client's own on the
+    # server connection it lends, whatever the database's default or the last client's SET.
+    direct = parse_database_url(pg_cluster.url(database=database))
+    await fetch(direct, f"ALTER DATABASE \"{database}\" SET timezone = 'America/New_York'")
+    settings = pooled_settings(one_server_connection, pg_cluster, database)
+    await run_migrations(settings)
+    other = await connect(through(one_server_connection, database))
+    try:
+        await other.execute("SET TimeZone = 'Asia/Kathmandu'")  # on the one server connection, for every client
+        app = create_app(settings)
+        async with live(app) as client:
+            created = (await client.post("/conversations", json=CONVERSATION)).json()
+            assert await other.fetchval("SHOW timezone") == "Asia/Kathmandu"
+            ended = (await client.post(f"/conversations/{created['id']}/end", json={"status": "completed"})).json()
+            lease = Lease(app.state.lender)
+            assert await (await lease.connection()).fetchval("SHOW timezone") == "UTC"
+            await lease.end(succeeded=True)
+        assert await other.fetchval("SHOW timezone") == "Asia/Kathmandu"
+    finally:
+        await other.close()
+    [stored] = await fetch(direct, "SELECT started_at, ended_at FROM kraken_conversations WHERE id = $1", created["id"])
+    started = datetime.strptime(created["started_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert stored["started_at"] == started  # UTC wall-clock, as shown
+    assert timedelta(0) <= datetime.now(UTC).replace(tzinfo=None) - started < timedelta(minutes=5)
+    assert ended["started_at"] == created["started_at"]
+    assert stored["ended_at"] == datetime.strptime(ended["ended_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
