@@ -15,7 +15,8 @@ Started from Alembic's async template. Additions:
 - a run applies one deploy phase (``backend.migrations.phases``): pre-deploy unless
   ``-x phase=post-deploy``;
 - ``revision`` numbers files 00N after the head, and an autogenerate that finds nothing
-  writes no file;
+  writes no file; one that finds changes writes them as calls of the lock-safe helpers
+  (``backend.migrations.autogenerate``), or no file when it cannot;
 - logging is configured from alembic.ini only when run from the alembic CLI, so running
   in-process never replaces the service's logging configuration.
 """
@@ -39,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util.concurrency import in_greenlet
 
 from backend.config import ConfigError, Settings, get_settings
-from backend.migrations import ledger, ops, phases, runner
+from backend.migrations import autogenerate, ledger, ops, phases, runner
 from backend.migrations.revisions import next_revision_id, read_revisions
 from backend.models import Base
 
@@ -89,6 +90,9 @@ def _process_revision_directives(ctx: MigrationContext, revision: Any, directive
             directives[:] = []
             print("No changes in schema detected: no revision file written.")  # noqa: T201
             return
+        # The file calls the lock-safe helpers, not op.*; the template writes its deploy phase.
+        phase = autogenerate.lock_safe(script, target_metadata)
+        ctx.opts.setdefault("template_args", {})["phase"] = phase
     if cmd_opts is None or not getattr(cmd_opts, "rev_id", None):
         script.rev_id = next_revision_id(ScriptDirectory.from_config(config))
 

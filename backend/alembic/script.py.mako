@@ -4,7 +4,9 @@ Revision ID: ${up_revision}
 Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
-Writing it lock-safe (backend/alembic/README.md, "Writing a revision"; 002 is the worked example):
+Writing it lock-safe (backend/alembic/README.md, "Writing a revision"; 002 is the worked example).
+--autogenerate writes the helpers below for what the models changed: read what it wrote, lint it
+(uv run kraken-migrations lint), then apply it.
 - Static: never import the application's models; spell the DDL out here.
 - It runs with lock_timeout (KRAKEN_DDL_LOCK_TIMEOUT, 5 s) and is retried from scratch when a lock
   does not come in time, or it may be killed half-way: make it idempotent.
@@ -26,11 +28,21 @@ revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}
 branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
+% if context.get("phase") == "post-deploy":
+# It drops what the previous release reads: it runs once the new release serves (rule 8).
+phase = "post-deploy"
+% endif
 
 
+<%
+    def body(text):
+        # Alembic's "please adjust!" banner left out: what autogenerate writes is meant to be applied as it is.
+        kept = [line for line in (text or "").splitlines() if not line.strip().startswith("# ### ")]
+        return "\n".join(kept).strip() or "pass"
+%>
 def upgrade() -> None:
-    ${upgrades if upgrades else "pass"}
+    ${body(upgrades)}
 
 
 def downgrade() -> None:
-    ${downgrades if downgrades else "pass"}
+    ${body(downgrades)}

@@ -106,15 +106,26 @@ def out(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
 
-def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None) -> Path:
+def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None, *, models: str | None = None) -> Path:
     """A copy of the migration package in ``directory``, plus extra revision files; returns its ini.
 
     For tests that add revisions (slow ones, lock-hungry ones) without touching the real package.
+    ``models``: Python source that adds to the models (``from backend.models import Base``, then
+    tables of its own, columns and indexes appended to existing ones); the copy's env.py imports it
+    after the models, so autogenerate compares the database with both.
     """
     package = directory / "alembic"
     shutil.copytree(
         PROJECT_ROOT / "backend" / "alembic", package, ignore=shutil.ignore_patterns("__pycache__", "README.md")
     )
+    if models is not None:
+        (directory / "scratch_models.py").write_text(textwrap.dedent(models))
+        env = package / "env.py"
+        source = env.read_text()
+        anchor = "from backend.models import Base\n"
+        assert anchor in source, "env.py no longer imports the models as scratch_alembic expects"
+        extra = f"sys.path.insert(0, {str(directory)!r})\nimport scratch_models  # noqa: F401, E402\n"
+        env.write_text(source.replace(anchor, f"{anchor}import sys  # noqa: E402\n{extra}", 1))
     for filename, source in (revisions or {}).items():
         (package / "versions" / filename).write_text(textwrap.dedent(source))
     ini = (PROJECT_ROOT / "alembic.ini").read_text()
@@ -122,6 +133,39 @@ def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None) ->
     path = directory / "alembic.ini"
     path.write_text(ini)
     return path
+
+
+# The autogenerate probe of issue 19 (backend/tests/migrations/autogenerate_probe.py): its source
+# only, for a scratch copy's env.py to import (importing it here would change the models of the
+# test process).
+PROBE_MODELS = (PROJECT_ROOT / "backend" / "tests" / "migrations" / "autogenerate_probe.py").read_text()
+
+
+def autogenerate(
+    directory: Path, target: DatabaseTarget, models: str, message: str = "probe"
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """``alembic revision --autogenerate`` (the CLI) on a scratch copy whose models have ``models``
+    added, against ``target`` (at head); the copy's ini and the command's result."""
+    ini = scratch_alembic(directory, models=models)
+    return ini, run_alembic("revision", "--autogenerate", "-m", message, target=target, config=ini)
+
+
+def revision_sql(ini: Path, revision: str) -> str:
+    """The offline SQL of ``revision`` alone, as CI lints it (.ci/run): without Alembic's own
+    version-table statements, which squawk 2.70 misreads."""
+    previous = f"{int(revision) - 1:03d}"
+    result = run_alembic(
+        "-x", "phase=post-deploy", "upgrade", f"{previous}:{revision}", "--sql", target=None, config=ini
+    )
+    assert result.returncode == 0, out(result)
+    paragraphs = [p for p in result.stdout.split("\n\n") if p.strip() and "alembic_version" not in p]
+    return "\n\n".join(paragraphs) + "\n"
+
+
+def squawk(sql_file: Path) -> subprocess.CompletedProcess[str]:
+    """squawk as CI runs it on a revision after the baseline (every rule on)."""
+    command = [str(Path(sys.executable).parent / "squawk"), "--pg-version", "15", str(sql_file)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 # Runners in real processes: each child imports everything, reports ready, then waits for the

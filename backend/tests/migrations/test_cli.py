@@ -136,8 +136,12 @@ def test_autogenerate_writes_the_difference_or_nothing(tmp_path: Path, empty_db:
     changed = run_alembic("revision", "--autogenerate", "-m", "restore index", target=empty_db, config=ini)
     assert changed.returncode == 0, out(changed)
     source = (versions / f"{NEXT}_restore_index.py").read_text()
-    assert "ix_kraken_conversations_session_id" in source
-    assert "op.create_index" in source
+    # Written with the lock-safe helpers (test_autogenerate.py has the rest).
+    assert (
+        'ops.create_index_concurrently("ix_kraken_conversations_session_id", "kraken_conversations", ["session_id"])'
+        in (source)
+    )
+    assert "op.create_index" not in source
 
 
 def test_deploy_migrations_need_no_api_key_in_production(empty_db: DatabaseTarget) -> None:
