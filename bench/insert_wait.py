@@ -28,6 +28,7 @@ import random
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 
 import asyncpg
 from support import alembic, bench_server, fill, migrate, say, turn_payload
@@ -73,9 +74,16 @@ TURN = TurnCreate.model_validate(turn_payload(tool_calls=1))
 
 
 async def measure(
-    db: DatabaseTarget, revision: str, lock_timeout: float, conversations: list[uuid.UUID], lagging: list[uuid.UUID]
+    db: DatabaseTarget,
+    revision: str,
+    lock_timeout: float,
+    conversations: list[uuid.UUID],
+    lagging: list[uuid.UUID],
+    *,
+    options: Sequence[str] = (),
 ) -> None:
-    """Writes (and with ``conversations``, appends to them) while ``alembic upgrade revision`` runs."""
+    """Writes (and with ``conversations``, appends to them) while ``alembic upgrade revision`` runs
+    (``options`` before the command: ``-c <ini>`` for a copy of the migration package)."""
     live = await connect(db)
     appender = await connect(db) if conversations else None
     watcher = await connect(db)
@@ -86,7 +94,7 @@ async def measure(
     appends: list[tuple[float, float]] = []
     building: list[float] = []
     started = time.monotonic()
-    upgrade = asyncio.ensure_future(alembic(db, "upgrade", revision))
+    upgrade = asyncio.ensure_future(alembic(db, *options, "upgrade", revision))
     failures = 0
 
     async def watch() -> None:
