@@ -103,11 +103,24 @@ class HelperCall(alembic_ops.MigrateOperation):
         lines = [f"# {self.comment}"] if self.comment else []
         return [*lines, render_value(self.call)]
 
+
+class WaivedCall(HelperCall):
+    """A helper call whose every statement waives squawk rules: ``with ops.waive(...): ops.x(...)``
+    (on one line here; ruff formats the file afterwards)."""
+
+    def __init__(self, rules: Sequence[str], reason: str, helper: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(helper, *args, **kwargs)
+        self.waiver = Call("ops.waive", tuple(rules), {"reason": reason})
+
+    def source(self) -> list[str]:
+        return [f"with {render_value(self.waiver)}: {render_value(self.call)}"]
+
     def __repr__(self) -> str:
         return render_value(self.call)
 
 
 @renderers.dispatch_for(HelperCall)
+@renderers.dispatch_for(WaivedCall)
 def _render_helper_call(autogen_context: AutogenContext, op: HelperCall) -> list[str]:
     # The template imports ``from backend.migrations import ops``; ruff formats the file afterwards.
     return op.source()
@@ -516,17 +529,32 @@ def _alter_column(plan: _Plan, operation: alembic_ops.AlterColumnOp) -> None:
     )
 
 
+# Why an upgrade may drop what the models no longer have (squawk bans drops): the reason its waiver gives.
+_DROP_REASON = "no longer in the models; post-deploy, behind refuse_data_loss above"
+
+
+def _dropping(plan: _Plan, rule: str, what: str, helper: str, *args: Any) -> HelperCall:
+    if not plan.upgrading:
+        return HelperCall(helper, *args)  # a downgrade's SQL is not linted: it undoes the upgrade
+    return WaivedCall([rule], f"{what}: {_DROP_REASON}", helper, *args)
+
+
 def _drop(plan: _Plan, operation: alembic_ops.MigrateOperation) -> None:
     if isinstance(operation, alembic_ops.DropTableOp):
-        plan.lost_tables.append(operation.table_name)
-        plan.drop_tables.append(HelperCall("drop_table", operation.table_name))
+        table = operation.table_name
+        plan.lost_tables.append(table)
+        plan.drop_tables.append(_dropping(plan, "ban-drop-table", table, "drop_table", table))
     elif isinstance(operation, alembic_ops.DropColumnOp):
-        plan.lost_columns.setdefault(operation.table_name, []).append(operation.column_name)
+        table, column = operation.table_name, operation.column_name
+        plan.lost_columns.setdefault(table, []).append(column)
         previous = plan.drop_columns[-1] if plan.drop_columns else None
-        if previous is not None and previous.call.args[0] == operation.table_name:
-            previous.call.args[1].append(operation.column_name)
+        if previous is not None and previous.call.args[0] == table:
+            previous.call.args[1].append(column)
+            if isinstance(previous, WaivedCall):
+                previous.waiver.kwargs["reason"] = f"{table}.{', '.join(previous.call.args[1])}: {_DROP_REASON}"
         else:
-            plan.drop_columns.append(HelperCall("drop_columns", operation.table_name, [operation.column_name]))
+            call = _dropping(plan, "ban-drop-column", f"{table}.{column}", "drop_columns", table, [column])
+            plan.drop_columns.append(call)
     elif isinstance(operation, alembic_ops.DropIndexOp):
         name = _name(operation.index_name, f"an index on {operation.table_name}")
         plan.drop_indexes.append(HelperCall("drop_index_concurrently", name))
