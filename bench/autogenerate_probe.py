@@ -8,8 +8,8 @@ migrates it to head and fills it (bench/support.py: 1M turns with the defaults).
 the migration package whose models gain the probe (backend/tests/migrations/autogenerate_probe.py:
 a users table, a user_id foreign key and index on conversations, a feedback table with foreign
 keys to turns and conversations, an index on turns, a new column), it runs the real CLI's
-`alembic revision --autogenerate`, prints the revision's upgrade, lints its offline SQL with
-squawk as CI does, then applies it while one connection keeps writing a conversation, a turn and
+`alembic revision --autogenerate`, prints the revision's upgrade, lints it (`kraken-migrations
+lint`, as CI does), then applies it while one connection keeps writing a conversation, a turn and
 a tool call per transaction (bench/insert_wait.py's measure: lock_timeout as the migration's),
 and prints the waits; then downgrades it and drops the database. A benchmark, not a test: the
 numbers depend on the machine (the load average is printed with them).
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from support import alembic, bench_server, fill, migrate, say
 
 from backend.config import Settings
 from backend.db.admin import scratch_database
-from backend.tests.helpers import NEXT, PROBE_MODELS, revision_sql, scratch_alembic, squawk
+from backend.tests.helpers import NEXT, PROBE_MODELS, run_kraken_migrations, scratch_alembic
 
 
 async def main() -> None:
@@ -55,14 +54,10 @@ async def main() -> None:
             say(f"autogenerate wrote {path.name}:")
             for line in source.split("def upgrade() -> None:\n", 1)[1].split("\n\n\n", 1)[0].splitlines():
                 say(f"  {line}")
-            linted_sql = Path(scratch) / f"{NEXT}.sql"
-            linted_sql.write_text(await asyncio.to_thread(revision_sql, ini, NEXT))
-            linted = await asyncio.to_thread(squawk, linted_sql)
-            say(
-                f"squawk on its offline SQL: {linted.stdout.strip().splitlines()[-1] if linted.stdout.strip() else '?'}"
-            )
-            if linted.returncode != 0:
-                print(linted.stdout, file=sys.stderr)
+            linted = await asyncio.to_thread(run_kraken_migrations, "lint", NEXT, target=None, config=ini)
+            say(f"kraken-migrations lint {NEXT} (squawk on its offline SQL), exit {linted.returncode}:")
+            for line in (linted.stdout + linted.stderr).strip().splitlines()[-5:]:
+                say(f"  {line}")
             load = os.getloadavg()
             await measure(db, "head", settings.ddl_lock_timeout, [], [], options=options)
             started = time.monotonic()

@@ -150,24 +150,6 @@ def autogenerate(
     return ini, run_alembic("revision", "--autogenerate", "-m", message, target=target, config=ini)
 
 
-def revision_sql(ini: Path, revision: str) -> str:
-    """The offline SQL of ``revision`` alone, as CI lints it (.ci/run): without Alembic's own
-    version-table statements, which squawk 2.70 misreads."""
-    previous = f"{int(revision) - 1:03d}"
-    result = run_alembic(
-        "-x", "phase=post-deploy", "upgrade", f"{previous}:{revision}", "--sql", target=None, config=ini
-    )
-    assert result.returncode == 0, out(result)
-    paragraphs = [p for p in result.stdout.split("\n\n") if p.strip() and "alembic_version" not in p]
-    return "\n\n".join(paragraphs) + "\n"
-
-
-def squawk(sql_file: Path) -> subprocess.CompletedProcess[str]:
-    """squawk as CI runs it on a revision after the baseline (every rule on)."""
-    command = [str(Path(sys.executable).parent / "squawk"), "--pg-version", "15", str(sql_file)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
-
-
 # Runners in real processes: each child imports everything, reports ready, then waits for the
 # starting gun, so that all of them reach the database within a few milliseconds of each other.
 BARRIER = """
