@@ -32,6 +32,17 @@ async def create_database(server: DatabaseTarget, name: str) -> DatabaseTarget:
     return server.with_database(name)
 
 
+async def copy_database(server: DatabaseTarget, template: str, name: str) -> DatabaseTarget:
+    """Create database ``name`` on ``server`` as a copy of database ``template``, which must have
+    no connections meanwhile (the server waits a few seconds for ones closing, then refuses)."""
+    conn = await connect(server)
+    try:
+        await conn.execute(f"CREATE DATABASE {_quoted(name)} TEMPLATE {_quoted(template)}")
+    finally:
+        await conn.close()
+    return server.with_database(name)
+
+
 async def drop_databases(server: DatabaseTarget, names: Iterable[str]) -> None:
     """Drop each database, disconnecting whoever still uses it."""
     conn = await connect(server)

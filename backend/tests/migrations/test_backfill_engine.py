@@ -214,12 +214,12 @@ SLOW_BACKFILL = f'''
 
 
 def test_a_backfill_killed_half_way_goes_on_from_its_last_committed_batch(
-    empty_db: DatabaseTarget, tmp_path: Path
+    head_db: DatabaseTarget, tmp_path: Path
 ) -> None:
     ini = scratch_alembic(tmp_path, {f"{NEXT}_slow_backfill.py": SLOW_BACKFILL})
     upgrade = [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head"]
     runner = subprocess.Popen(
-        upgrade, cwd=PROJECT_ROOT, env=child_env(empty_db), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        upgrade, cwd=PROJECT_ROOT, env=child_env(head_db), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     progress = "SELECT rows_done FROM alembic_backfill WHERE revision = $1 AND label = 'slow doubling'"
     try:
@@ -227,9 +227,7 @@ def test_a_backfill_killed_half_way_goes_on_from_its_last_committed_batch(
         while time.monotonic() < deadline:
             if runner.poll() is not None:
                 pytest.fail("the upgrade ended before it could be killed")
-            if sql(empty_db, "SELECT to_regclass('alembic_backfill')")[0][0] and (
-                done := sql(empty_db, progress, NEXT)
-            ):
+            if sql(head_db, "SELECT to_regclass('alembic_backfill')")[0][0] and (done := sql(head_db, progress, NEXT)):
                 if done[0][0] >= 100:
                     break
             time.sleep(0.02)
@@ -241,36 +239,36 @@ def test_a_backfill_killed_half_way_goes_on_from_its_last_committed_batch(
     assert runner.returncode == -signal.SIGKILL
 
     # What committed: whole batches, up to the key recorded with them, each row written once.
-    [(last_key, done)] = sql(empty_db, "SELECT last_key, rows_done FROM alembic_backfill WHERE revision = $1", NEXT)
+    [(last_key, done)] = sql(head_db, "SELECT last_key, rows_done FROM alembic_backfill WHERE revision = $1", NEXT)
     assert 100 <= done < 300
     assert done % 10 == 0
     assert int(last_key) == done
     written = "SELECT array_agg(DISTINCT writes ORDER BY writes), count(*) FILTER (WHERE writes > 0) FROM slow"
-    assert tuple(sql(empty_db, written)[0]) == ([0, 1], done)
-    listed = run_kraken_migrations("backfills", target=empty_db, config=ini)
+    assert tuple(sql(head_db, written)[0]) == ([0, 1], done)
+    listed = run_kraken_migrations("backfills", target=head_db, config=ini)
     assert listed.returncode == 0, out(listed)
     [line] = [line for line in listed.stdout.splitlines() if "slow doubling" in line]
     assert f"  {NEXT}  " in line
     assert f"{done:,} of about 300" in line
     assert "unfinished: last batch committed" in line
 
-    resumed = subprocess.run(upgrade, cwd=PROJECT_ROOT, env=child_env(empty_db), capture_output=True, text=True)
+    resumed = subprocess.run(upgrade, cwd=PROJECT_ROOT, env=child_env(head_db), capture_output=True, text=True)
     assert resumed.returncode == 0, out(resumed)
     assert "slow doubling: continuing a walk started" in resumed.stderr
     assert f"after key {last_key} ({done} row(s) walked)" in resumed.stderr
     assert f"slow doubling: {300 - done} of {300 - done} row(s) changed" in resumed.stderr
     # Every row written exactly once, across the two runs; the walk recorded as finished.
-    assert tuple(sql(empty_db, "SELECT array_agg(DISTINCT writes), bool_and(doubled = n * 2) FROM slow")[0]) == (
+    assert tuple(sql(head_db, "SELECT array_agg(DISTINCT writes), bool_and(doubled = n * 2) FROM slow")[0]) == (
         [1],
         True,
     )
     recorded = "SELECT revision, table_name, rows_done, rows_changed, finished_at IS NOT NULL FROM alembic_backfill"
     # 005's walk is on record too, under its revision (the runner says which revision runs).
-    assert sorted(tuple(r) for r in sql(empty_db, recorded)) == [
+    assert sorted(tuple(r) for r in sql(head_db, recorded)) == [
         ("005", "kraken_conversations", 0, 0, True),
         (NEXT, "slow", 300, 300, True),
     ]
-    listed = run_kraken_migrations("backfills", target=empty_db, config=ini)
+    listed = run_kraken_migrations("backfills", target=head_db, config=ini)
     [line] = [line for line in listed.stdout.splitlines() if "slow doubling" in line]
     assert "300 of about 300 (100%)" in line
     assert "finished in" in line

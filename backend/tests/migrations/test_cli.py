@@ -14,12 +14,11 @@ from backend.migrations.lock import LOCK_KEY
 from backend.tests.helpers import HEAD, NEXT, free_port, out, run_alembic, scratch_alembic, sql
 
 
-def test_current_and_history(empty_db: DatabaseTarget) -> None:
-    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
-    current = run_alembic("current", target=empty_db)
+def test_current_and_history(head_db: DatabaseTarget) -> None:
+    current = run_alembic("current", target=head_db)
     assert current.returncode == 0
     assert current.stdout.strip() == f"{HEAD} (head)"
-    history = run_alembic("history", target=empty_db)
+    history = run_alembic("history", target=head_db)
     assert history.returncode == 0
     assert "<base> -> 001, Baseline schema" in history.stdout
     assert f"-> {HEAD} (head), " in history.stdout
@@ -44,14 +43,13 @@ def test_listing_the_revisions_needs_no_database(command: list[str], shows: str)
     assert "FAILED" not in out(result)
 
 
-async def test_current_and_check_answer_while_a_migration_holds_the_lock(empty_db: DatabaseTarget) -> None:
-    assert (await asyncio.to_thread(run_alembic, "upgrade", "head", target=empty_db)).returncode == 0
-    holder = await connect(empty_db, "long-index-build")
+async def test_current_and_check_answer_while_a_migration_holds_the_lock(head_db: DatabaseTarget) -> None:
+    holder = await connect(head_db, "long-index-build")
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
         # A command that waited for the lock would wait 10 minutes, past run_alembic's bound.
-        current = await asyncio.to_thread(run_alembic, "current", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="600")
-        check = await asyncio.to_thread(run_alembic, "check", target=empty_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="600")
+        current = await asyncio.to_thread(run_alembic, "current", target=head_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="600")
+        check = await asyncio.to_thread(run_alembic, "check", target=head_db, KRAKEN_MIGRATION_LOCK_TIMEOUT="600")
     finally:
         await holder.close()
     assert current.returncode == 0, out(current)
@@ -79,17 +77,15 @@ def test_commands_work_from_backend_as_from_the_root(empty_db: DatabaseTarget) -
     assert offline[0].stdout == offline[1].stdout
 
 
-def test_check_reports_nothing_to_generate_at_head(empty_db: DatabaseTarget) -> None:
-    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
-    result = run_alembic("check", target=empty_db)
+def test_check_reports_nothing_to_generate_at_head(head_db: DatabaseTarget) -> None:
+    result = run_alembic("check", target=head_db)
     assert result.returncode == 0, out(result)
     assert "No new upgrade operations detected" in out(result)
 
 
-def test_check_fails_when_the_schema_drifts_from_the_models(empty_db: DatabaseTarget) -> None:
-    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
-    sql(empty_db, "DROP INDEX ix_kraken_turns_created_at")
-    result = run_alembic("check", target=empty_db)
+def test_check_fails_when_the_schema_drifts_from_the_models(head_db: DatabaseTarget) -> None:
+    sql(head_db, "DROP INDEX ix_kraken_turns_created_at")
+    result = run_alembic("check", target=head_db)
     assert result.returncode != 0
     assert "ix_kraken_turns_created_at" in out(result)
 
@@ -121,19 +117,18 @@ def test_revision_is_numbered_after_the_head_and_formatted(tmp_path: Path, empty
     assert formatted.returncode == 0, formatted.stdout + formatted.stderr
 
 
-def test_autogenerate_writes_the_difference_or_nothing(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+def test_autogenerate_writes_the_difference_or_nothing(tmp_path: Path, head_db: DatabaseTarget) -> None:
     ini = scratch_alembic(tmp_path)
     versions = tmp_path / "alembic" / "versions"
     real = PROJECT_ROOT / "backend" / "alembic" / "versions"
-    assert run_alembic("upgrade", "head", target=empty_db, config=ini).returncode == 0
 
-    unchanged = run_alembic("revision", "--autogenerate", "-m", "nothing", target=empty_db, config=ini)
+    unchanged = run_alembic("revision", "--autogenerate", "-m", "nothing", target=head_db, config=ini)
     assert unchanged.returncode == 0, out(unchanged)
     assert "no revision file written" in out(unchanged)
     assert sorted(p.name for p in versions.glob("*.py")) == sorted(p.name for p in real.glob("*.py"))
 
-    sql(empty_db, "DROP INDEX ix_kraken_conversations_session_id")
-    changed = run_alembic("revision", "--autogenerate", "-m", "restore index", target=empty_db, config=ini)
+    sql(head_db, "DROP INDEX ix_kraken_conversations_session_id")
+    changed = run_alembic("revision", "--autogenerate", "-m", "restore index", target=head_db, config=ini)
     assert changed.returncode == 0, out(changed)
     source = (versions / f"{NEXT}_restore_index.py").read_text()
     # Written with the lock-safe helpers (test_autogenerate.py has the rest).
@@ -151,20 +146,19 @@ def test_deploy_migrations_need_no_api_key_in_production(empty_db: DatabaseTarge
     assert sql(empty_db, "SELECT count(*) FROM alembic_version")[0][0] == 1
 
 
-def test_upgrade_on_a_database_ahead_of_the_code(empty_db: DatabaseTarget) -> None:
+def test_upgrade_on_a_database_ahead_of_the_code(head_db: DatabaseTarget) -> None:
     # Rolling a deploy back: the pipeline's `alembic upgrade head` must not stop the rollback.
-    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
-    sql(empty_db, "UPDATE alembic_version SET version_num = '999'")
-    served = run_alembic("upgrade", "head", target=empty_db)
+    sql(head_db, "UPDATE alembic_version SET version_num = '999'")
+    served = run_alembic("upgrade", "head", target=head_db)
     assert served.returncode == 0, out(served)
     assert "revision 999, which this code does not know; nothing to upgrade" in out(served)
-    refused = run_alembic("upgrade", "head", target=empty_db, KRAKEN_SCHEMA_AHEAD="refuse")
+    refused = run_alembic("upgrade", "head", target=head_db, KRAKEN_SCHEMA_AHEAD="refuse")
     assert refused.returncode != 0
     assert [line for line in out(refused).splitlines() if line.startswith("FAILED")] == [
         "FAILED: database schema is at revision 999, which this code does not know; refusing to upgrade"
         " (KRAKEN_SCHEMA_AHEAD=refuse)"
     ]
-    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == "999"
+    assert sql(head_db, "SELECT version_num FROM alembic_version")[0][0] == "999"
 
 
 FAILING = """
@@ -186,16 +180,16 @@ FAILING = """
 """
 
 
-def test_a_failing_revision_is_one_line_and_rolled_back(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+def test_a_failing_revision_is_one_line_and_rolled_back(tmp_path: Path, head_db: DatabaseTarget) -> None:
     ini = scratch_alembic(tmp_path, {f"{NEXT}_failing.py": FAILING.format(next=NEXT, head=HEAD)})
-    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=head_db)
     assert result.returncode != 0
     assert "Traceback" not in out(result)
     assert [line for line in out(result).splitlines() if line.startswith("FAILED")] == [
         "FAILED: a revision failed: division by zero (SQLSTATE 22012)"
     ]
-    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
-    assert sql(empty_db, "SELECT to_regclass('kraken_never') IS NULL")[0][0]
+    assert sql(head_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
+    assert sql(head_db, "SELECT to_regclass('kraken_never') IS NULL")[0][0]
 
 
 OWN_LOCK_TIMEOUT = """
@@ -221,7 +215,7 @@ OWN_LOCK_TIMEOUT = """
 """
 
 
-def test_a_revision_may_set_its_own_lock_timeout(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+def test_a_revision_may_set_its_own_lock_timeout(tmp_path: Path, head_db: DatabaseTarget) -> None:
     second = f"{int(NEXT) + 1:03d}"
     ini = scratch_alembic(
         tmp_path,
@@ -237,23 +231,23 @@ def test_a_revision_may_set_its_own_lock_timeout(tmp_path: Path, empty_db: Datab
         str(ini),
         "upgrade",
         "head",
-        target=empty_db,
+        target=head_db,
         KRAKEN_DDL_LOCK_TIMEOUT="3",
         KRAKEN_DDL_STATEMENT_TIMEOUT="90",
     )
     assert result.returncode == 0, out(result)
-    seen = dict(sql(empty_db, "SELECT revision, lock_timeout FROM kraken_seen"))
+    seen = dict(sql(head_db, "SELECT revision, lock_timeout FROM kraken_seen"))
     # SET LOCAL lasts for that revision's transaction; the next one is back at the configured bound.
     assert seen == {NEXT: "42s", second: "3s"}
     # statement_timeout is the configured bound in every revision.
-    assert {r[0] for r in sql(empty_db, "SELECT DISTINCT statement_timeout FROM kraken_seen")} == {"90s"}
+    assert {r[0] for r in sql(head_db, "SELECT DISTINCT statement_timeout FROM kraken_seen")} == {"90s"}
 
 
-def test_a_tiny_lock_timeout_is_one_millisecond_not_none(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+def test_a_tiny_lock_timeout_is_one_millisecond_not_none(tmp_path: Path, head_db: DatabaseTarget) -> None:
     ini = scratch_alembic(tmp_path, {f"{NEXT}_seen.py": OWN_LOCK_TIMEOUT.format(rev=NEXT, down=HEAD, set_local="pass")})
     # int(0.0004 * 1000) was 0: PostgreSQL's "wait forever".
-    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_DDL_LOCK_TIMEOUT="0.0004")
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=head_db, KRAKEN_DDL_LOCK_TIMEOUT="0.0004")
     assert result.returncode == 0, out(result)
-    assert sql(empty_db, "SELECT lock_timeout FROM kraken_seen") == [("1ms",)]
+    assert sql(head_db, "SELECT lock_timeout FROM kraken_seen") == [("1ms",)]
     offline = run_alembic("upgrade", "base:001", "--sql", target=None, KRAKEN_DDL_LOCK_TIMEOUT="0.0004")
     assert "SET lock_timeout = '1ms';" in offline.stdout

@@ -56,8 +56,7 @@ def failed_lines(result_output: str) -> list[str]:
 
 
 def without_ledger(db: DatabaseTarget) -> None:
-    """A database migrated by the code before the ledger: alembic_version, and no ledger."""
-    migrate(db, "upgrade", "head")
+    """A database at head (``head_db``) as the code before the ledger left it: alembic_version, and no ledger."""
     sql(db, "DROP TABLE alembic_ledger")
 
 
@@ -141,33 +140,31 @@ def test_every_step_is_recorded_with_who_ran_it(empty_db: DatabaseTarget) -> Non
     assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == REVISIONS[-1]
 
 
-def test_the_ledger_is_left_alone_by_autogenerate_and_check(empty_db: DatabaseTarget) -> None:
-    migrate(empty_db, "upgrade", "head")
-    assert "No new upgrade operations detected" in migrate(empty_db, "check")
+def test_the_ledger_is_left_alone_by_autogenerate_and_check(head_db: DatabaseTarget) -> None:
+    assert "No new upgrade operations detected" in migrate(head_db, "check")
     # Read-only commands neither record nor validate.
-    before = rows(empty_db)
-    assert run_alembic("current", target=empty_db).stdout == f"{HEAD} (head)\n"
-    assert rows(empty_db) == before
+    before = rows(head_db)
+    assert run_alembic("current", target=head_db).stdout == f"{HEAD} (head)\n"
+    assert rows(head_db) == before
 
 
-def test_downgrade_and_stamp_are_recorded(empty_db: DatabaseTarget) -> None:
-    migrate(empty_db, "upgrade", "head")
+def test_downgrade_and_stamp_are_recorded(head_db: DatabaseTarget) -> None:
     previous = PREVIOUS[HEAD]
 
-    migrate(empty_db, "downgrade", "-1")
-    assert rows(empty_db)[-1] == (HEAD, previous, "downgrade", FILES[HEAD].checksum, True, None)
+    migrate(head_db, "downgrade", "-1")
+    assert rows(head_db)[-1] == (HEAD, previous, "downgrade", FILES[HEAD].checksum, True, None)
 
     # A stamp records where it set the database, and where it was; what it marks as applied
     # (here HEAD again, whose upgrade the downgrade undid) is adopted with the file as it is.
-    migrate(empty_db, "stamp", "head")
-    assert rows(empty_db)[-2:] == [
+    migrate(head_db, "stamp", "head")
+    assert rows(head_db)[-2:] == [
         (HEAD, previous, "stamp", FILES[HEAD].checksum, True, None),
         (HEAD, previous, "adopt", FILES[HEAD].checksum, True, None),
     ]
 
-    migrate(empty_db, "stamp", "base")
-    assert rows(empty_db)[-1] == ("base", HEAD, "stamp", None, True, None)
-    assert sql(empty_db, "SELECT count(*) FROM alembic_version")[0][0] == 0
+    migrate(head_db, "stamp", "base")
+    assert rows(head_db)[-1] == ("base", HEAD, "stamp", None, True, None)
+    assert sql(head_db, "SELECT count(*) FROM alembic_version")[0][0] == 0
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -286,14 +283,13 @@ async def test_the_boot_validates_at_head_without_the_lock(
         read_revisions.cache_clear()
 
 
-def test_check_mode_refuses_an_edited_revision(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
+def test_check_mode_refuses_an_edited_revision(head_db: DatabaseTarget, settings_for: SettingsFor) -> None:
     # The real files, a forged record: as if 001's file had changed since it was applied.
-    asyncio.run(run_migrations(settings_for(empty_db)))
-    sql(empty_db, "UPDATE alembic_ledger SET checksum = repeat('0', 64) WHERE revision = '001'")
+    sql(head_db, "UPDATE alembic_ledger SET checksum = repeat('0', 64) WHERE revision = '001'")
     with pytest.raises(MigrationError, match=r"^revision 001 \(001_baseline_schema.py\) changed since it was applied"):
-        asyncio.run(check_schema(settings_for(empty_db, migrate_on_startup="check")))
+        asyncio.run(check_schema(settings_for(head_db, migrate_on_startup="check")))
     with pytest.raises(MigrationError, match="checksum 000000000000 recorded, d4549d188f9c now"):
-        asyncio.run(run_migrations(settings_for(empty_db)))
+        asyncio.run(run_migrations(settings_for(head_db)))
 
 
 # --- adoption --------------------------------------------------------------------------------
@@ -301,34 +297,34 @@ def test_check_mode_refuses_an_edited_revision(empty_db: DatabaseTarget, setting
 
 @pytest.mark.parametrize("runner", ["boot", "cli"])
 def test_a_database_made_without_the_ledger_is_adopted(
-    runner: str, empty_db: DatabaseTarget, settings_for: SettingsFor
+    runner: str, head_db: DatabaseTarget, settings_for: SettingsFor
 ) -> None:
-    without_ledger(empty_db)
+    without_ledger(head_db)
     if runner == "boot":
-        assert asyncio.run(run_migrations(settings_for(empty_db))).at_head
+        assert asyncio.run(run_migrations(settings_for(head_db))).at_head
     else:
-        migrate(empty_db, "upgrade", "head")
-    assert rows(empty_db) == upgraded("adopt")
-    assert len({r[0] for r in sql(empty_db, "SELECT run_id FROM alembic_ledger")}) == 1
-    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
+        migrate(head_db, "upgrade", "head")
+    assert rows(head_db) == upgraded("adopt")
+    assert len({r[0] for r in sql(head_db, "SELECT run_id FROM alembic_ledger")}) == 1
+    assert sql(head_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
 
     # Adopted once: the next runs find every applied revision on record.
-    asyncio.run(run_migrations(settings_for(empty_db)))
-    migrate(empty_db, "upgrade", "head")
-    assert rows(empty_db) == upgraded("adopt")
-    assert run_kraken_migrations("validate", target=empty_db).returncode == 0
+    asyncio.run(run_migrations(settings_for(head_db)))
+    migrate(head_db, "upgrade", "head")
+    assert rows(head_db) == upgraded("adopt")
+    assert run_kraken_migrations("validate", target=head_db).returncode == 0
 
 
 @pytest.mark.slow
-def test_sixteen_concurrent_runners_write_one_row_per_step(empty_db: DatabaseTarget, tmp_path: Path) -> None:
+def test_sixteen_concurrent_runners_write_one_row_per_step(head_db: DatabaseTarget, tmp_path: Path) -> None:
     # Replicas booting together on a database to adopt; on an empty one, test_concurrent_runners
     # checks the same (one upgrade row per step) in each of its rounds.
-    without_ledger(empty_db)
-    results = race(RUN_MIGRATIONS, 16, empty_db, tmp_path / "race")
+    without_ledger(head_db)
+    results = race(RUN_MIGRATIONS, 16, head_db, tmp_path / "race")
     assert [r.stderr for r in results if r.returncode != 0] == []
     assert [r.stdout.strip() for r in results] == [HEAD] * 16
-    assert rows(empty_db) == upgraded("adopt")
-    assert len({r[0] for r in sql(empty_db, "SELECT run_id FROM alembic_ledger")}) == 1
+    assert rows(head_db) == upgraded("adopt")
+    assert len({r[0] for r in sql(head_db, "SELECT run_id FROM alembic_ledger")}) == 1
 
 
 # --- failures --------------------------------------------------------------------------------
@@ -353,25 +349,24 @@ FAILING = f"""
 
 
 def test_a_failing_revision_leaves_a_failure_row_and_nothing_else(
-    tmp_path: Path, empty_db: DatabaseTarget, settings_for: SettingsFor
+    tmp_path: Path, head_db: DatabaseTarget, settings_for: SettingsFor
 ) -> None:
     ini = scratch_alembic(tmp_path, {f"{NEXT}_failing.py": FAILING})
-    migrate(empty_db, "upgrade", HEAD, config=ini)
-    before = rows(empty_db)
+    before = rows(head_db)
     checksum = read_revisions(tmp_path / "alembic").by_revision[NEXT].checksum
     failure = (NEXT, HEAD, "upgrade", checksum, False, "division by zero (SQLSTATE 22012)")
 
-    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=head_db)
     assert failed_lines(out(result)) == ["FAILED: a revision failed: division by zero (SQLSTATE 22012)"]
-    assert rows(empty_db) == [*before, failure]
+    assert rows(head_db) == [*before, failure]
     with pytest.raises(MigrationError, match="division by zero"):
-        run_migrations_at(empty_db, settings_for, tmp_path)
-    assert rows(empty_db) == [*before, failure, failure]
+        run_migrations_at(head_db, settings_for, tmp_path)
+    assert rows(head_db) == [*before, failure, failure]
 
     # Its row survived the rollback of everything else it did.
-    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
-    assert sql(empty_db, "SELECT to_regclass('kraken_never') IS NULL")[0][0]
-    closed = sql(empty_db, "SELECT finished_at >= started_at, duration_ms >= 0 FROM alembic_ledger WHERE NOT success")
+    assert sql(head_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
+    assert sql(head_db, "SELECT to_regclass('kraken_never') IS NULL")[0][0]
+    closed = sql(head_db, "SELECT finished_at >= started_at, duration_ms >= 0 FROM alembic_ledger WHERE NOT success")
     assert [tuple(r) for r in closed] == [(True, True)] * 2
 
 
@@ -417,33 +412,32 @@ def test_applied_revisions_are_the_heads_and_what_they_follow() -> None:
 
 
 def test_a_revision_the_code_does_not_know_follows_the_ahead_rule(
-    empty_db: DatabaseTarget, settings_for: SettingsFor, caplog: pytest.LogCaptureFixture
+    head_db: DatabaseTarget, settings_for: SettingsFor, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A rollback: the database is at a revision whose file this code does not have. The ahead
     # rule decides; the revisions this code knows are still validated.
-    migrate(empty_db, "upgrade", "head")
-    sql(empty_db, "UPDATE alembic_version SET version_num = '999'")
+    sql(head_db, "UPDATE alembic_version SET version_num = '999'")
     sql(
-        empty_db,
+        head_db,
         "INSERT INTO alembic_ledger (run_id, revision, down_revisions, direction, checksum, finished_at, success,"
         f" service_version) VALUES (gen_random_uuid(), '999', '{HEAD}', 'upgrade', 'f00d', now(), true, '0.2.0')",
     )
 
     with caplog.at_level(logging.WARNING):
-        assert asyncio.run(run_migrations(settings_for(empty_db))).ahead
+        assert asyncio.run(run_migrations(settings_for(head_db))).ahead
     assert any("revision 999, which this code does not know" in r.getMessage() for r in caplog.records)
-    refused = run_alembic("upgrade", "head", target=empty_db, KRAKEN_SCHEMA_AHEAD="refuse")
+    refused = run_alembic("upgrade", "head", target=head_db, KRAKEN_SCHEMA_AHEAD="refuse")
     assert failed_lines(out(refused)) == [
         "FAILED: database schema is at revision 999, which this code does not know; refusing to upgrade"
         " (KRAKEN_SCHEMA_AHEAD=refuse)"
     ]
-    validated = run_kraken_migrations("validate", target=empty_db)
+    validated = run_kraken_migrations("validate", target=head_db)
     assert validated.returncode == 0, out(validated)
     assert validated.stdout.splitlines()[0] == (
         "database schema is at revision 999, which this code does not know: checking the revisions it knows"
     )
     assert f"{len(REVISIONS)} applied revision(s) match their files" in validated.stdout
 
-    sql(empty_db, "UPDATE alembic_ledger SET checksum = repeat('0', 64) WHERE revision = '001'")
+    sql(head_db, "UPDATE alembic_ledger SET checksum = repeat('0', 64) WHERE revision = '001'")
     with pytest.raises(MigrationError, match="^revision 001 "):
-        asyncio.run(run_migrations(settings_for(empty_db)))
+        asyncio.run(run_migrations(settings_for(head_db)))

@@ -98,45 +98,45 @@ def test_the_reader_knows_each_revision_s_phase(tmp_path: Path) -> None:
 
 
 def test_pre_deploy_stops_before_post_deploy_and_the_post_deploy_phase_runs_the_rest(
-    empty_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
+    head_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
 ) -> None:
     ini = phased(tmp_path)
-    first = run_alembic("upgrade", "head", target=empty_db, config=ini)
+    first = run_alembic("upgrade", "head", target=head_db, config=ini)
     assert first.returncode == 0, out(first)
-    assert version(empty_db) == ["901"]
-    assert tables(empty_db) == {"kraken_phase_pre"}
+    assert version(head_db) == ["901"]
+    assert tables(head_db) == {"kraken_phase_pre"}
     assert f"stopping before post-deploy revision(s) 902: run '{POST_DEPLOY_COMMAND}'" in out(first)
 
     # The boot's run (the same phase) finds nothing to do; check mode accepts the schema, and so
     # does /ready's rule (serves_code), though 902 is pending.
-    settings = settings_for(empty_db)
+    settings = settings_for(head_db)
     status = asyncio.run(run_migrations(settings, script_location=tmp_path / "alembic"))
     assert (status.revision, status.at_head, status.serves_code) == ("901", False, True)
     assert status.post_deploy_pending == ("902",)
     assert asyncio.run(check_schema(settings, script_location=tmp_path / "alembic")).serves_code
-    assert version(empty_db) == ["901"]
+    assert version(head_db) == ["901"]
 
-    second = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=empty_db, config=ini)
+    second = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=head_db, config=ini)
     assert second.returncode == 0, out(second)
-    assert version(empty_db) == ["902"]
-    assert tables(empty_db) == {"kraken_phase_pre", "kraken_phase_post"}
-    recorded = sql(empty_db, "SELECT revision, direction, success FROM alembic_ledger WHERE revision LIKE '90_'")
+    assert version(head_db) == ["902"]
+    assert tables(head_db) == {"kraken_phase_pre", "kraken_phase_post"}
+    recorded = sql(head_db, "SELECT revision, direction, success FROM alembic_ledger WHERE revision LIKE '90_'")
     assert [tuple(r) for r in recorded] == [("901", "upgrade", True), ("902", "upgrade", True)]
-    listing = run_kraken_migrations("ledger", target=empty_db, config=ini)
+    listing = run_kraken_migrations("ledger", target=head_db, config=ini)
     assert listing.returncode == 0, out(listing)
     line = next(line for line in listing.stdout.splitlines() if line.split()[3:4] == ["902"])
     assert "post-deploy" in line, listing.stdout
 
 
 def test_a_boot_never_runs_a_post_deploy_revision(
-    empty_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
+    head_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
 ) -> None:
     phased(tmp_path)
-    settings = settings_for(empty_db)
-    for _ in range(2):  # from nothing, then from 901
+    settings = settings_for(head_db)
+    for _ in range(2):  # from the real head, then from 901
         status = asyncio.run(run_migrations(settings, script_location=tmp_path / "alembic"))
         assert status.revision == "901"
-    assert tables(empty_db) == {"kraken_phase_pre"}
+    assert tables(head_db) == {"kraken_phase_pre"}
 
 
 def test_a_pre_deploy_revision_after_a_pending_post_deploy_one_is_refused(
@@ -193,13 +193,13 @@ def test_the_offline_sql_follows_the_phase_and_sets_the_zone_after_004(tmp_path:
 
 
 def test_migrations_run_in_utc_whatever_the_database_default(
-    empty_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
+    head_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
 ) -> None:
-    sql(empty_db, f"ALTER DATABASE \"{empty_db.database}\" SET timezone = 'America/New_York'")
-    assert sql(empty_db, "SELECT current_setting('TimeZone')")[0][0] == "America/New_York"
+    sql(head_db, f"ALTER DATABASE \"{head_db.database}\" SET timezone = 'America/New_York'")
+    assert sql(head_db, "SELECT current_setting('TimeZone')")[0][0] == "America/New_York"
     ini = phased(tmp_path)
-    asyncio.run(run_migrations(settings_for(empty_db), script_location=tmp_path / "alembic"))  # the boot
-    result = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=empty_db, config=ini)  # the CLI
+    asyncio.run(run_migrations(settings_for(head_db), script_location=tmp_path / "alembic"))  # the boot
+    result = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=head_db, config=ini)  # the CLI
     assert result.returncode == 0, out(result)
-    assert sql(empty_db, "SELECT zone FROM kraken_phase_pre")[0][0] == "UTC"
-    assert sql(empty_db, "SELECT zone FROM kraken_phase_post")[0][0] == "UTC"
+    assert sql(head_db, "SELECT zone FROM kraken_phase_pre")[0][0] == "UTC"
+    assert sql(head_db, "SELECT zone FROM kraken_phase_post")[0][0] == "UTC"
