@@ -96,10 +96,10 @@ def test_boots_once_the_database_comes_up_within_the_window(empty_db: DatabaseTa
 def test_gives_up_with_one_line_when_the_database_stays_down(empty_db: DatabaseTarget) -> None:
     proxy = Proxy(empty_db)  # never started
     env = child_env(None, DATABASE_URL=proxy.url(empty_db), KRAKEN_DB_CONNECT_TIMEOUT="2")
-    started = time.monotonic()
+    # Bounded: run's timeout is the safety net; how long it waited is the service's own "(waited 2 s)"
+    # below (a clock around the process would count Python's start, seconds on a loaded machine).
     result = subprocess.run([SERVICE], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
-    assert time.monotonic() - started < 30
     output = out(result)
     errors = [line for line in output.splitlines() if " ERROR " in line]
     assert len(errors) == 1
