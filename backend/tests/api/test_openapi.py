@@ -254,6 +254,7 @@ def _failures(event: events.ScenarioFinished) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # CPU-bound: 40 s on a quiet 2-core machine, minutes on a loaded one
 def test_a_fuzzer_with_every_check_finds_no_mismatch(
     own_live_db: DatabaseTarget, settings_for: Callable[..., Settings], capsys
 ):
