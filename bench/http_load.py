@@ -233,7 +233,7 @@ def report(results: dict[tuple[str, int, str], list[Run]], args: argparse.Namesp
     header = "".join(f"  {name + ' req/s':>13} {'p50 ms':>7} {'p99 ms':>7}" for name in APPS)
     ratios_header = "".join(f"  {'kraken/' + name:>14}  per round" for name in YARDSTICKS)
     print(f"  {'scenario':8} {'conns':>5}{header}{ratios_header}")
-    for scenario in SCENARIOS:
+    for scenario in args.scenarios:
         for connections in args.connections:
             rounds = valid_rounds(results, scenario, connections)
             if not rounds:
@@ -328,7 +328,7 @@ def measure(servers: dict[str, Server], logs: Path, args: argparse.Namespace) ->
     results: dict[tuple[str, int, str], list[Run]] = {}
     for round_number in range(args.rounds):
         order = APPS if round_number % 2 == 0 else APPS[::-1]
-        for scenario in SCENARIOS:
+        for scenario in args.scenarios:
             method, paths = scenario_requests(scenario, ids, view_id)
             for connections in args.connections:
                 for name in order:
@@ -370,6 +370,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--pool-size", type=int, default=8, help="database connections per server process, both servers (default 8)"
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=lambda value: [name for name in SCENARIOS if name in value.split(",")],
+        default=list(SCENARIOS),
+        help=f"which to run, comma-separated (default {','.join(SCENARIOS)})",
     )
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk's threads (default 1: it shares the CPUs)")
     return parser.parse_args()
