@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from backend import metrics
 from backend.api.deps import ConnectionDep, ConversationId, IdempotencyKey, RequireApiKey, app_settings
 from backend.api.errors import documented
+from backend.api.fast_path import FastPathRoute
 from backend.api.openapi import link
 from backend.conversations import service
 from backend.conversations.schemas import (
@@ -23,7 +24,7 @@ from backend.conversations.schemas import (
     TurnPublic,
 )
 
-router = APIRouter(prefix="/conversations", tags=["conversations"])
+router = APIRouter(prefix="/conversations", tags=["conversations"], route_class=FastPathRoute)
 T = TypeVar("T")
 
 

@@ -14,7 +14,7 @@ from typing import Annotated
 import asyncpg
 from fastapi import Depends, Header, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import WithJsonSchema
+from pydantic import SecretStr, WithJsonSchema
 from pydantic.config import JsonDict
 
 from backend.api.errors import api_error
@@ -57,11 +57,15 @@ async def require_api_key(
         return
     if credentials is None:
         raise _unauthorized("missing 'Authorization: Bearer <key>' header")
-    # Hashing first makes the comparison constant-time in the key's length too.
-    given = hashlib.sha256(credentials.credentials.encode()).digest()
-    expected = hashlib.sha256(settings.api_key.get_secret_value().encode()).digest()
-    if not hmac.compare_digest(given, expected):
+    if not key_matches(settings.api_key, credentials.credentials):
         raise _unauthorized("invalid API key")
+
+
+def key_matches(api_key: SecretStr, given: str) -> bool:
+    """Whether ``given`` is the API key."""
+    # Hashing first makes the comparison constant-time in the key's length too.
+    expected = hashlib.sha256(api_key.get_secret_value().encode()).digest()
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), expected)
 
 
 def _unauthorized(msg: str) -> Exception:
