@@ -207,7 +207,8 @@ def _plainly_storable(value: Any) -> bool:
         node, depth = pop()
         kind = type(node)
         if kind is str:
-            if not _plain_text(node):
+            # _plain_text's test inlined for ASCII, the common case: a call per string costs more.
+            if "\x00" in node or not (node.isascii() or _plain_text(node)):
                 return False
         elif node is None or kind is bool or kind is int:
             continue
@@ -218,9 +219,17 @@ def _plainly_storable(value: Any) -> bool:
             if depth >= MAX_JSON_DEPTH:
                 return False
             for key, item in node.items():
-                if type(key) is not str or not _plain_text(key):
+                if type(key) is not str or "\x00" in key or not (key.isascii() or _plain_text(key)):
                     return False
-                push((item, depth + 1))
+                kind = type(item)
+                # Scalars checked here rather than pushed: most of a JSON value's nodes are leaves.
+                if kind is str:
+                    if "\x00" in item or not (item.isascii() or _plain_text(item)):
+                        return False
+                elif item is None or kind is bool or kind is int:
+                    continue
+                else:
+                    push((item, depth + 1))
         elif kind is list:
             if depth >= MAX_JSON_DEPTH:
                 return False
