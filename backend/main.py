@@ -17,10 +17,10 @@ from fastapi import FastAPI
 from starlette.middleware.gzip import GZipMiddleware
 from uvicorn.config import STARTUP_FAILURE
 
-from backend import database, metrics
+from backend import database
 from backend.api import ROUTERS
 from backend.api.errors import install_error_handlers
-from backend.api.middleware import GZIP_MINIMUM_BYTES, BodySizeLimit, Cors, RequestContext
+from backend.api.middleware import GZIP_MINIMUM_BYTES, RequestContext
 from backend.api.openapi import install_openapi, operation_id
 from backend.config import ConfigError, Settings, check_serving, get_settings, resolve_target
 from backend.database import STARTUP_ERRORS
@@ -112,11 +112,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     application.state.lender = NotStarted()  # the lifespan lends from the pool it creates
     application.state.draining = False  # set by SIGTERM (the lifespan installs the handler)
     install_error_handlers(application)
-    application.add_middleware(BodySizeLimit)
     # Level 6 (zlib's default): JSON compresses nearly as well as at 9 for much less CPU per response.
     application.add_middleware(GZipMiddleware, minimum_size=GZIP_MINIMUM_BYTES, compresslevel=6)
-    application.add_middleware(Cors)
-    application.add_middleware(metrics.RequestMetrics)
     application.add_middleware(RequestContext)  # outermost: its id is on every response and log line
     for router in ROUTERS:
         application.include_router(router)

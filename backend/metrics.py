@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import weakref
 from dataclasses import dataclass
 from functools import cache
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from fastapi.routing import iter_route_contexts
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 
 from backend.db.errors import Fault
 
@@ -134,49 +133,30 @@ def series() -> Series:
 # --- requests ----------------------------------------------------------------------------------
 
 
-class RequestMetrics:
-    """Counts each request by route template, method and status, and times it (pure ASGI: cheap).
+class RequestCounts:
+    """Counts each request by route template, method and status, and its time (RequestContext,
+    the outermost middleware, calls ``record`` once the response went out).
 
     The route is the template the router matched (``/conversations/{conversation_id}/turns``),
     read from the scope once the app is done with the request, never the raw path.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
         # (route, method, status) -> its counter and histogram children: labels() takes a lock and
         # builds a key each time; a dict lookup does not. Bounded like the labels themselves.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["app"].state.settings.metrics:
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500  # what the outer layer answers for an exception that gets past us
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        except asyncio.CancelledError:
-            if status == 500 and scope["app"].state.draining:
-                status = 503  # cut off at shutdown, unanswered: RequestContext answers 503 shutting_down
-            raise
-        finally:
-            key = (route_template(scope), _METHODS.get(scope["method"], "other"), status)
-            children = self._children.get(key)
-            if children is None:
-                found = series()
-                children = self._children[key] = (
-                    found.requests.labels(key[0], key[1], str(status)),
-                    found.request_seconds.labels(key[0], key[1]),
-                )
-            children[0].inc()
-            children[1].observe(time.perf_counter() - started)
+    def record(self, scope: Scope, status: int, seconds: float) -> None:
+        key = (route_template(scope), _METHODS.get(scope["method"], "other"), status)
+        children = self._children.get(key)
+        if children is None:
+            found = series()
+            children = self._children[key] = (
+                found.requests.labels(key[0], key[1], str(status)),
+                found.request_seconds.labels(key[0], key[1]),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
 
 def route_template(scope: Scope) -> str:
