@@ -110,6 +110,14 @@ async def write_until(client: httpx.AsyncClient, conversation: str, stop: asynci
             await asyncio.sleep(0.05)
 
 
+async def until_acknowledged(seen: Writes, count: int) -> None:
+    """Until the writers have ``count`` acknowledged turns: writes counted, not timed (a loaded
+    machine writes fewer in a second)."""
+    async with asyncio.timeout(120):  # a safety net, not a measurement
+        while len(seen.acknowledged) < count:
+            await asyncio.sleep(0.05)
+
+
 async def test_the_service_writes_again_after_a_failover_without_losing_an_acknowledged_turn(
     replication: ReplicationPair, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -130,7 +138,7 @@ async def test_the_service_writes_again_after_a_failover_without_losing_an_ackno
             writers = [
                 asyncio.create_task(write_until(client, conversation, stop, seen)) for conversation in conversations * 2
             ]
-            await asyncio.sleep(1.5)
+            await until_acknowledged(seen, 60)
             await asyncio.to_thread(replication.stop_primary, "immediate")
             await asyncio.sleep(1.0)
             new_primary: Cluster = await asyncio.to_thread(replication.promote_standby)
@@ -138,7 +146,7 @@ async def test_the_service_writes_again_after_a_failover_without_losing_an_ackno
             deadline = promoted + 30
             while time.monotonic() < deadline and not any(t > promoted and s == 201 for t, s in seen.statuses):
                 await asyncio.sleep(0.05)
-            await asyncio.sleep(1.0)  # and keep writing a while on the new primary
+            await until_acknowledged(seen, len(seen.acknowledged) + 50)  # and keep writing on the new primary
             stop.set()
             await asyncio.gather(*writers)
         log = running.stop()

@@ -100,7 +100,11 @@ def test_the_api_test_module_passes_through_pgbouncer(bouncer: PgBouncer, pg_clu
 async def test_sixteen_clients_append_to_shared_conversations_gaplessly(
     bouncer: PgBouncer, pg_cluster: Cluster, database: str
 ) -> None:
-    settings = pooled_settings(bouncer, pg_cluster, database, db_pool_size=8, db_max_overflow=8)
+    # Appends to one conversation wait for each other's row lock, four deep: a statement bound past
+    # what a loaded machine takes (at the default 10 s some were answered 504 there).
+    settings = pooled_settings(
+        bouncer, pg_cluster, database, db_pool_size=8, db_max_overflow=8, db_statement_timeout=120
+    )
     app = create_app(settings)
     statuses: list[int] = []
     async with app.router.lifespan_context(app):
@@ -228,7 +232,11 @@ async def test_the_migration_engine_honours_the_statement_cache_setting(
 async def test_a_statement_cache_left_on_behind_the_pooler_is_told_once(
     bouncer: PgBouncer, pg_cluster: Cluster, database: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = pooled_settings(bouncer, pg_cluster, database, db_statement_cache=True, db_pool_size=16)
+    # Sixteen appends to one conversation wait for each other's row lock: a statement bound past
+    # what a loaded machine takes (at the default 10 s some were answered 504 there).
+    settings = pooled_settings(
+        bouncer, pg_cluster, database, db_statement_cache=True, db_pool_size=16, db_statement_timeout=120
+    )
     app = create_app(settings)
     responses: list[httpx.Response] = []
     with caplog.at_level(logging.INFO):
