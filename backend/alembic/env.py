@@ -78,6 +78,9 @@ def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:
     # Other applications' tables in the same database are none of our business.
     if type_ == "table":
         return name is not None and (name in target_metadata.tables or name.startswith("kraken_"))
+    if type_ in ("column", "index"):
+        # A type change's copy of a column (and its indexes) lives beside the model's until its contract.
+        return not ops.helper_owned(name)
     return True
 
 

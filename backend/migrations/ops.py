@@ -573,6 +573,24 @@ def create_index_concurrently(
         ddl += f" INCLUDE ({_columns(include)})"
     if where is not None:
         ddl += f" WHERE {where}"
+
+    def same(found: IndexInfo) -> bool:
+        if (found.table, found.columns, found.unique) == (table, tuple(columns), unique):
+            return True
+        raise CommandError(
+            f"index {name} already exists with another definition (on {found.table} "
+            f"({', '.join(str(c) for c in found.columns)}), unique={found.unique}); give the new index "
+            "another name or drop the old one first"
+        )
+
+    _build_index(name, ddl, same, f"{table} has rows with the same ({', '.join(columns)})")
+
+
+def _build_index(name: str, ddl: str, same: Callable[[IndexInfo], bool], duplicates: str) -> None:
+    """Run ``ddl`` (a ``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS name ...``) outside the
+    revision's transaction, unless a valid index ``name`` that is ``same`` exists already; an
+    INVALID one is dropped and built again. A unique build over duplicates (``duplicates``: which)
+    drops what it left and fails in one line."""
     ctx = _context()
     if ctx.as_sql:
         with _autocommit(ctx):
@@ -581,13 +599,7 @@ def create_index_concurrently(
     _require_own_transactions(ctx)
     with _autocommit(ctx):
         found = index_info(name)
-        if found is not None:
-            if (found.table, found.columns, found.unique) != (table, tuple(columns), unique):
-                raise CommandError(
-                    f"index {name} already exists with another definition (on {found.table} "
-                    f"({', '.join(str(c) for c in found.columns)}), unique={found.unique}); give the new index "
-                    "another name or drop the old one first"
-                )
+        if found is not None and same(found):
             if found.valid:
                 return
             logger.warning("index %s is INVALID (an interrupted build left it); building it again", name)
@@ -604,10 +616,7 @@ def create_index_concurrently(
             # The failed build left an INVALID index that every write would still maintain.
             with _waiting_patiently(f"dropping index {name}", "the next run drops it again"):
                 op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {ident(name)}")
-            raise CommandError(
-                f"cannot build unique index {name}: {table} has rows with the same ({', '.join(columns)}); "
-                "nothing was left behind"
-            ) from None
+            raise CommandError(f"cannot build unique index {name}: {duplicates}; nothing was left behind") from None
 
 
 def drop_index_concurrently(name: str) -> None:
@@ -1573,3 +1582,566 @@ def _emit_data_loss_guard(revision: str, tables: Sequence[str], columns: Mapping
         f"DO $guard$\nBEGIN\n    IF {conditions} THEN\n"
         f"        RAISE EXCEPTION USING MESSAGE = {literal(message)};\n    END IF;\nEND\n$guard$"
     )
+
+
+# --- column types ----------------------------------------------------------------------------
+
+# While a type changes by expand/contract, the column's copy in the other type lives beside it
+# under the column's name with one of these suffixes (its indexes likewise): ``<column>__new``
+# from the expand to the swap, ``<column>__old`` from the swap to the contract.
+NEW_SUFFIX = "__new"
+OLD_SUFFIX = "__old"
+_TIMESTAMPS = {"timestamp without time zone", "timestamp with time zone"}
+_INDEX_DEFINITION = re.compile(r"^CREATE (?P<unique>UNIQUE )?INDEX (?P<name>\S+) ON (?P<table>.+?) (?P<rest>USING .*)$")
+_QUOTED = re.compile(r"('(?:[^']|'')*')")
+
+
+def _suffixed(name: str, suffix: str) -> str:
+    # PostgreSQL names have 63 bytes: the suffix survives a long name.
+    return name[: 63 - len(suffix)] + suffix
+
+
+def helper_owned(name: str | None) -> bool:
+    """A column or index that a type change keeps beside the model's (``<name>__new``,
+    ``<name>__old``): autogenerate and ``alembic check`` leave them alone."""
+    return name is not None and name.endswith((NEW_SUFFIX, OLD_SUFFIX))
+
+
+def _timestamp_kind(type_: str) -> str | None:
+    """``type_`` as PostgreSQL names a timestamp type (precision dropped), or None."""
+    spelled = re.sub(r"\s*\(\s*\d+\s*\)", "", type_.strip().lower())
+    spelled = re.sub(r"\s+", " ", spelled)
+    return {
+        "timestamp": "timestamp without time zone",
+        "timestamp without time zone": "timestamp without time zone",
+        "timestamptz": "timestamp with time zone",
+        "timestamp with time zone": "timestamp with time zone",
+    }.get(spelled)
+
+
+def _renamed_in(definition: str, column: str, target: str) -> str:
+    """``definition`` (SQL) with every reference to the column ``column`` made one to ``target``:
+    the name alone or quoted, not in a string literal, nor a type after ``::`` or a function's name."""
+    bare = (
+        re.compile(rf'(?<![\w$".:]){re.escape(column)}(?![\w$"(])')
+        if re.fullmatch(r"[a-z_][a-z0-9_$]*", column)
+        else None
+    )
+    parts = _QUOTED.split(definition)
+    for i in range(0, len(parts), 2):  # the odd ones are literals
+        parts[i] = parts[i].replace(ident(column), ident(target))
+        if bare is not None:
+            parts[i] = bare.sub(ident(target), parts[i])
+    return "".join(parts)
+
+
+def _unquoted(name: str) -> str:
+    return name[1:-1].replace('""', '"') if name.startswith('"') else name
+
+
+@dataclass(frozen=True)
+class _Index:
+    """An index on the column, as ``pg_get_indexdef`` prints it."""
+
+    name: str
+    definition: str
+
+    @classmethod
+    def parse(cls, definition: str) -> _Index:
+        found = _INDEX_DEFINITION.match(definition.strip())
+        if found is None:
+            raise ValueError(f"not an index definition as pg_get_indexdef prints it: {definition!r}")
+        return cls(_unquoted(found["name"]), definition.strip())
+
+    def on(self, column: str, target: str, suffix: str) -> tuple[str, str]:
+        """This index's copy on ``target`` instead of ``column``: its name and the statement that
+        builds it concurrently (the same method, keys, expressions, INCLUDE list, predicate and
+        uniqueness)."""
+        found = _INDEX_DEFINITION.match(self.definition)
+        assert found is not None
+        name = _suffixed(self.name, suffix)
+        ddl = (
+            f"CREATE {found['unique'] or ''}INDEX CONCURRENTLY IF NOT EXISTS {ident(name)} ON {found['table']} "
+            f"{_renamed_in(found['rest'], column, target)}"
+        )
+        return name, ddl
+
+
+_COLUMN_QUERY = sa.text(
+    "SELECT a.attnum, format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid),"
+    " a.attgenerated <> '' OR a.attidentity <> '',"
+    " array(SELECT c.conname::text FROM pg_constraint AS c WHERE c.conrelid = a.attrelid"
+    "       AND a.attnum = ANY(c.conkey) AND c.contype <> 'n' ORDER BY c.conname)"
+    " FROM pg_attribute AS a LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+    " WHERE a.attrelid = to_regclass(:table) AND a.attname = :column AND a.attnum > 0 AND NOT a.attisdropped"
+)
+# The indexes that use the column: as a key, in INCLUDE, in an expression or in the predicate.
+_COLUMN_INDEXES = sa.text(
+    "SELECT c.relname::text, pg_get_indexdef(i.indexrelid), i.indisvalid AND i.indisready"
+    " FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+    " WHERE i.indrelid = to_regclass(:table) AND (:attnum = ANY(i.indkey::int2[]) OR EXISTS ("
+    "   SELECT FROM pg_depend AS d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid"
+    "   AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid AND d.refobjsubid = :attnum))"
+    " ORDER BY c.relname"
+)
+# A probe's table: its relation's and its indexes' files, to tell what an ALTER rewrote or rebuilt.
+_FILES = sa.text(
+    "SELECT c.relname::text, pg_relation_filenode(c.oid)::text FROM pg_class AS c"
+    " WHERE c.oid = CAST(:probe AS regclass) OR c.oid IN (SELECT indexrelid FROM pg_index"
+    " WHERE indrelid = CAST(:probe AS regclass)) ORDER BY 1"
+)
+
+
+@dataclass(frozen=True)
+class _Column:
+    attnum: int
+    type: str
+    not_null: bool
+    default: str | None
+    indexes: tuple[tuple[str, str, bool], ...]  # (name, pg_get_indexdef, valid)
+
+
+@dataclass(frozen=True)
+class ColumnTypeChange:
+    """A column's type changed without a lock that stops the service, in three steps, one per
+    revision and deploy phase, each with its downgrade:
+
+    - ``expand()`` (pre-deploy): a copy of the column in the new type (``<column>__new``), kept
+      equal to it by a trigger on every write, filled on the rows already there by
+      ``backfill_by_key``, indexed like the column (each index rebuilt concurrently from its
+      definition, the column swapped for the copy), NOT NULL like it (through a validated CHECK);
+    - ``swap()`` (post-deploy): in one short transaction under ``lock_timeout``, the copy takes the
+      column's name, default and index names, the old column becomes ``<column>__old``, and the
+      trigger now keeps that one equal to the new column, for a rollback until the contract;
+    - ``contract()`` (post-deploy, in a later release than the swap): the trigger and the old
+      column (with its indexes) dropped.
+
+    ``undo_contract()``, ``undo_swap()`` and ``undo_expand()`` walk back, keeping every value
+    (undo_contract builds the old column again the way expand built the new one).
+
+    Online the plan comes from PostgreSQL itself: the conversion is tried on an empty copy of the
+    table (``LIKE ... INCLUDING INDEXES``, a temporary table) and, when that rewrote neither the
+    table nor an index, the change is made in place by the swap (one ``ALTER ... TYPE ... USING``,
+    a catalog change), and expand and contract do nothing. Offline (``--sql``) nothing can be
+    asked, so the SQL is always expand/contract's, which suits every conversion. Apply a change's
+    steps all online or all from ``--sql``.
+
+    ``using`` converts the old value (``{column}`` in it) to the new type, ``reverse`` the new to
+    the old; by default an assignment (PostgreSQL's assignment cast: a value that does not fit
+    fails rather than being cut). Between ``timestamp`` and ``timestamptz`` both default to
+    ``{column} AT TIME ZONE 'UTC'`` and must name a zone: the session's zone must never decide
+    what a stored instant means.
+
+    The rest describes the column as it is before the change, for the offline SQL: ``not_null``,
+    ``default`` (SQL), ``indexes`` (each index that uses the column, as ``pg_get_indexdef`` prints
+    it). Online the catalog decides: a NOT NULL, default or set of index names that differs from
+    the declaration is refused by ``expand`` before anything changes, with what the catalog says;
+    an index whose definition reads differently (another server version) is built from the
+    catalog's, with a warning. ``key``/``key_type``: the table's unique key that the backfill walks.
+
+    Not handled (refused, or failed by PostgreSQL): a column in a constraint (primary key, foreign
+    key, unique constraint, check), a generated or identity column, and an expression index whose
+    expression is not immutable for the new type (``date_trunc`` of a ``timestamptz``).
+    """
+
+    table: str
+    column: str
+    old_type: str
+    new_type: str
+    not_null: bool = False
+    default: str | None = None
+    indexes: Sequence[str] = ()
+    using: str | None = None
+    reverse: str | None = None
+    key: str = "id"
+    key_type: str = "uuid"
+
+    def __post_init__(self) -> None:
+        kinds = {_timestamp_kind(self.old_type), _timestamp_kind(self.new_type)}
+        for name, given in (("using", self.using), ("reverse", self.reverse)):
+            if given is not None and "{column}" not in given:
+                raise ValueError(f"{self.table}.{self.column}: {name} must use the old value as {{column}}")
+            if kinds == _TIMESTAMPS and given is not None and "at time zone" not in given.lower():
+                raise ValueError(
+                    f"{self.table}.{self.column}: {name} converts between timestamp and timestamptz, so it must name "
+                    f"the zone ({{column}} AT TIME ZONE 'UTC'): a bare cast takes the session's zone"
+                )
+        for definition in self.indexes:
+            _Index.parse(definition)
+
+    # --- the pieces ------------------------------------------------------------------------
+
+    def _expression(self, forward: bool) -> str:
+        given = self.using if forward else self.reverse
+        if given is None:
+            given = (
+                "{column} AT TIME ZONE 'UTC'"
+                if {_timestamp_kind(self.old_type), _timestamp_kind(self.new_type)} == _TIMESTAMPS
+                else "{column}"
+            )
+        return given
+
+    def _of(self, forward: bool, column: str) -> str:
+        """The conversion (forward: old type to new) of the value of ``column`` (SQL)."""
+        return self._expression(forward).replace("{column}", column)
+
+    def _name(self, suffix: str) -> str:
+        return _suffixed(self.column, suffix)
+
+    def _sync_name(self) -> str:
+        return _suffixed(f"{self.table}_{self.column}", "__sync")
+
+    def _check_name(self, target: str) -> str:
+        return _suffixed(f"{self.table}_{target}", "_not_null")
+
+    def _label(self, target: str) -> str:
+        return f"{self.table}.{target} from {self.column}"
+
+    def _column(self, name: str, *, itself: bool = False) -> _Column | None:
+        """The column ``name`` of the table, or None; ``itself``: the column whose type changes,
+        refused when its type cannot change this way."""
+        row = _bind().execute(_COLUMN_QUERY, {"table": ident(self.table), "column": name}).first()
+        if row is None:
+            return None
+        attnum, type_, not_null, default, generated, constraints = row
+        if itself and generated:
+            raise CommandError(f"{self.table}.{name} is a generated or identity column; its type is not changed here")
+        if itself and constraints:
+            raise CommandError(
+                f"{self.table}.{name} is part of constraint(s) {', '.join(constraints)}: change_column_type copies "
+                "indexes, NOT NULL and the default, not constraints; drop them first, or change the type another way"
+            )
+        found = _bind().execute(_COLUMN_INDEXES, {"table": ident(self.table), "attnum": attnum}).all()
+        return _Column(attnum, type_, bool(not_null), default, tuple((n, d, bool(v)) for n, d, v in found))
+
+    def _types(self) -> tuple[str, str]:
+        """The old and the new type as PostgreSQL spells them (format_type)."""
+        probe = "kraken_type_change_types"
+        _bind().execute(sa.text(f"CREATE TEMP TABLE {probe} (old {self.old_type}, new {self.new_type}) ON COMMIT DROP"))
+        spelled = _bind().execute(
+            sa.text(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = CAST(:probe AS regclass) AND attnum > 0 ORDER BY attnum"
+            ),
+            {"probe": probe},
+        )
+        old, new = spelled.scalars().all()
+        commit()
+        return old, new
+
+    def _alter_in_place(self, forward: bool, table: str) -> str:
+        """The in-place change of the column's type on ``table`` (SQL): what the probe tries and the swap runs."""
+        target_type = self.new_type if forward else self.old_type
+        return (
+            f"ALTER TABLE {table} ALTER COLUMN {ident(self.column)} TYPE {target_type}"
+            f" USING {self._of(forward, ident(self.column))}"
+        )
+
+    def _in_place(self, forward: bool) -> bool:
+        """Would ``ALTER ... TYPE`` rewrite neither the table nor an index? Asked of PostgreSQL on an
+        empty temporary copy of the table (its columns and indexes), in this session's time zone."""
+        target_type = self.new_type if forward else self.old_type
+        domain = _bind().execute(
+            sa.text(f"SELECT typtype = 'd' FROM pg_type WHERE oid = CAST({literal(target_type)} AS regtype)")
+        )
+        if domain.scalar_one():
+            return False  # its constraints are checked on every row, which an empty copy does not show
+        probe = "kraken_type_change_probe"
+        _bind().execute(
+            sa.text(f"CREATE TEMP TABLE {probe} (LIKE {ident(self.table)} INCLUDING INDEXES) ON COMMIT DROP")
+        )
+        before = _bind().execute(_FILES, {"probe": probe}).all()
+        try:
+            with _bind().begin_nested():
+                _bind().execute(sa.text(self._alter_in_place(forward, probe)))
+                after = _bind().execute(_FILES, {"probe": probe}).all()
+        except DBAPIError as exc:
+            logger.info("%s.%s: not in place (%s)", self.table, self.column, str(exc.orig).splitlines()[0])
+            after = []
+        commit()
+        return after == before
+
+    def _state(self) -> tuple[str, _Column]:
+        """Where the change stands: ``before``, ``expanded`` (the copy exists), ``swapped`` (the old
+        column is beside the new one) or ``done``; and the column as it is."""
+        found = self._column(self.column, itself=True)
+        if found is None:
+            raise CommandError(f"there is no column {self.column} on {self.table}")
+        old, new = self._types()
+        if old == new:
+            raise CommandError(f"{self.table}.{self.column}: old_type and new_type are both {old}")
+        if found.type == new:
+            return ("swapped" if self._column(self._name(OLD_SUFFIX)) is not None else "done"), found
+        if found.type != old:
+            raise CommandError(
+                f"{self.table}.{self.column} is {found.type}, neither {old} (old_type) nor {new} (new_type)"
+            )
+        return ("expanded" if self._column(self._name(NEW_SUFFIX)) is not None else "before"), found
+
+    def _declared(self, found: _Column) -> None:
+        """Refuse a declaration the catalog contradicts, before anything changes."""
+        names = sorted(_Index.parse(d).name for d in self.indexes)
+        problems = []
+        if found.not_null != self.not_null:
+            problems.append(f"not_null={found.not_null}")
+        if found.default != self.default:
+            problems.append(f"default={found.default!r}")
+        if [name for name, _, _ in found.indexes] != names:
+            problems.append(f"indexes={[definition for _, definition, _ in found.indexes]!r}")
+        if problems:
+            raise CommandError(
+                f"{self.table}.{self.column} is not as the revision declares it (its offline SQL would do something "
+                f"else); the catalog says: {', '.join(problems)}. Declare that; nothing was changed"
+            )
+        for (name, definition, _), declared in zip(
+            found.indexes, sorted(self.indexes, key=lambda d: _Index.parse(d).name), strict=True
+        ):
+            if definition != declared.strip():
+                logger.warning(
+                    "%s: index %s is %s here, declared as %s (the offline SQL builds that)",
+                    self.table,
+                    name,
+                    definition,
+                    declared,
+                )
+
+    def _sync(self, target: str, forward: bool) -> None:
+        """The trigger that sets ``target`` from the column on every insert and update."""
+        name = self._sync_name()
+        op.execute(
+            f"CREATE OR REPLACE FUNCTION {ident(name)}() RETURNS trigger LANGUAGE plpgsql AS $sync$\nBEGIN\n"
+            f"    NEW.{ident(target)} := {self._of(forward, 'NEW.' + ident(self.column))};\n"
+            "    RETURN NEW;\nEND\n$sync$"
+        )
+
+    def _copy(
+        self, target: str, target_type: str, forward: bool, indexes: Sequence[_Index], not_null: bool, suffix: str
+    ) -> None:
+        """The column's copy in ``target``: added, kept in sync, filled, indexed, made NOT NULL."""
+        table = ident(self.table)
+        if not _offline():
+            existing = self._column(target)
+            if existing is not None and existing.type != (self._types()[1 if forward else 0]):
+                raise CommandError(f"{self.table}.{target} exists as {existing.type}; drop it or rename it first")
+        if not forward:
+            rules = ["prefer-timestamp-tz", "prefer-text-field", "prefer-bigint-over-int"]
+            _static(squawk_ignore(rules, "the way back: the column's type as it was before the change"))
+        op.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {ident(target)} {target_type}")
+        commit()
+        self._sync(target, forward)
+        op.execute(
+            f"CREATE OR REPLACE TRIGGER {ident(self._sync_name())} BEFORE INSERT OR UPDATE ON {table}"
+            f" FOR EACH ROW EXECUTE FUNCTION {ident(self._sync_name())}()"
+        )
+        commit()
+        value = self._of(forward, ident(self.column))
+        differs = f"{ident(target)} IS DISTINCT FROM {value}"
+        backfill_by_key(
+            self.table,
+            self.key,
+            f"UPDATE {table} SET {ident(target)} = {value}"
+            f" WHERE {ident(self.key)} = ANY(CAST(:keys AS {self.key_type}[])) AND {differs}",
+            pending=differs,
+            key_type=self.key_type,
+            label=self._label(target),
+        )
+        for index in indexes:
+            name, ddl = index.on(self.column, target, suffix)
+            _build_index(name, ddl, self._on_this_table, f"{self.table} has rows with the same values")
+        # Statistics for the copy, so that queries on it are planned well from the swap on.
+        op.execute(f"ANALYZE {table} ({ident(target)})")
+        commit()
+        if not not_null:
+            return
+        check = self._check_name(target)
+        if not _offline():
+            copy = self._column(target)
+            if copy is not None and copy.not_null:
+                drop_constraint(check, self.table)
+                return
+        add_check_not_valid(check, self.table, f"{ident(target)} IS NOT NULL")
+        validate_constraint(check, self.table)
+        # PostgreSQL proves NOT NULL from the validated check: no scan under the ACCESS EXCLUSIVE lock.
+        op.execute(f"ALTER TABLE {table} ALTER COLUMN {ident(target)} SET NOT NULL")
+        _static(squawk_ignore(["ban-drop-constraint"], "NOT NULL now guarantees what the check did"))
+        op.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {ident(check)}")
+        commit()
+
+    def _on_this_table(self, found: IndexInfo) -> bool:
+        if found.table != self.table:
+            raise CommandError(f"the name of a copy's index on {self.table} is taken by an index on {found.table}")
+        return True
+
+    def _drop_copy(self, target: str, index_names: Sequence[str]) -> None:
+        """The trigger and the copy ``target`` (its indexes first, concurrently) dropped."""
+        for name in index_names:
+            drop_index_concurrently(name)
+        table = ident(self.table)
+        if not _offline():
+            left = _bind().execute(
+                sa.text("SELECT to_regprocedure(:sync) IS NOT NULL"), {"sync": ident(self._sync_name()) + "()"}
+            )
+            if not left.scalar_one() and self._column(target) is None:
+                return  # done already: take no lock for nothing
+        op.execute(f"DROP TRIGGER IF EXISTS {ident(self._sync_name())} ON {table}")
+        _static(squawk_ignore(["ban-drop-function"], "the type change's trigger function, which nothing else calls"))
+        op.execute(f"DROP FUNCTION IF EXISTS {ident(self._sync_name())}()")
+        _static(squawk_ignore(["ban-drop-column"], "a copy of the column in the other type: nothing is lost"))
+        op.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS {ident(target)}")
+        commit()
+
+    def _swap(self, out: str, in_: str, forward: bool, default: str | None, index_names: Sequence[str]) -> None:
+        """In one transaction: the column becomes ``<column><out>``, ``<column><in_>`` becomes the
+        column (with its default and its indexes' names), and the trigger keeps the one that left
+        equal to it (``forward``: converting new to old)."""
+        table = ident(self.table)
+        leaving, coming = self._name(out), self._name(in_)
+        # The one lock the swap needs, taken first and waited for within lock_timeout; the runner
+        # retries the revision when it runs out. Every statement after it is a catalog change.
+        op.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+        # The previous release no longer serves (post-deploy), and the new one reads both types.
+        swapping = "the swap of a type change (post-deploy): the copy takes the column's name"
+        _static(squawk_ignore(["renaming-column"], swapping))
+        op.execute(f"ALTER TABLE {table} RENAME COLUMN {ident(self.column)} TO {ident(leaving)}")
+        _static(squawk_ignore(["renaming-column"], swapping))
+        op.execute(f"ALTER TABLE {table} RENAME COLUMN {ident(coming)} TO {ident(self.column)}")
+        if default is not None:
+            _static(squawk_ignore(["ban-drop-default"], "the default moves to the column that takes the name"))
+            op.execute(
+                f"ALTER TABLE {table} ALTER COLUMN {ident(leaving)} DROP DEFAULT,"
+                f" ALTER COLUMN {ident(self.column)} SET DEFAULT {default}"
+            )
+        for name in index_names:
+            # Each index name goes with the column name: the same index, on the column of that name.
+            _static(squawk_ignore(["renaming-object"], swapping))
+            op.execute(f"ALTER INDEX {ident(name)} RENAME TO {ident(_suffixed(name, out))}")
+            _static(squawk_ignore(["renaming-object"], swapping))
+            op.execute(f"ALTER INDEX {ident(_suffixed(name, in_))} RENAME TO {ident(name)}")
+        self._sync(leaving, not forward)
+        commit()
+
+    def _declared_indexes(self) -> list[_Index]:
+        return sorted((_Index.parse(d) for d in self.indexes), key=lambda i: i.name)
+
+    def _indexes(self, found: _Column | None) -> list[_Index]:
+        if found is None:
+            return self._declared_indexes()
+        return [_Index(name, definition) for name, definition, _ in found.indexes]
+
+    def _ready(self, copy_suffix: str, found: _Column) -> None:
+        """Refuse to swap onto a copy that is not complete: every index copied and valid, NOT NULL."""
+        name = self._name(copy_suffix)
+        copy = self._column(name)
+        assert copy is not None
+        lacking = [
+            f"index {_suffixed(index, copy_suffix)}"
+            for index, _, _ in found.indexes
+            if not getattr(index_info(_suffixed(index, copy_suffix)), "valid", False)
+        ]
+        if found.not_null and not copy.not_null:
+            lacking.append("NOT NULL")
+        if lacking:
+            raise CommandError(
+                f"{self.table}.{name} lacks {', '.join(lacking)}: the step that builds it did not finish; run that "
+                "step again (the expand's upgrade, or the contract's downgrade on the way back), then this one"
+            )
+
+    # --- the steps ---------------------------------------------------------------------------
+
+    def expand(self) -> None:
+        """Pre-deploy: the column's copy in the new type, in sync, filled, indexed."""
+        if _offline():
+            self._copy(self._name(NEW_SUFFIX), self.new_type, True, self._declared_indexes(), self.not_null, NEW_SUFFIX)
+            return
+        state, found = self._state()
+        if state in ("swapped", "done"):
+            return
+        if state == "before":
+            self._declared(found)
+            if self._in_place(forward=True):
+                logger.info(
+                    "%s.%s: PostgreSQL changes it to %s in place (no rewrite, no index rebuilt): the swap will",
+                    self.table,
+                    self.column,
+                    self.new_type,
+                )
+                return
+        self._copy(self._name(NEW_SUFFIX), self.new_type, True, self._indexes(found), found.not_null, NEW_SUFFIX)
+
+    def swap(self) -> None:
+        """Post-deploy: the copy takes the column's place (or the type changes in place)."""
+        if _offline():
+            names = [i.name for i in self._declared_indexes()]
+            self._swap(OLD_SUFFIX, NEW_SUFFIX, True, self.default, names)
+            return
+        state, found = self._state()
+        if state in ("swapped", "done"):
+            return
+        if state == "before":
+            if not self._in_place(forward=True):
+                raise CommandError(
+                    f"{self.table}.{self.column} has no copy in {self.new_type} to swap in, and PostgreSQL cannot "
+                    "change it in place without a rewrite: its expand step has not run"
+                )
+            op.execute(self._alter_in_place(True, ident(self.table)))
+            commit()
+            return
+        self._ready(NEW_SUFFIX, found)
+        self._swap(OLD_SUFFIX, NEW_SUFFIX, True, found.default, [name for name, _, _ in found.indexes])
+
+    def contract(self) -> None:
+        """Post-deploy, a release after the swap: the old column and the trigger dropped."""
+        if _offline():
+            self._drop_copy(self._name(OLD_SUFFIX), [_suffixed(i.name, OLD_SUFFIX) for i in self._declared_indexes()])
+            return
+        state, found = self._state()
+        if state in ("before", "expanded"):
+            raise CommandError(
+                f"{self.table}.{self.column} has not been swapped yet: its swap step runs before the contract"
+            )
+        self._drop_copy(self._name(OLD_SUFFIX), [_suffixed(name, OLD_SUFFIX) for name, _, _ in found.indexes])
+
+    def undo_contract(self) -> None:
+        """The old column built again beside the new one, in sync, as the swap left it."""
+        if _offline():
+            self._copy(
+                self._name(OLD_SUFFIX), self.old_type, False, self._declared_indexes(), self.not_null, OLD_SUFFIX
+            )
+            return
+        state, found = self._state()
+        if state in ("before", "expanded"):
+            return
+        if state == "done" and self._in_place(forward=False):
+            return
+        self._copy(self._name(OLD_SUFFIX), self.old_type, False, self._indexes(found), found.not_null, OLD_SUFFIX)
+
+    def undo_swap(self) -> None:
+        """The old column back in its place (or the type changed back in place)."""
+        if _offline():
+            names = [i.name for i in self._declared_indexes()]
+            self._swap(NEW_SUFFIX, OLD_SUFFIX, False, self.default, names)
+            return
+        state, found = self._state()
+        if state in ("before", "expanded"):
+            return
+        if state == "done":
+            if not self._in_place(forward=False):
+                raise CommandError(
+                    f"{self.table}.{self.column} has no copy in {self.old_type} to swap back: "
+                    "run the contract's downgrade first"
+                )
+            op.execute(self._alter_in_place(False, ident(self.table)))
+            commit()
+            return
+        self._ready(OLD_SUFFIX, found)
+        self._swap(NEW_SUFFIX, OLD_SUFFIX, False, found.default, [name for name, _, _ in found.indexes])
+
+    def undo_expand(self) -> None:
+        """The copy and its trigger dropped (it held the column's values: nothing is lost)."""
+        if _offline():
+            self._drop_copy(self._name(NEW_SUFFIX), [_suffixed(i.name, NEW_SUFFIX) for i in self._declared_indexes()])
+            return
+        state, found = self._state()
+        if state in ("swapped", "done"):
+            raise CommandError(f"{self.table}.{self.column} is swapped: undo the swap first")
+        self._drop_copy(self._name(NEW_SUFFIX), [_suffixed(name, NEW_SUFFIX) for name, _, _ in found.indexes])

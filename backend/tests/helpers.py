@@ -296,7 +296,17 @@ def offline_ops(operations: Callable[[], object]) -> str:
     return buffer.getvalue()
 
 
-# pytest-alembic: its built-in tests run against a fresh database through our env.py.
+async def execute_script(db: DatabaseTarget, script: str) -> None:
+    """Run offline SQL as psql -f does: in one session, statement after statement (Alembic
+    separates them with a blank line; CREATE INDEX CONCURRENTLY must come on its own)."""
+    conn = await connect(db)
+    try:
+        for statements in script.split("\n\n"):
+            # A comment alone ("-- Running upgrade ...") is an empty query, which asyncpg cannot take.
+            if any(line.strip() and not line.startswith("--") for line in statements.splitlines()):
+                await conn.execute(statements)
+    finally:
+        await conn.close()
 
 
 # --- the service as a process -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from backend.tests.helpers import (
     HEAD,
     NEXT,
     RUN_MIGRATIONS,
+    execute_script,
     out,
     race,
     run_alembic,
@@ -58,19 +59,6 @@ def failed_lines(result_output: str) -> list[str]:
 def without_ledger(db: DatabaseTarget) -> None:
     """A database at head (``head_db``) as the code before the ledger left it: alembic_version, and no ledger."""
     sql(db, "DROP TABLE alembic_ledger")
-
-
-async def execute_script(db: DatabaseTarget, script: str) -> None:
-    """Run offline SQL as psql -f does: in one session, statement after statement (Alembic
-    separates them with a blank line; CREATE INDEX CONCURRENTLY must come on its own)."""
-    conn = await connect(db)
-    try:
-        for statements in script.split("\n\n"):
-            # A comment alone ("-- Running upgrade ...") is an empty query, which asyncpg cannot take.
-            if any(line.strip() and not line.startswith("--") for line in statements.splitlines()):
-                await conn.execute(statements)
-    finally:
-        await conn.close()
 
 
 def edit(ini: Path, filename: str, old: str, new: str) -> None:
