@@ -93,11 +93,14 @@ def _process_revision_directives(ctx: MigrationContext, revision: Any, directive
             directives[:] = []
             print("No changes in schema detected: no revision file written.")  # noqa: T201
             return
-        # The file calls the lock-safe helpers, not op.*; the template writes its deploy phase.
-        phase = autogenerate.lock_safe(script, target_metadata)
-        ctx.opts.setdefault("template_args", {})["phase"] = phase
-    if cmd_opts is None or not getattr(cmd_opts, "rev_id", None):
-        script.rev_id = next_revision_id(ScriptDirectory.from_config(config))
+        # The files call the lock-safe helpers, not op.*: a pre-deploy revision for what the models
+        # add, a post-deploy one after it for what they take away (the template writes its phase).
+        directives[:] = autogenerate.lock_safe(script, target_metadata, ctx.bind)
+    if directives and (cmd_opts is None or not getattr(cmd_opts, "rev_id", None)):
+        directives[0].rev_id = next_revision_id(ScriptDirectory.from_config(config))
+    for before, after in zip(directives, directives[1:], strict=False):
+        after.rev_id = f"{int(before.rev_id) + 1:03d}"
+        after.head = before.rev_id
 
 
 def _plain_revision() -> bool:

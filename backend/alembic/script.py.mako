@@ -23,13 +23,13 @@ import sqlalchemy as sa
 from alembic import op
 
 from backend.migrations import ops
-${imports if imports else ""}
+${"\n".join(line for line in (imports or "").splitlines() if not line.startswith("# autogenerate:"))}
 revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}
 branch_labels: str | Sequence[str] | None = ${repr(branch_labels)}
 depends_on: str | Sequence[str] | None = ${repr(depends_on)}
-% if context.get("phase") == "post-deploy":
-# It drops what the previous release reads: it runs once the new release serves (rule 8).
+% if "# autogenerate: post-deploy" in (imports or ""):
+# It takes away what the previous release reads: it runs once the new release serves (rule 8).
 phase = "post-deploy"
 % endif
 

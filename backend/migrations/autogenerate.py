@@ -16,11 +16,12 @@ as ``ops.name(...)`` source by the renderer registered below), in the order the 
 3. the drops: constraints, indexes (``drop_index_concurrently``), columns, tables (children
    first).
 
-A revision whose upgrade drops tables or columns takes away what the previous release reads, so
-it is written ``phase = "post-deploy"`` (rule 8); one that also adds is refused: the additions
-are pre-deploy. Whatever it cannot write lock-safe (a NOT NULL column without a default on an
-existing table, a type the models give that squawk rejects, an expression index, ...) stops the
-command before any file is written, with one line naming each and the way to do it.
+Drops of tables and columns take away what the previous release reads (rule 8), so they go to
+a revision of their own, ``phase = "post-deploy"``, after the pre-deploy one that holds the rest:
+one command may write two files. Whatever it cannot write lock-safe (a NOT NULL column without
+a default on an existing table, a type the models give that squawk rejects, an expression
+index, ...) stops the command before any file is written, with one line naming each and the way
+to do it.
 
 Types a revision introduces follow squawk's preferences (``text``, ``timestamptz``, ``bigint``).
 A model column that means another on purpose says so, with the reason, in its ``info``:
@@ -39,11 +40,18 @@ from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops as alembic_ops
 from alembic.util import CommandError
-from sqlalchemy import CheckConstraint, Column, ForeignKeyConstraint, Index, MetaData, Table, UniqueConstraint
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Connection,
+    ForeignKeyConstraint,
+    Index,
+    MetaData,
+    Table,
+    UniqueConstraint,
+)
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.sql.elements import ClauseElement
-
-from backend.migrations.revisions import POST_DEPLOY, PRE_DEPLOY
 
 # The ``info`` key of a model column that keeps a type squawk would reject: {rule: reason}.
 LINT_WAIVER = "squawk"
@@ -88,12 +96,16 @@ def render_value(value: Any) -> str:
 
 
 class HelperCall(alembic_ops.MigrateOperation):
-    """One statement of a revision: a call of a helper of ``backend.migrations.ops``, and an
-    optional comment above it (the why)."""
+    """One statement of a revision: a call of a helper of ``backend.migrations.ops`` (or of a
+    ``method`` of what it returns: ``ops.ColumnTypeChange(...).expand()``), and an optional comment
+    above it (the why)."""
 
-    def __init__(self, helper: str, *args: Any, comment: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, helper: str, *args: Any, comment: str | None = None, method: str | None = None, **kwargs: Any
+    ) -> None:
         self.call = Call(f"ops.{helper}", args, kwargs)
         self.comment = comment
+        self.method = method
 
     @property
     def helper(self) -> str:
@@ -101,7 +113,7 @@ class HelperCall(alembic_ops.MigrateOperation):
 
     def source(self) -> list[str]:
         lines = [f"# {self.comment}"] if self.comment else []
-        return [*lines, render_value(self.call)]
+        return [*lines, render_value(self.call) + (f".{self.method}()" if self.method else "")]
 
 
 class WaivedCall(HelperCall):
@@ -283,6 +295,8 @@ class _Plan:
 
     metadata: MetaData | None
     upgrading: bool
+    connection: Connection | None = None
+    type_step: str = "expand"  # what a type change does in this revision: its expand, or its swap
     refusals: list[str] = field(default_factory=list)
     lost_tables: list[str] = field(default_factory=list)
     lost_columns: dict[str, list[str]] = field(default_factory=dict)
@@ -292,10 +306,13 @@ class _Plan:
     indexes: list[HelperCall] = field(default_factory=list)
     constraints: list[HelperCall] = field(default_factory=list)
     validations: list[HelperCall] = field(default_factory=list)
+    type_changes: list[HelperCall] = field(default_factory=list)  # expand or swap, each its own step
+    type_undos: list[HelperCall] = field(default_factory=list)  # for the downgrade, in reverse
     drop_constraints: list[HelperCall] = field(default_factory=list)
     drop_indexes: list[HelperCall] = field(default_factory=list)
     drop_columns: list[HelperCall] = field(default_factory=list)
     drop_tables: list[HelperCall] = field(default_factory=list)
+    undone: list[HelperCall] = field(default_factory=list)  # a downgrade's undoing of the upgrade's type changes
     new_tables: dict[str, HelperCall] = field(default_factory=dict)
     new_columns: set[tuple[str, str]] = field(default_factory=set)
     dropped_tables: set[str] = field(default_factory=set)
@@ -303,9 +320,6 @@ class _Plan:
     def model_column(self, table: str, column: str) -> Column[Any] | None:
         found = self.metadata.tables.get(table) if self.metadata is not None else None
         return found.c.get(column) if found is not None else None
-
-    def additions(self) -> bool:
-        return bool(self.tables or self.columns)
 
     def operations(self) -> list[alembic_ops.MigrateOperation]:
         guards: list[HelperCall] = []
@@ -334,8 +348,10 @@ class _Plan:
             )
         return [
             *guards,
+            *self.undone,
             *self.tables,
             *self.columns,
+            *self.type_changes,
             *self.indexes,
             *self.constraints,
             *self.validations,
@@ -517,7 +533,8 @@ def _add_constraint(plan: _Plan, operation: alembic_ops.AddConstraintOp) -> None
 
 def _alter_column(plan: _Plan, operation: alembic_ops.AlterColumnOp) -> None:
     where = f"{operation.table_name}.{operation.column_name}"
-    if operation.modify_type is not None:
+    others = operation.modify_nullable is not None or operation.modify_server_default is not False
+    if operation.modify_type is not None and not others:
         raise _Refusal(
             f"{where} changes type ({sql_type(operation.existing_type)} to {sql_type(operation.modify_type)}): "
             "a type change is an expand, a swap and a contract in revisions of their own; write them by hand "
@@ -566,8 +583,15 @@ def _drop(plan: _Plan, operation: alembic_ops.MigrateOperation) -> None:
 _DROPS = (alembic_ops.DropTableOp, alembic_ops.DropColumnOp, alembic_ops.DropIndexOp, alembic_ops.DropConstraintOp)
 
 
-def _plan(operations: Sequence[alembic_ops.MigrateOperation], metadata: MetaData | None, *, upgrading: bool) -> _Plan:
-    plan = _Plan(metadata, upgrading)
+def _plan(
+    operations: Sequence[alembic_ops.MigrateOperation],
+    metadata: MetaData | None,
+    *,
+    upgrading: bool,
+    connection: Connection | None,
+    type_step: str,
+) -> _Plan:
+    plan = _Plan(metadata, upgrading, connection, type_step)
     flat = list(_flatten(operations))
     # Tables first: what is new or gone decides how the rest is written (no guard over rows a new
     # table lacks; the indexes of a table that goes go with it).
@@ -599,27 +623,72 @@ def _plan(operations: Sequence[alembic_ops.MigrateOperation], metadata: MetaData
     return plan
 
 
-def lock_safe(script: alembic_ops.MigrationScript, metadata: MetaData | None) -> str:
-    """Rewrite ``script``'s upgrade and downgrade into helper calls; the deploy phase it belongs to.
+# What tells the template (script.py.mako) that a script is post-deploy: a line among its imports,
+# which the template leaves out and replaces with ``phase = "post-deploy"``.
+POST_DEPLOY_MARKER = "# autogenerate: post-deploy"
+
+
+def _takes_away(operation: alembic_ops.MigrateOperation) -> bool:
+    """Does this step take away what the previous release reads (a post-deploy step, rule 8)?"""
+    return isinstance(operation, alembic_ops.DropTableOp | alembic_ops.DropColumnOp)
+
+
+def _changes_type(operation: alembic_ops.MigrateOperation) -> bool:
+    return isinstance(operation, alembic_ops.AlterColumnOp) and operation.modify_type is not None
+
+
+def _script(
+    base: alembic_ops.MigrationScript,
+    operations: list[alembic_ops.MigrateOperation],
+    metadata: MetaData | None,
+    connection: Connection | None,
+    type_step: str,
+    refusals: list[str],
+) -> alembic_ops.MigrationScript:
+    """A revision of ``operations`` (its downgrade: their reverse, as Alembic makes it), as helper calls."""
+    upgrade = _plan(operations, metadata, upgrading=True, connection=connection, type_step=type_step)
+    # The downgrade rebuilds what the upgrade dropped as the database has it (types included).
+    reverse = alembic_ops.UpgradeOps(list(operations)).reverse().ops
+    downgrade = _plan(reverse, metadata, upgrading=False, connection=connection, type_step=type_step)
+    downgrade.undone = upgrade.type_undos
+    refusals += upgrade.refusals + [f"downgrade: {r}" for r in downgrade.refusals]
+    return alembic_ops.MigrationScript(
+        rev_id=base.rev_id,
+        message=base.message,
+        upgrade_ops=alembic_ops.UpgradeOps(upgrade.operations()),
+        downgrade_ops=alembic_ops.DowngradeOps(downgrade.operations()),
+        imports={POST_DEPLOY_MARKER} if type_step == "swap" else set(),
+        head=base.head,
+        splice=base.splice,
+        branch_label=base.branch_label,
+        version_path=base.version_path,
+        depends_on=base.depends_on,
+    )
+
+
+def lock_safe(
+    script: alembic_ops.MigrationScript, metadata: MetaData | None, connection: Connection | None
+) -> list[alembic_ops.MigrationScript]:
+    """``script`` rewritten into revisions of helper calls: one pre-deploy revision for what it
+    adds, one post-deploy revision (marked ``POST_DEPLOY_MARKER``) for what it takes away, or both
+    in that order. A type change is in both: its expand in the first, its swap in the second. The
+    second's ``head`` is the first's ``rev_id``, which the caller numbers.
 
     Raises ``CommandError`` (one line: every change it will not write, and what to do) instead.
     """
-    upgrade_ops, downgrade_ops = script.upgrade_ops, script.downgrade_ops
-    assert upgrade_ops is not None
-    assert downgrade_ops is not None
-    upgrade = _plan(upgrade_ops.ops, metadata, upgrading=True)
-    # The downgrade rebuilds what the upgrade dropped as the database has it (types included).
-    downgrade = _plan(downgrade_ops.ops, metadata, upgrading=False)
-    refusals = upgrade.refusals + [f"downgrade: {r}" for r in downgrade.refusals]
-    takes_away = bool(upgrade.lost_tables or upgrade.lost_columns)
-    if takes_away and upgrade.additions():
-        refusals.append(
-            "the models both add tables or columns and drop some: the additions are pre-deploy and the drops "
-            "post-deploy (rule 8), two revisions; keep the dropped ones in the models for this revision, then "
-            "remove them and autogenerate again"
-        )
+    assert script.upgrade_ops is not None
+    flat = list(_flatten(script.upgrade_ops.ops))
+    sooner = [o for o in flat if not _takes_away(o)]
+    later = [o for o in flat if _takes_away(o) or _changes_type(o)]
+    refusals: list[str] = []
+    scripts = []
+    if sooner:
+        scripts.append(_script(script, sooner, metadata, connection, "expand", refusals))
+    if later:
+        scripts.append(_script(script, later, metadata, connection, "swap", refusals))
+    if len(scripts) == 2:
+        scripts[1].message = f"{script.message or 'autogenerated'}, post-deploy"
+        scripts[1].head = None  # set by the caller once the first is numbered
     if refusals:
         raise CommandError("autogenerate wrote no revision: " + "; ".join(refusals))
-    upgrade_ops.ops = upgrade.operations()
-    downgrade_ops.ops = downgrade.operations()
-    return POST_DEPLOY if takes_away else PRE_DEPLOY
+    return scripts

@@ -39,18 +39,26 @@ SEED = [
 def at_head(database_factory: DatabaseFactory) -> DatabaseTarget:
     """A database at head that the tests here only compare models with (autogenerate changes nothing)."""
     db = database_factory()
-    result = run_alembic("upgrade", "head", target=db)
-    assert result.returncode == 0, out(result)
+    migrate_to_head(db)
     return db
 
 
-def generated(directory: Path, slug: str = "probe") -> str:
-    [path] = (directory / "alembic" / "versions").glob(f"{NEXT}_{slug}.py")
+def migrate_to_head(db: DatabaseTarget) -> None:
+    """Every revision, post-deploy ones too: autogenerate compares the models with a database at head."""
+    result = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=db)
+    assert result.returncode == 0, out(result)
+
+
+def generated(directory: Path, slug: str = "probe", revision: str = NEXT) -> str:
+    [path] = (directory / "alembic" / "versions").glob(f"{revision}_{slug}.py")
     return path.read_text()
 
 
 def value(node: ast.expr) -> Any:
-    """A rendered argument as data: literals as they are, a call as (name, args, kwargs), a name as <name>."""
+    """A rendered argument as data: literals as they are, a call as (name, args, kwargs), a method
+    call without arguments as (method, the object's value), a name as <name>."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Call):
+        return (node.func.attr, value(node.func.value))
     if isinstance(node, ast.Call):
         return (ast.unparse(node.func), [value(a) for a in node.args], {k.arg: value(k.value) for k in node.keywords})
     if isinstance(node, ast.Name):
@@ -93,7 +101,7 @@ def failed(result: subprocess.CompletedProcess[str]) -> list[str]:
 def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_reverted(
     tmp_path: Path, empty_db: DatabaseTarget
 ) -> None:
-    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
+    migrate_to_head(empty_db)
     for statement in SEED:
         sql(empty_db, statement)
     ini, result = autogenerate(tmp_path, empty_db, PROBE_MODELS)
@@ -288,7 +296,7 @@ def test_a_required_column_without_a_default_on_an_existing_table_is_refused(
 
 
 def test_drops_are_post_deploy_behind_the_data_loss_guard(tmp_path: Path, empty_db: DatabaseTarget) -> None:
-    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
+    migrate_to_head(empty_db)
     # What the models no longer have: a column and a table (as if a release stopped using them).
     sql(empty_db, "ALTER TABLE kraken_conversations ADD COLUMN legacy_tag text")
     sql(empty_db, "CREATE TABLE kraken_legacy (id uuid PRIMARY KEY, note text NOT NULL)")
@@ -338,15 +346,30 @@ def test_drops_are_post_deploy_behind_the_data_loss_guard(tmp_path: Path, empty_
     assert sql(empty_db, "SELECT to_regclass('kraken_legacy')")[0][0] == "kraken_legacy"
 
 
-def test_adding_and_dropping_at_once_is_refused(tmp_path: Path, empty_db: DatabaseTarget) -> None:
-    assert run_alembic("upgrade", "head", target=empty_db).returncode == 0
+AFTER_NEXT = f"{int(NEXT) + 1:03d}"
+
+
+def test_additions_and_drops_go_to_a_pre_deploy_and_a_post_deploy_revision(
+    tmp_path: Path, empty_db: DatabaseTarget
+) -> None:
+    migrate_to_head(empty_db)
     sql(empty_db, "ALTER TABLE kraken_conversations ADD COLUMN legacy_tag text")
-    _, refused = autogenerate(tmp_path, empty_db, PROBE_MODELS)
-    assert refused.returncode != 0
-    [line] = failed(refused)
-    assert line.endswith(
-        "the models both add tables or columns and drop some: the additions are pre-deploy and the drops "
-        "post-deploy (rule 8), two revisions; keep the dropped ones in the models for this revision, then "
-        "remove them and autogenerate again"
-    )
-    assert not list((tmp_path / "alembic" / "versions").glob(f"{NEXT}_*.py"))
+    ini, result = autogenerate(tmp_path, empty_db, PROBE_MODELS)
+    assert result.returncode == 0, out(result)
+    additions, drops = generated(tmp_path), generated(tmp_path, "probe_post_deploy", AFTER_NEXT)
+    assert "phase =" not in additions
+    assert [name for name, *_ in calls(additions, "upgrade")][:3] == [
+        "ops.create_table",
+        "ops.create_table",
+        "ops.add_columns",
+    ]
+    assert f'down_revision: str | None = "{NEXT}"' in drops
+    assert '\nphase = "post-deploy"\n' in drops
+    assert [c[0] if c[0] != "with" else c[2][0] for c in calls(drops, "upgrade")] == [
+        "ops.refuse_data_loss",
+        "ops.drop_columns",
+    ]
+    assert calls(drops, "downgrade") == [("ops.add_columns", ["kraken_conversations", {"legacy_tag": "text"}], {})]
+    applied = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=empty_db, config=ini)
+    assert applied.returncode == 0, out(applied)
+    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == AFTER_NEXT
