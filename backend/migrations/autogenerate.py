@@ -18,7 +18,9 @@ as ``ops.name(...)`` source by the renderer registered below), in the order the 
 
 Drops of tables and columns take away what the previous release reads (rule 8), so they go to
 a revision of their own, ``phase = "post-deploy"``, after the pre-deploy one that holds the rest:
-one command may write two files. Whatever it cannot write lock-safe (a NOT NULL column without
+one command may write two files. A column's type change is in both, as ``ops.ColumnTypeChange``
+declared from the catalog: its expand in the first, its swap in the second (its contract, a
+release later, is written by hand). Whatever it cannot write lock-safe (a NOT NULL column without
 a default on an existing table, a type the models give that squawk rejects, an expression
 index, ...) stops the command before any file is written, with one line naming each and the way
 to do it.
@@ -36,6 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops as alembic_ops
@@ -52,6 +55,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.sql.elements import ClauseElement
+
+from backend.migrations import ops
 
 # The ``info`` key of a model column that keeps a type squawk would reject: {rule: reason}.
 LINT_WAIVER = "squawk"
@@ -531,15 +536,75 @@ def _add_constraint(plan: _Plan, operation: alembic_ops.AddConstraintOp) -> None
         )
 
 
+# The column whose type changes, as the catalog has it (what ops.ColumnTypeChange checks its declaration against).
+_COLUMN = sa.text(
+    "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)"
+    " FROM pg_attribute AS a LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+    " WHERE a.attrelid = to_regclass(:table) AND a.attname = :column AND a.attnum > 0 AND NOT a.attisdropped"
+)
+# The indexes that use it (a key, INCLUDE, an expression, the predicate), as pg_get_indexdef prints them.
+_COLUMN_INDEXES = sa.text(
+    "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid"
+    " JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attname = :column"
+    " WHERE i.indrelid = to_regclass(:table) AND (a.attnum = ANY(i.indkey::int2[]) OR EXISTS ("
+    "   SELECT FROM pg_depend AS d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid"
+    "   AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))"
+    " ORDER BY c.relname"
+)
+# The table's key, which the expand's backfill walks: a one-column primary key, and its type.
+_KEY = sa.text(
+    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_index AS i"
+    " JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]"
+    " WHERE i.indrelid = to_regclass(:table) AND i.indisprimary AND i.indnkeyatts = 1"
+)
+
+
+def _type_change(plan: _Plan, operation: alembic_ops.AlterColumnOp) -> None:
+    """A column's type changed: ``ops.ColumnTypeChange`` declared from the catalog, and this
+    revision's step of it: the expand (pre-deploy) or the swap (post-deploy). The contract, a
+    release later, is written by hand (README, "Type changes")."""
+    table, column = operation.table_name, operation.column_name
+    where = f"{table}.{column}"
+    new_type = sql_type(operation.modify_type)
+    model = plan.model_column(table, column)
+    if model is not None:
+        waivers = type_waivers(model, new_type, model)
+        if waivers:
+            raise _Refusal(f"{where}: a type change to {new_type} cannot carry a waiver; change it to another type")
+    if plan.connection is None:
+        raise _Refusal(f"{where} changes type: autogenerate needs the database to declare the change")
+    found = plan.connection.execute(_COLUMN, {"table": ops.ident(table), "column": column}).first()
+    key = plan.connection.execute(_KEY, {"table": ops.ident(table)}).first()
+    if found is None or key is None:
+        raise _Refusal(f"{where} changes type, and {table} has no such column or no one-column primary key to walk")
+    old_type, not_null, default = found
+    indexes = list(plan.connection.execute(_COLUMN_INDEXES, {"table": ops.ident(table), "column": column}).scalars())
+    kwargs: dict[str, Any] = {}
+    if not_null:
+        kwargs["not_null"] = True
+    if default is not None:
+        kwargs["default"] = default
+    if indexes:
+        kwargs["indexes"] = indexes
+    if key[0] != "id":
+        kwargs["key"] = key[0]
+    if key[1] != "uuid":
+        kwargs["key_type"] = key[1]
+    step, undo = (plan.type_step, f"undo_{plan.type_step}")
+    args = (table, column, old_type, new_type)
+    then = "the contract, a release later" if step == "swap" else "the swap, post-deploy"
+    comment = f"{where}: {old_type} to {new_type}, its {step} (then {then})"
+    plan.type_changes.append(HelperCall("ColumnTypeChange", *args, method=step, comment=comment, **kwargs))
+    plan.type_undos.insert(0, HelperCall("ColumnTypeChange", *args, method=undo, **kwargs))
+
+
 def _alter_column(plan: _Plan, operation: alembic_ops.AlterColumnOp) -> None:
     where = f"{operation.table_name}.{operation.column_name}"
     others = operation.modify_nullable is not None or operation.modify_server_default is not False
     if operation.modify_type is not None and not others:
-        raise _Refusal(
-            f"{where} changes type ({sql_type(operation.existing_type)} to {sql_type(operation.modify_type)}): "
-            "a type change is an expand, a swap and a contract in revisions of their own; write them by hand "
-            "(rule 2, 'change a column's type')"
-        )
+        if plan.upgrading:
+            _type_change(plan, operation)
+        return  # the downgrade undoes the upgrade's step (lock_safe)
     raise _Refusal(
         f"{where} changes its NOT NULL, default or comment: autogenerate does not write that; write it by hand "
         "(rule 2: 'make a column NOT NULL')"

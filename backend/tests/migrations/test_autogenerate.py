@@ -373,3 +373,54 @@ def test_additions_and_drops_go_to_a_pre_deploy_and_a_post_deploy_revision(
     applied = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=empty_db, config=ini)
     assert applied.returncode == 0, out(applied)
     assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == AFTER_NEXT
+
+
+TEXT_SESSION_ID = """
+from sqlalchemy import Text
+
+from backend.models import Conversation
+
+Conversation.__table__.c.session_id.type = Text()
+"""
+
+
+def test_a_type_change_is_the_helpers_expand_then_its_swap(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+    migrate_to_head(empty_db)
+    for statement in SEED:
+        sql(empty_db, statement)
+    ini, result = autogenerate(tmp_path, empty_db, TEXT_SESSION_ID, message="session id as text")
+    assert result.returncode == 0, out(result)
+    expand = generated(tmp_path, "session_id_as_text")
+    swap = generated(tmp_path, "session_id_as_text_post_deploy", AFTER_NEXT)
+    # Declared from the catalog: what the helper checks online, and builds from offline.
+    declared = (
+        "ops.ColumnTypeChange",
+        ["kraken_conversations", "session_id", "character varying", "text"],
+        {
+            "not_null": True,
+            "indexes": [
+                "CREATE INDEX ix_kraken_conversations_session_id ON public.kraken_conversations"
+                " USING btree (session_id)"
+            ],
+        },
+    )
+    assert "phase =" not in expand
+    assert calls(expand, "upgrade") == [("expand", declared)]
+    assert calls(expand, "downgrade") == [("undo_expand", declared)]
+    assert '\nphase = "post-deploy"\n' in swap
+    assert calls(swap, "upgrade") == [("swap", declared)]
+    assert calls(swap, "downgrade") == [("undo_swap", declared)]
+    lint(ini)
+
+    pre = run_alembic("upgrade", "head", target=empty_db, config=ini)
+    assert pre.returncode == 0, out(pre)
+    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == NEXT
+    post = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=empty_db, config=ini)
+    assert post.returncode == 0, out(post)
+    checked = run_alembic("check", target=empty_db, config=ini)
+    assert "No new upgrade operations detected" in out(checked), out(checked)
+    assert sql(empty_db, "SELECT count(DISTINCT session_id) FROM kraken_conversations")[0][0] == 50
+    reverted = run_alembic("downgrade", HEAD, target=empty_db, config=ini)
+    assert reverted.returncode == 0, out(reverted)
+    back = run_alembic("check", target=empty_db)
+    assert "No new upgrade operations detected" in out(back), out(back)
