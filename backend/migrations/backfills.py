@@ -51,9 +51,14 @@ START = (
     " rows_done = 0, rows_changed = 0, rows_total = EXCLUDED.rows_total, batch_size = EXCLUDED.batch_size,"
     " started_at = clock_timestamp(), updated_at = clock_timestamp(), finished_at = NULL"
 )
+# Returns what the engine decides on next, in the batch's last statement before its commit: how
+# many sessions wait for the rows the batch locked (pg_stat_activity, read once in the transaction)
+# and the size of the walked table's main fork (a file size, cheap), which says when to vacuum.
 ADVANCE = (
     f"UPDATE {TABLE} SET last_key = :last, rows_done = rows_done + :walked, rows_changed = rows_changed + :changed,"
     f" batch_size = :batch_size, updated_at = clock_timestamp() WHERE {_KEY}"
+    " RETURNING (SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    " AND pg_backend_pid() = ANY(pg_blocking_pids(pid))), pg_relation_size(CAST(:walked_table AS regclass))"
 )
 FINISH = f"UPDATE {TABLE} SET finished_at = clock_timestamp(), updated_at = clock_timestamp() WHERE {_KEY}"
 LIST_QUERY = (
@@ -65,6 +70,15 @@ LIST_QUERY = (
 # per-batch overhead stays small, short enough that a writer waiting for a batch's rows waits little.
 TARGET_BATCH_SECONDS = 0.15
 MAX_BATCH_SIZE = 50_000
+# Without a vacuum_every, a VACUUM runs when the table has grown by this share of its size at the
+# start since the walk began or the last VACUUM. A walk in the order of random keys (uuid) rarely
+# needs one: when it comes back to a page for another of its rows, the page is pruned of the row
+# versions that earlier batches replaced, and the row's new version stays on the page (a HOT
+# update, no index entry), so only the first row walked of each page moves. A walk whose key
+# follows the table's physical order moves every row, and the table grows by this share between
+# two vacuums, each of which lets the next batches reuse the space the last ones left.
+VACUUM_GROWTH = 0.25
+VACUUM_AT_LEAST = 10_000
 MIN_BATCH_SIZE = 10
 # Seconds between two progress lines in the log.
 PROGRESS_INTERVAL = 10.0

@@ -1107,6 +1107,29 @@ def _batch_lock(table: str, key: str, keys: str) -> str:
     )
 
 
+def _batch_claim(table: str, key: str, pending: str, *, first: bool) -> str:
+    """One statement for the online walk: the next batch's keys (``:size`` of them, past ``:after``
+    unless ``first``, up to ``:upper``), and of those, the rows still to do locked in key order.
+    Returns how many keys the batch has, its last key, and the locked keys.
+
+    The batch's keys are read from the key's index first (a CTE, read once); the rows are then
+    fetched by those keys (an array: the planner looks them up in the index, never scans the
+    table), ``pending`` is evaluated on each, and those it picks are locked. A row a writer changed
+    meanwhile is locked once the writer is done and ``pending`` checked again on its latest
+    version; rows it does not pick are read, never locked."""
+    lower = "" if first else f"{ident(key)} > :after AND "
+    name = ident(key)
+    return (
+        f"WITH backfill_batch AS MATERIALIZED (SELECT {name} AS backfill_key FROM {ident(table)}"
+        f" WHERE {lower}{name} <= :upper ORDER BY {name} LIMIT :size)"
+        " SELECT (SELECT count(*) FROM backfill_batch),"
+        " (SELECT backfill_key FROM backfill_batch ORDER BY backfill_key DESC LIMIT 1),"
+        f" ARRAY(SELECT {name} FROM {ident(table)}"
+        f" WHERE {name} = ANY(ARRAY(SELECT backfill_key FROM backfill_batch)) AND ({pending})"
+        f" ORDER BY {name} FOR NO KEY UPDATE)"
+    )
+
+
 # How long (seconds) a backfill waits for lock waiters on its table to go, or a standby to catch up,
 # before it goes on anyway (with a warning): someone else's stuck lock must not stall a deploy forever.
 MAX_PAUSE = 60.0
@@ -1114,17 +1137,15 @@ _PAUSE_STEP = 0.1
 
 # Who waits for a lock on the table (not granted: a DDL in the queue, writers behind it, writers
 # waiting for each other's rows), and the largest replay lag of a standby (NULL without one, or
-# when the role may not read it). pg_locks and pg_stat_replication are read live, not from a snapshot.
+# when the role may not read it). pg_locks and pg_stat_replication are read live, not from a
+# snapshot. The look opens the transaction the next batch runs in, and sets its commit not to wait
+# for the WAL flush (synchronous_commit = off, for that transaction only): see backfill_by_key.
 _HOLD_BACK = sa.text(
     "SELECT array(SELECT DISTINCT l.pid FROM pg_locks AS l"
     " WHERE NOT l.granted AND l.relation = CAST(:table AS regclass)"
     " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) ORDER BY l.pid),"
-    " (SELECT max(extract(epoch FROM r.replay_lag)) FROM pg_stat_replication AS r)"
-)
-# Sessions waiting for this one (for the rows its batch locked): asked before the batch commits.
-_WAITING_ON_ME = sa.text(
-    "SELECT count(*) FROM pg_stat_activity"
-    " WHERE wait_event_type = 'Lock' AND pg_backend_pid() = ANY(pg_blocking_pids(pid))"
+    " (SELECT max(extract(epoch FROM r.replay_lag)) FROM pg_stat_replication AS r),"
+    " set_config('synchronous_commit', 'off', true)"
 )
 
 
@@ -1143,7 +1164,11 @@ class _Walk:
     batches: int = 0
     largest: int = 0  # the largest batch
     longest_lock: float = 0.0  # what a writer of a locked row can wait for a batch, at most
-    since_vacuum: int = 0
+    since_vacuum: int = 0  # rows changed since the walk started or the last VACUUM
+    size: int = 0  # the table's main fork, in bytes, after the last batch
+    grown_from: int = 0  # its size when the walk started or the last VACUUM ended
+    base: int = 0  # its size when the walk started
+    vacuums: int = 0
     paused: float = 0.0
     started: float = dataclasses.field(default_factory=time.monotonic)
     logged: float = dataclasses.field(default_factory=time.monotonic)
@@ -1151,6 +1176,15 @@ class _Walk:
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
         return self.walked_now / elapsed if elapsed > 0 else 0.0
+
+    def vacuum_due(self, every: int | None) -> bool:
+        """Is a VACUUM due: every ``every`` rows changed (0: never), or without it once the table
+        has grown by ``VACUUM_GROWTH`` of its first size (and at least ``VACUUM_AT_LEAST`` rows
+        changed: a small table is not vacuumed after each batch)."""
+        if every is not None:
+            return every > 0 and self.since_vacuum >= every
+        grown = self.size - self.grown_from
+        return self.since_vacuum >= backfills.VACUUM_AT_LEAST and grown > backfills.VACUUM_GROWTH * self.base
 
     def report(self, *, force: bool = False) -> None:
         if force or time.monotonic() - self.logged >= backfills.PROGRESS_INTERVAL:
@@ -1161,21 +1195,20 @@ class _Walk:
 
 
 def _hold_back(table: str, label: str, max_replay_lag: float) -> float:
-    """Wait, between two batches, while sessions wait for a lock on ``table`` or a standby lags by
+    """Wait, before a batch, while sessions wait for a lock on ``table`` or a standby lags by
     more than ``max_replay_lag`` s (up to ``MAX_PAUSE``); the seconds waited. Sleeps on the server
-    (``pg_sleep``), so an asyncio driver's event loop runs meanwhile; commits after each look, as
-    pg_stat_activity would not change inside one transaction."""
+    (``pg_sleep``), so an asyncio driver's event loop runs meanwhile, outside any transaction (it
+    holds no snapshot while it waits). Returns inside the transaction of its last look, which the
+    batch goes on with."""
     waited = 0.0
     told = -backfills.PROGRESS_INTERVAL
     while True:
-        waiters, lag = _bind().execute(_HOLD_BACK, {"table": ident(table)}).one()
+        waiters, lag, _ = _bind().execute(_HOLD_BACK, {"table": ident(table)}).one()
         lagging = lag is not None and lag > max_replay_lag
         if not waiters and not lagging:
-            commit()
             return waited
         if waited >= MAX_PAUSE:
             logger.warning("%s: paused for %.0f s, going on regardless", label, waited)
-            commit()
             return waited
         if waited - told >= backfills.PROGRESS_INTERVAL:
             told = waited
@@ -1185,6 +1218,7 @@ def _hold_back(table: str, label: str, max_replay_lag: float) -> float:
                 else f"a standby replays {lag:.1f} s behind (more than {max_replay_lag:g} s)"
             )
             logger.info("%s: paused, %s", label, why)
+        commit()
         _bind().execute(sa.text(f"SELECT pg_sleep({_PAUSE_STEP})"))
         commit()
         waited += _PAUSE_STEP
@@ -1237,19 +1271,27 @@ def backfill_by_key(
 
     The walk ends: its upper bound is the highest key when it starts, so rows written meanwhile
     (after that key, or behind the walk) never keep it going, and only that bound ends it (a batch
-    that changes nothing does not). Each batch reads its keys first,
-    with ``pending`` (a condition on the row, its columns named as in ``SELECT ... FROM table``;
-    default: every row) saying which are still to do, and locks nothing while it reads. Then, in a
-    transaction of its own, two statements: the first locks the rows to do ``FOR NO KEY UPDATE``,
-    in key order (writers of those rows wait for the batch, never the reverse, so it cannot
-    deadlock with them); the second, ``batch_sql``, finds their keys in ``:keys`` (an array of
-    ``key_type``). Under READ COMMITTED that second statement takes a new snapshot once the locks
-    are granted, so it sees everything committed to those rows, and nothing can change them before
-    the commit: ``batch_sql`` checks again what it changes, as ``pending`` only picked the rows
-    to lock. The read that ``pending`` makes holds no lock, so the rows stay locked only as long as
-    the rows to do take. ``FOR NO KEY UPDATE`` still lets rows that reference them be inserted (a
-    foreign key check takes KEY SHARE). ``batch_sql`` must touch only the rows of ``:keys``, and
-    only those still to do.
+    that changes nothing does not). Each batch is one short transaction of two statements. The
+    first reads the batch's keys and locks, ``FOR NO KEY UPDATE`` and in key order, the rows still
+    to do, those ``pending`` picks (a condition on the row, its columns named as in ``SELECT ...
+    FROM table``; default: every row): rows it does not pick are read, never locked, and a row a
+    writer holds is locked once the writer is done, ``pending`` checked again on its latest
+    version. Writers of those rows wait for the batch, never the reverse, so it cannot deadlock
+    with them. The second, ``batch_sql``, finds their keys in ``:keys`` (an array of
+    ``key_type``). Under READ COMMITTED it takes a new snapshot once the locks are granted, so it
+    sees everything committed to those rows (and to other tables), and nothing can change them
+    before the commit: ``batch_sql`` checks again what it changes, as ``pending`` only picked the
+    rows to lock. ``FOR NO KEY UPDATE`` still lets rows that reference them be inserted (a foreign
+    key check takes KEY SHARE). ``batch_sql`` must touch only the rows of ``:keys``, and only those
+    still to do.
+
+    A batch commits without waiting for its WAL to be flushed (``synchronous_commit = off`` for
+    that transaction; the last commit of the walk waits, as the session says): a flush per batch
+    made the writers' own commits queue behind it. It is safe because the batch and its progress
+    row commit together and the WAL is flushed in order: a crash of the server can lose only the
+    last few batches, with their progress, never a batch whose progress survives or the other way
+    round, and the next run walks them again; and any commit that waits for its flush (a writer's,
+    one that read the batch's values) makes every batch before it durable too.
 
     Online, the engine around the walk:
 
@@ -1259,10 +1301,13 @@ def backfill_by_key(
       ``batch_size`` rows;
     - before each batch it pauses while sessions wait for a lock on the table, or a standby replays
       more than ``max_replay_lag`` s behind (nothing to wait for without standbys), up to ``MAX_PAUSE``;
-    - every ``vacuum_every`` rows changed (default: a quarter of the table, at least 10,000; 0:
-      never), and at the end, it runs a plain ``VACUUM`` of the table (the indexes cleaned only the
-      last time), so the next batches reuse the space of the row versions the earlier ones
-      replaced instead of growing the table;
+    - it runs a plain ``VACUUM`` of the table (the indexes cleaned only the last time) when the
+      table has grown by ``VACUUM_GROWTH`` of its first size since the walk started or the last
+      VACUUM (and at least ``VACUUM_AT_LEAST`` rows changed), or every ``vacuum_every`` rows
+      changed when it is given (0: never), and at the end: the next batches reuse the space of the
+      row versions the earlier ones replaced instead of growing the table. A walk by random keys
+      seldom needs one during the walk (see ``VACUUM_GROWTH``), and each costs a pass over the
+      table and WAL that the writers wait behind;
     - its progress (rows walked of the estimated total, rate, time to go) is logged every
       ``PROGRESS_INTERVAL`` s and kept in ``alembic_backfill`` (backend/migrations/backfills.py),
       updated in each batch's transaction: a run killed half-way is continued, by the next run of
@@ -1285,7 +1330,7 @@ def backfill_by_key(
     row_key = {"revision": _bind().info.get(RUNNING_REVISION, ""), "table": table, "label": label}
     _bind().execute(sa.text(backfills.CREATE_TABLE))
     commit()
-    _hold_back(table, label, max_replay_lag)
+    paused = _hold_back(table, label, max_replay_lag)
     resumed = _bind().execute(sa.text(backfills.RESUME.format(key_type=key_type)), row_key).first()
     if resumed is not None:
         upper, after, done, changed, since = resumed
@@ -1308,39 +1353,33 @@ def backfill_by_key(
             "batch_size": batch_size,
         }
         _bind().execute(sa.text(backfills.START), start)
+    size_now = sa.text("SELECT pg_relation_size(CAST(:t AS regclass))")
+    walk.paused = paused
+    walk.size = walk.grown_from = walk.base = int(_bind().execute(size_now, {"t": ident(table)}).scalar_one())
     commit()
-    if vacuum_every is None:
-        vacuum_every = max(10_000, walk.total // 4)
-    first = sa.text(_batch_scan(table, key, ":size", pending, upper=":upper", after=None))
-    following = sa.text(_batch_scan(table, key, ":size", pending, upper=":upper", after=":after"))
-    lock = sa.text(_batch_lock(table, key, ":keys"))
+    claims = {first: sa.text(_batch_claim(table, key, pending, first=first)) for first in (True, False)}
     advance = sa.text(backfills.ADVANCE)
     while upper is not None:
+        # In one transaction: the look for lock waiters (done by _hold_back before the first batch,
+        # and after each), the keys of the batch with its rows to do locked, batch_sql, progress.
         began = time.monotonic()
-        scan, params = (first, {}) if after is None else (following, {"after": after})
-        batch = list(_bind().execute(scan, {**params, "upper": upper, "size": walk.batch_size}).all())
-        if not batch:
+        bounds = {"upper": upper, "size": walk.batch_size} | ({} if after is None else {"after": after})
+        walked, last, keys = _bind().execute(claims[after is None], bounds).one()
+        if not walked:
             break
-        commit()  # the read locked nothing, but ends its snapshot
-        todo = [found for found, to_do in batch if to_do]
-        touched = waiters = 0
-        if todo:
-            locking = time.monotonic()
-            keys = list(_bind().execute(lock, {"keys": todo}).scalars())
-            touched = _bind().execute(sa.text(batch_sql), {"keys": keys}).rowcount
-            walk.locked += len(keys)
-            waiters = int(_bind().execute(_WAITING_ON_ME).scalar_one()) if target_seconds is not None else 0
-        after = batch[-1][0]
-        progress = {"last": str(after), "walked": len(batch), "changed": touched, "batch_size": walk.batch_size}
-        _bind().execute(advance, {**row_key, **progress})
+        touched = _bind().execute(sa.text(batch_sql), {"keys": keys}).rowcount if keys else 0
+        progress = {"last": str(last), "walked": walked, "changed": touched, "batch_size": walk.batch_size}
+        waiters, walk.size = _bind().execute(advance, {**row_key, **progress, "walked_table": ident(table)}).one()
         commit()
-        if todo:
-            walk.longest_lock = max(walk.longest_lock, time.monotonic() - locking)
+        after = last
         elapsed = time.monotonic() - began
+        if keys:
+            walk.longest_lock = max(walk.longest_lock, elapsed)
+        walk.locked += len(keys)
         walk.batches += 1
-        walk.largest = max(walk.largest, len(batch))
-        walk.done += len(batch)
-        walk.walked_now += len(batch)
+        walk.largest = max(walk.largest, walked)
+        walk.done += walked
+        walk.walked_now += walked
         walk.changed += touched
         walk.changed_now += touched
         walk.since_vacuum += touched
@@ -1349,23 +1388,30 @@ def backfill_by_key(
             walk.batch_size = max(smallest, walk.batch_size // 2) if waiters else tuned
         logger.debug(
             "%s: batch of %d key(s), %d changed, %.0f ms%s; next %d",
-            label, len(batch), touched, elapsed * 1000,
+            label, walked, touched, elapsed * 1000,
             f", {waiters} session(s) waited" if waiters else "", walk.batch_size,
         )  # fmt: skip
-        if vacuum_every and walk.since_vacuum >= vacuum_every:
-            walk.since_vacuum = 0
+        if walk.vacuum_due(vacuum_every):
             _vacuum(table, label)
+            walk.vacuums += 1
+            walk.since_vacuum = 0
+            walk.grown_from = int(_bind().execute(size_now, {"t": ident(table)}).scalar_one())
+            commit()
         walk.report()
         walk.paused += _hold_back(table, label, max_replay_lag)
+    commit()
+    # In a transaction of its own, with the session's synchronous_commit: once it is durable, so is
+    # every batch before it (the WAL is flushed in order).
     _bind().execute(sa.text(backfills.FINISH), row_key)
     commit()
-    if walk.changed_now and vacuum_every:
+    if walk.changed_now and vacuum_every != 0:
         _vacuum(table, label, last=True)
     logger.info(
         "%s: %d of %d row(s) changed (%d to do), in %d batch(es) of up to %d (%.1f s; locks held %.0f ms at most;"
-        " %.0f rows/s%s)",
+        " %.0f rows/s%s%s)",
         label, walk.changed_now, walk.walked_now, walk.locked, walk.batches, walk.largest,
         time.monotonic() - walk.started, walk.longest_lock * 1000, walk.rate(),
+        f"; {walk.vacuums} VACUUM(s) during the walk" if walk.vacuums else "",
         f"; paused {walk.paused:.1f} s" if walk.paused else "",
     )  # fmt: skip
     return walk.changed_now

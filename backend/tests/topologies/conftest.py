@@ -14,7 +14,12 @@ from backend.tests.rigs.replication import ReplicationPair, replication_pair
 from backend.tests.rigs.tls import TlsServer, tls_cluster
 
 # The rig each test module proves the service on, for the one line per rig the run ends with.
-RIGS = {"test_tls.py": "TLS-only server", "test_failover.py": "primary + standby", "test_pgbouncer.py": "PgBouncer"}
+RIGS = {
+    "test_tls.py": "TLS-only server",
+    "test_failover.py": "primary + standby",
+    "test_backfill_replay_lag.py": "primary + standby",
+    "test_pgbouncer.py": "PgBouncer",
+}
 _outcomes: dict[str, Counter[str]] = {}
 _skips: dict[str, str] = {}
 
