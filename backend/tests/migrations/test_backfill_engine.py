@@ -91,6 +91,40 @@ def test_quick_batches_grow_up_to_the_largest_size(numbers: DatabaseTarget, capl
     assert batch_sizes(caplog) == [10, 20, 40, 80, 80, 80, 80, 10]
 
 
+def test_a_vacuum_is_due_once_the_table_has_grown_by_a_share_of_its_first_size_or_every_n_rows() -> None:
+    mb = 2**20
+    walk = ops._Walk("w", 1_000_000, 1000, base=100 * mb, grown_from=100 * mb, size=100 * mb, since_vacuum=50_000)
+    assert not walk.vacuum_due(None)
+    walk.size = 100 * mb + int(backfills.VACUUM_GROWTH * 100 * mb) + 1
+    assert walk.vacuum_due(None)
+    walk.since_vacuum = backfills.VACUUM_AT_LEAST - 1  # a small table is not vacuumed after each batch
+    assert not walk.vacuum_due(None)
+    walk.grown_from, walk.since_vacuum = walk.size, 50_000  # the last VACUUM: growth counts from there
+    assert not walk.vacuum_due(None)
+    assert walk.vacuum_due(50_000)  # given, the rows changed decide
+    assert not walk.vacuum_due(50_001)
+    assert not walk.vacuum_due(0)  # never
+
+
+def test_a_walk_that_moves_every_row_vacuums_during_the_walk(
+    empty_db: DatabaseTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Keys in the table's order: each batch's rows share pages, so none of its new row versions
+    fits beside the old one, and every row moves. The table grows until a VACUUM lets the next
+    batches reuse the space; it ends well below twice its size."""
+    caplog.set_level(logging.DEBUG, logger=ENGINE)
+    sql(empty_db, "CREATE TABLE wide (id bigint PRIMARY KEY, pad text NOT NULL, x bigint)")
+    sql(empty_db, "INSERT INTO wide (id, pad) SELECT g, repeat(md5(g::text), 12) FROM generate_series(1, 40000) g")
+    before = sql(empty_db, "SELECT pg_relation_size('wide')")[0][0]
+    set_x = "UPDATE wide SET x = id WHERE id = ANY(:keys) AND x IS DISTINCT FROM id"
+    run_ops(empty_db, lambda: ops.backfill_by_key("wide", "id", set_x, 1000, key_type="bigint", pending="x IS NULL"))
+    after = sql(empty_db, "SELECT pg_relation_size('wide')")[0][0]
+    during = [r.getMessage() for r in caplog.records if "INDEX_CLEANUP OFF" in r.getMessage()]
+    assert during, "no VACUUM during the walk"
+    assert after < 1.6 * before, (before, after)
+    assert sql(empty_db, "SELECT count(*) FROM wide WHERE x IS DISTINCT FROM id")[0][0] == 0
+
+
 def test_a_batch_that_changes_nothing_does_not_end_the_walk(numbers: DatabaseTarget) -> None:
     """Rows 1..200 are done already and every row is locked (pending defaults to every row): the
     first batches change nothing, and the walk goes on to the last key."""
