@@ -7,7 +7,7 @@ Creates a scratch database on DATABASE_URL's server (or the embedded one when it
 migrates it to head and fills it (bench/support.py: 1M turns with the defaults), then runs, in an
 `alembic upgrade` subprocess on a copy of the migration package, a revision that adds a nullable
 column to kraken_turns and sets it from two others on every row (the engine with its defaults:
-batches tuned to 150 ms, pauses for lock waiters, VACUUM every eighth of the table), while one
+batches tuned to 150 ms, pauses for lock waiters, a VACUUM once the table has grown by a fifth), while one
 connection writes a conversation, a turn and a tool call every 5 ms and times each write.
 Prints the engine's progress lines as they come, then rows/s, the batches' p50/p99, the worst
 insert wait, the table's size before and after, and drops the database. A benchmark, not a

@@ -77,7 +77,7 @@ MAX_BATCH_SIZE = 50_000
 # update, no index entry), so mostly the first row walked of each page moves (1M turns: 82% of the
 # updates HOT, the table 1.18x with no VACUUM). A walk whose key follows the table's physical order
 # moves every row: there each VACUUM lets the next batches reuse the space the last ones left, and
-# the table ends about 1 + 2 x this share (200k rows by a bigint key: 1.42x; 0.25 gave 1.52x).
+# the table ends 1.4-1.5x (bigint keys in order: 200k rows 1.42x, 40k rows 1.49x; a quarter: 1.52x).
 # Each VACUUM during a walk by random keys is a pass over nearly the whole table, whose WAL the
 # service's commits wait behind: the rows-changed rule (a quarter of the table) cost 4 of them.
 VACUUM_GROWTH = 0.2
