@@ -12,6 +12,7 @@ Writing it lock-safe (backend/alembic/README.md, "Writing a revision"; 002 is th
   does not come in time, or it may be killed half-way: make it idempotent.
 - On existing tables, use the helpers (ops.*): create_index_concurrently, add_unique_constraint,
   add_check_not_valid / add_foreign_key_not_valid then validate_constraint, replace_foreign_key.
+- New tables: ops.create_table / ops.drop_table; a column's type: ops.ColumnTypeChange (expand, swap, contract).
 - New rules over old rows: ops.refuse_violations(revision, [...]) before the first change.
 - Backfills: ops.backfill_by_key(...) (or backfill_in_batches), never one UPDATE over a whole large table.
 - A downgrade that drops data calls ops.refuse_data_loss(revision, ...) first.
