@@ -539,6 +539,16 @@ EXPECTED_INDEXES_004 = {
     **INDEXES_004_ADDS,
 }
 
+# 006 adds a timestamptz copy of each timestamp column (a type change under way), each indexed as its column is.
+INDEXES_006_ADDS = {
+    "ix_kraken_conversations_started_at__new": "(started_at__new)",
+    "ix_kraken_turns_created_at__new": (
+        "(created_at__new) INCLUDE (model, input_tokens, output_tokens, cache_creation_tokens, cache_read_tokens,"
+        " cost_usd)"
+    ),
+}
+EXPECTED_INDEXES_006 = {**EXPECTED_INDEXES_004, **INDEXES_006_ADDS}
+
 
 def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:
     rows = sql(

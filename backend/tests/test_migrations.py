@@ -19,10 +19,11 @@ from sqlalchemy.dialects import postgresql
 
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
+from backend.migrations import ops
 from backend.models import Base
 from backend.tests.helpers import (
     EXPECTED_CONSTRAINTS,
-    EXPECTED_INDEXES_004,
+    EXPECTED_INDEXES_006,
     assert_indexes,
     constraints,
     out,
@@ -102,7 +103,9 @@ def test_every_column_of_the_design_is_there(upgraded: DatabaseTarget, table: st
 
 @pytest.mark.parametrize("table", TABLES)
 def test_the_columns_are_the_models_with_their_types_and_nullability(upgraded: DatabaseTarget, table: str) -> None:
-    assert columns(upgraded, table) == model_columns(upgraded, table)
+    # Besides a type change's copies (006's <column>__new), which the models leave out until it ends.
+    found = {name: kind for name, kind in columns(upgraded, table).items() if not ops.helper_owned(name)}
+    assert found == model_columns(upgraded, table)
 
 
 def test_the_constraints_and_foreign_keys_are_there_and_validated(upgraded: DatabaseTarget) -> None:
@@ -121,7 +124,7 @@ def test_the_constraints_and_foreign_keys_are_there_and_validated(upgraded: Data
 
 
 def test_the_indexes_are_there_and_valid(upgraded: DatabaseTarget) -> None:
-    assert_indexes(upgraded, EXPECTED_INDEXES_004)
+    assert_indexes(upgraded, EXPECTED_INDEXES_006)
 
 
 def test_a_second_upgrade_changes_nothing(upgraded: DatabaseTarget) -> None:
