@@ -171,6 +171,7 @@ async def validate(settings: Settings, script_location: Path, args: argparse.Nam
         status = SchemaStatus(current, read_revisions(script_location))
         applied = ledger.applied_revisions(status, recorded or {})
         since = await ledger.fetch_since(conn, applied) if recorded is not None else {}
+        shipped = await ledger.fetch_shipped(conn, applied) if recorded is not None else None
     finally:
         await conn.close()
     if status.ahead:
@@ -181,9 +182,12 @@ async def validate(settings: Settings, script_location: Path, args: argparse.Nam
             + (f" ({', '.join(sorted(applied))}); the next upgrade adopts them" if applied else "")
         )
         return
-    verdict = ledger.verify(status, recorded, files, since)
-    if verdict.mismatches:
-        raise Failed("\n".join(f"FAILED: {m.problem()}" for m in verdict.mismatches))
+    verdict = ledger.verify(status, recorded, files, since, shipped)
+    refused = verdict.refused(settings.env)
+    if refused:
+        raise Failed("\n".join(f"FAILED: {m.problem()}" for m in refused))
+    for mismatch in verdict.tolerated(settings.env):
+        _out(ledger.tolerance(mismatch))
     for rev in verdict.matching:
         _out(f"{rev} ok: checksum {ledger.short(recorded[rev])}, {since[rev]}")
     for rev in verdict.unrecorded:
@@ -210,8 +214,8 @@ def _repair(connection: Connection, settings: Settings, script_location: Path) -
         status = SchemaStatus(ledger.read_versions(connection), revisions)
         recorded, since = ledger.read_records(connection)
         verdict = ledger.verify(status, recorded, files, since)
-        repaired = ledger.repair(connection, run_id, verdict.mismatches, revisions, files)
-        adopted = ledger.adopt(connection, run_id, verdict.unrecorded, revisions, files)
+        repaired = ledger.repair(connection, run_id, verdict.mismatches, revisions, files, settings.env)
+        adopted = ledger.adopt(connection, run_id, verdict.unrecorded, revisions, files, settings.env)
         connection.commit()
     lines = [_ahead_note(status)] if status.ahead else []
     lines += [

@@ -4,7 +4,7 @@ revisions are validated against.
 One row per step: an upgrade or downgrade of a revision, a stamp, an ``adopt`` (a revision found
 applied with nothing on record: databases migrated before the ledger existed, or stamped) or a
 ``repair`` (an operator accepting an edited file). Who ran it (role, application_name, client
-host, the service's version), when, how long, and how it ended.
+host, the service's version, its KRAKEN_ENV), when, how long, and how it ended.
 
 An online step's row is opened on the lock connection (autocommit) as the step starts, and
 closed in the step's own transaction, next to Alembic's update of ``alembic_version``: the two
@@ -14,7 +14,9 @@ its row survives the rollback; a runner killed mid-step leaves its row open, and
 
 A revision's checksum of record is that of its latest successful upgrade, adopt or repair row,
 unless a later downgrade undid it. Stamps record the revision they stamp but are not a checksum
-of record: what a stamp marks as applied is adopted at the end of its run.
+of record: what a stamp marks as applied is adopted at the end of its run. A revision whose file
+no longer matches stops a run, but on a development database one that has not shipped (only
+development runs ever applied it here: the revision being written) is let pass with a warning.
 
 Offline (``--sql``) the table's creation, the run's id and one INSERT per step are written as one
 line each, so SQL applied by hand is recorded too; the started_at of such a row is the start of the
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import cache
@@ -67,8 +69,16 @@ CREATE_TABLE = (
     "db_role text NOT NULL DEFAULT current_user, "
     "application_name text NOT NULL DEFAULT current_setting('application_name'), "
     "client_host text NOT NULL DEFAULT coalesce(host(inet_client_addr()), 'local socket'), "
-    "service_version text NOT NULL)"
+    "service_version text NOT NULL, "
+    "environment text)"
 )
+# Ledgers created before the environment was recorded get the column (rows before it: NULL).
+ENVIRONMENT_COLUMN = f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS environment text"
+_HAS_ENVIRONMENT = (
+    f"SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('{TABLE}') AND attname = 'environment')"
+)
+# KRAKEN_ENV of the runs that wrote a row; NULL: unknown (SQL applied by hand, a row from before).
+DEVELOPMENT = "development"
 
 
 INTERRUPTED = "interrupted: the runner stopped before the step finished (killed, or its connection was lost)"
@@ -100,15 +110,26 @@ LIST_QUERY = (
 
 _COLUMNS = "run_id, revision, down_revisions, direction, checksum, service_version"
 _VALUES = ":run_id, :revision, :down_revisions, :direction, :checksum, :version"
-_OPEN = f"INSERT INTO {TABLE} ({_COLUMNS}) VALUES ({_VALUES}) RETURNING id"
+# Online rows also say which KRAKEN_ENV ran them; the offline INSERT leaves it NULL.
+_ONLINE_COLUMNS = f"{_COLUMNS}, environment"
+_ONLINE_VALUES = f"{_VALUES}, :environment"
+_OPEN = f"INSERT INTO {TABLE} ({_ONLINE_COLUMNS}) VALUES ({_ONLINE_VALUES}) RETURNING id"
 _CLOSE = (
     f"UPDATE {TABLE} AS l SET finished_at = c.now, success = :success, error = :error,"
     " duration_ms = round(extract(epoch FROM c.now - l.started_at) * 1000)"
     " FROM (SELECT clock_timestamp() AS now) AS c WHERE l.id = :id"
 )
 _DONE = (
-    f"INSERT INTO {TABLE} ({_COLUMNS}, finished_at, duration_ms, success)"
-    f" VALUES ({_VALUES}, clock_timestamp(), 0, true)"
+    f"INSERT INTO {TABLE} ({_ONLINE_COLUMNS}, finished_at, duration_ms, success)"
+    f" VALUES ({_ONLINE_VALUES}, clock_timestamp(), 0, true)"
+)
+# The revisions (of $1) that have shipped, as far as this database knows: applied, adopted or
+# repaired by a run that was not a development one (KRAKEN_ENV=production, SQL applied by hand,
+# a row from before environments were recorded), or adopted at all (applied by whoever, before
+# anything recorded it). Any such row counts, however long ago and whatever undid it since.
+SHIPPED_QUERY = (
+    f"SELECT DISTINCT revision FROM {TABLE} WHERE revision = ANY($1::text[]) AND success AND (direction = 'adopt'"
+    f" OR (direction IN ('upgrade', 'repair') AND environment IS DISTINCT FROM '{DEVELOPMENT}'))"
 )
 
 
@@ -159,6 +180,21 @@ def read_versions(conn: Connection) -> tuple[str, ...]:
     return tuple(row[0] for row in conn.execute(text(VERSIONS_QUERY)))
 
 
+async def fetch_shipped(conn: asyncpg.Connection, revisions: Iterable[str]) -> frozenset[str] | None:
+    """Which of ``revisions`` have shipped (``SHIPPED_QUERY``); None (all of them) when the ledger
+    predates the environment column: the boot reads it without the lock, before ``prepare``."""
+    try:
+        return frozenset(r[0] for r in await conn.fetch(SHIPPED_QUERY, list(revisions)))
+    except asyncpg.UndefinedColumnError:
+        return None
+
+
+def read_shipped(conn: Connection, revisions: Iterable[str]) -> frozenset[str]:
+    """``fetch_shipped`` on a migration connection (the ledger exists: ``prepare`` ran)."""
+    query = text(SHIPPED_QUERY.replace("$1::text[]", "CAST(:revisions AS text[])"))
+    return frozenset(r[0] for r in conn.execute(query, {"revisions": list(revisions)}))
+
+
 def read_records(conn: Connection) -> tuple[Checksums, dict[str, str]]:
     """The checksums of record and how each came on record, on a migration connection (the
     ledger exists: ``prepare`` ran)."""
@@ -176,6 +212,7 @@ class Mismatch:
     recorded: str  # the checksum of record
     checksum: str  # the file's, now
     since: str  # how the recorded one came on record
+    shipped: bool = True  # see SHIPPED_QUERY; unknown counts as shipped
 
     def describe(self) -> str:
         return (
@@ -197,15 +234,37 @@ class Verdict:
     mismatches: tuple[Mismatch, ...]
     unrecorded: tuple[str, ...]
 
-    def refusal(self) -> str:
-        """One line for every mismatch, with how to fix it."""
-        if len(self.mismatches) == 1:
-            return self.mismatches[0].problem()
-        problems = "; ".join(m.describe() for m in self.mismatches)
+    def refusal(self, mismatches: tuple[Mismatch, ...] | None = None) -> str:
+        """One line for every mismatch (or those of ``mismatches``), with how to fix it."""
+        mismatches = self.mismatches if mismatches is None else mismatches
+        if len(mismatches) == 1:
+            return mismatches[0].problem()
+        problems = "; ".join(m.describe() for m in mismatches)
         return (
-            f"{len(self.mismatches)} applied revisions changed: {problems}; undo the edits, "
+            f"{len(mismatches)} applied revisions changed: {problems}; undo the edits, "
             f"or accept the files as they are with '{REPAIR_COMMAND}'"
         )
+
+    def refused(self, environment: str) -> tuple[Mismatch, ...]:
+        """The mismatches that stop a run in ``environment`` (KRAKEN_ENV): all of them in
+        production; elsewhere those of revisions that have shipped. An unshipped revision edited on
+        a development database (the one being written: applied, edited, downgraded and applied
+        again) is ``tolerated`` instead."""
+        if environment != DEVELOPMENT:
+            return self.mismatches
+        return tuple(m for m in self.mismatches if m.shipped)
+
+    def tolerated(self, environment: str) -> tuple[Mismatch, ...]:
+        refused = self.refused(environment)
+        return tuple(m for m in self.mismatches if m not in refused)
+
+
+def tolerance(mismatch: Mismatch) -> str:
+    """What a development run says of an edited revision it lets pass."""
+    return (
+        f"{mismatch.describe()}; carrying on: a development database, and {mismatch.revision} has not shipped "
+        "(every run that applied it here was a development one)"
+    )
 
 
 def short(checksum: str) -> str:
@@ -229,8 +288,10 @@ def verify(
     recorded: Checksums,
     files: Mapping[str, RevisionFile],
     since: Mapping[str, str] | None = None,
+    shipped: Collection[str] | None = None,
 ) -> Verdict:
-    """The applied revisions' files against their checksums of record (``since`` explains them)."""
+    """The applied revisions' files against their checksums of record (``since`` explains them;
+    ``shipped``: which have shipped, all of them when not known)."""
     matching: list[str] = []
     mismatches: list[Mismatch] = []
     unrecorded: list[str] = []
@@ -243,7 +304,16 @@ def verify(
         elif checksum == found.checksum:
             matching.append(rev)
         else:
-            mismatches.append(Mismatch(rev, found.file, checksum, found.checksum, (since or {}).get(rev, "")))
+            mismatches.append(
+                Mismatch(
+                    rev,
+                    found.file,
+                    checksum,
+                    found.checksum,
+                    (since or {}).get(rev, ""),
+                    shipped is None or rev in shipped,
+                )
+            )
     return Verdict(status, tuple(matching), tuple(mismatches), tuple(unrecorded))
 
 
@@ -251,11 +321,14 @@ def verify(
 
 
 def prepare(conn: Connection) -> None:
-    """Create the ledger if needed, and mark the steps of runners that died as interrupted.
+    """Create the ledger if needed (or add what an older one lacks), and mark the steps of runners
+    that died as interrupted.
 
     Under the migration lock: no other runner is active, so an open row is a dead runner's.
     """
     conn.execute(text(CREATE_TABLE))
+    if not conn.execute(text(_HAS_ENVIRONMENT)).scalar():
+        conn.execute(text(ENVIRONMENT_COLUMN))
     conn.execute(text(_CLOSE_INTERRUPTED), {"error": INTERRUPTED})
 
 
@@ -266,6 +339,7 @@ def _done(
     revisions: Iterable[str],
     graph: Revisions,
     files: Mapping[str, RevisionFile],
+    environment: str,
 ) -> list[str]:
     written = list(revisions)
     rows = [
@@ -276,6 +350,7 @@ def _done(
             "direction": direction,
             "checksum": files[rev].checksum,
             "version": service_version(),
+            "environment": environment,
         }
         for rev in written
     ]
@@ -285,10 +360,15 @@ def _done(
 
 
 def adopt(
-    conn: Connection, run_id: uuid.UUID, revisions: Iterable[str], graph: Revisions, files: Mapping[str, RevisionFile]
+    conn: Connection,
+    run_id: uuid.UUID,
+    revisions: Iterable[str],
+    graph: Revisions,
+    files: Mapping[str, RevisionFile],
+    environment: str,
 ) -> list[str]:
     """Record applied revisions that have no row yet, with their files' checksums as they are."""
-    adopted = _done(conn, run_id, "adopt", revisions, graph, files)
+    adopted = _done(conn, run_id, "adopt", revisions, graph, files, environment)
     if adopted:
         logger.info("ledger: adopted revision(s) %s, applied before they were recorded", ", ".join(adopted))
     return adopted
@@ -300,9 +380,10 @@ def repair(
     mismatches: Iterable[Mismatch],
     graph: Revisions,
     files: Mapping[str, RevisionFile],
+    environment: str,
 ) -> list[str]:
     """Accept edited files: their current checksums become those of record."""
-    return _done(conn, run_id, "repair", (m.revision for m in mismatches), graph, files)
+    return _done(conn, run_id, "repair", (m.revision for m in mismatches), graph, files, environment)
 
 
 @dataclass(frozen=True)
@@ -345,10 +426,11 @@ class Recorder:
     """One online run's rows: opened on the lock connection as each step starts, closed in the
     step's transaction when it succeeds, or on the lock connection when it fails."""
 
-    def __init__(self, lock: Connection, files: Mapping[str, RevisionFile]) -> None:
+    def __init__(self, lock: Connection, files: Mapping[str, RevisionFile], environment: str) -> None:
         self.run_id = uuid.uuid4()
         self.lock = lock
         self.files = files
+        self.environment = environment
         self.open_row: int | None = None
         self.stamped = False
 
@@ -377,7 +459,7 @@ class Recorder:
     def _open(self, info: MigrationInfo) -> None:
         step = Step.of(info, self.files)
         self.stamped |= step.direction == "stamp"
-        params = {**asdict(step), "run_id": self.run_id, "version": service_version()}
+        params = {**asdict(step), "run_id": self.run_id, "version": service_version(), "environment": self.environment}
         self.open_row = self.lock.execute(text(_OPEN), params).scalar_one()
 
     def on_version_apply(self, *, ctx: MigrationContext, step: MigrationInfo, heads: Any, run_args: Any) -> None:

@@ -136,8 +136,9 @@ async def read_boot_state(
         files = status.revisions.by_revision
         verdict = ledger.verify(status, recorded, files)
         if verdict.mismatches:
-            since = await ledger.fetch_since(conn, (m.revision for m in verdict.mismatches))
-            verdict = ledger.verify(status, recorded, files, since)
+            edited = [m.revision for m in verdict.mismatches]
+            since = await ledger.fetch_since(conn, edited)
+            verdict = ledger.verify(status, recorded, files, since, await ledger.fetch_shipped(conn, edited))
         return BootState(status, verdict)
     finally:
         await conn.close()
@@ -186,12 +187,19 @@ def schema_ahead(status: SchemaStatus, settings: Settings, *, action: Literal["s
 
 def enforce_checksums(verdict: ledger.Verdict | None, settings: Settings) -> None:
     """KRAKEN_MIGRATION_VALIDATE: an applied revision whose file changed since stops the run
-    (error, the default), is logged (warn), or is not looked at (off)."""
+    (error, the default), is logged (warn), or is not looked at (off). On a development database
+    an edit of a revision that has not shipped (the one being written) is logged and passes
+    (``Verdict.refused``): the edit loop needs no repair."""
     if verdict is None or not verdict.mismatches or settings.migration_validate == "off":
         return
+    for mismatch in verdict.tolerated(settings.env):
+        logger.warning("%s", ledger.tolerance(mismatch))
+    refused = verdict.refused(settings.env)
+    if not refused:
+        return
     if settings.migration_validate == "error":
-        raise MigrationError(verdict.refusal() + " (KRAKEN_MIGRATION_VALIDATE=error)")
-    logger.warning("%s", verdict.refusal() + "; carrying on (KRAKEN_MIGRATION_VALIDATE=warn)")
+        raise MigrationError(verdict.refusal(refused) + " (KRAKEN_MIGRATION_VALIDATE=error)")
+    logger.warning("%s", verdict.refusal(refused) + "; carrying on (KRAKEN_MIGRATION_VALIDATE=warn)")
 
 
 # --- migrating at boot ---------------------------------------------------------------------
@@ -436,12 +444,18 @@ def _verify_applied(connection: Connection, ctx: MigrationContext, script_locati
     revisions = read_revisions(script_location)
     status = SchemaStatus(tuple(ctx.get_current_heads()), revisions)
     recorded, since = ledger.read_records(connection)
-    return ledger.verify(status, recorded, revisions.by_revision, since)
+    verdict = ledger.verify(status, recorded, revisions.by_revision, since)
+    if not verdict.mismatches:
+        return verdict
+    shipped = ledger.read_shipped(connection, (m.revision for m in verdict.mismatches))
+    return ledger.verify(status, recorded, revisions.by_revision, since, shipped)
 
 
-def _adopt(connection: Connection, run_id: uuid.UUID, verdict: ledger.Verdict, script_location: Path) -> None:
+def _adopt(
+    connection: Connection, run_id: uuid.UUID, verdict: ledger.Verdict, script_location: Path, environment: str
+) -> None:
     revisions = read_revisions(script_location)
-    ledger.adopt(connection, run_id, verdict.unrecorded, revisions, revisions.by_revision)
+    ledger.adopt(connection, run_id, verdict.unrecorded, revisions, revisions.by_revision, environment)
     # Leave no transaction open, so Alembic manages one per revision.
     connection.commit()
 
@@ -454,7 +468,7 @@ def _before_first_step(
     connection.commit()
     verdict = _verify_applied(connection, ctx, script_location)
     enforce_checksums(verdict, settings)
-    _adopt(connection, run_id, verdict, script_location)
+    _adopt(connection, run_id, verdict, script_location, settings.env)
     return verdict
 
 
@@ -496,7 +510,7 @@ def migrate_locked(
                 on_acquired=lambda waited: connection.info.__setitem__(LOCK_WAIT, waited),
             ) as lock:
                 _set_session_bounds(connection, settings)
-                recorder = ledger.Recorder(lock, read_revisions(script_location).by_revision)
+                recorder = ledger.Recorder(lock, read_revisions(script_location).by_revision, settings.env)
                 hooks.append(recorder.on_version_apply)
                 verdict = _before_first_step(connection, ctx, settings, recorder.run_id, script_location)
                 if upgrading and verdict.status.ahead:
@@ -507,7 +521,7 @@ def migrate_locked(
                 if recorder.stamped:
                     # What a stamp marked as applied is adopted, with the files as they are.
                     verdict = _verify_applied(connection, ctx, script_location)
-                    _adopt(connection, recorder.run_id, verdict, script_location)
+                    _adopt(connection, recorder.run_id, verdict, script_location, settings.env)
     except (MigrationLockTimeout, MigrationLockLost, TransactionPooler, MigrationError) as exc:
         raise CommandError(str(exc)) from None
     except DBAPIError as exc:

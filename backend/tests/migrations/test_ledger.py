@@ -176,6 +176,7 @@ def test_a_comment_edit_in_an_applied_revision_passes(
 def test_an_operation_edit_is_refused_by_the_cli_and_by_the_boot(
     tmp_path: Path, empty_db: DatabaseTarget, settings_for: SettingsFor
 ) -> None:
+    # In production (a development database lets an unshipped revision's edit pass: test_edit_loop.py).
     ini = scratch_alembic(tmp_path)
     migrate(empty_db, "upgrade", "head", config=ini)
     recorded = rows(empty_db)
@@ -190,16 +191,16 @@ def test_an_operation_edit_is_refused_by_the_cli_and_by_the_boot(
         "is with 'uv run kraken-migrations repair'"
     )
 
-    upgrade = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
+    upgrade = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_ENV="production")
     assert upgrade.returncode != 0
     assert failed_lines(out(upgrade)) == [f"FAILED: {problem} (KRAKEN_MIGRATION_VALIDATE=error)"]
     assert "Traceback" not in out(upgrade)
 
     with pytest.raises(MigrationError) as refused:
-        run_migrations_at(empty_db, settings_for, tmp_path)
+        run_migrations_at(empty_db, settings_for, tmp_path, env="production")
     assert str(refused.value) == f"{problem} (KRAKEN_MIGRATION_VALIDATE=error)"
 
-    validated = run_kraken_migrations("validate", target=empty_db, config=ini)
+    validated = run_kraken_migrations("validate", target=empty_db, config=ini, KRAKEN_ENV="production")
     assert (validated.returncode, validated.stdout) == (1, f"FAILED: {problem}\n")
 
     # Nothing ran, nothing was recorded.
@@ -237,7 +238,7 @@ def test_validation_can_warn_or_be_off(
     edit(ini, REVISION_002, *OPERATION_EDIT)
 
     with caplog.at_level(logging.WARNING):
-        assert run_migrations_at(empty_db, settings_for, tmp_path, migration_validate=mode).at_head
+        assert run_migrations_at(empty_db, settings_for, tmp_path, migration_validate=mode, env="production").at_head
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if mode == "off":
         assert warnings == []
@@ -245,10 +246,12 @@ def test_validation_can_warn_or_be_off(
         [warning] = warnings
         assert warning.startswith(f"revision 002 ({REVISION_002}) changed since it was applied on ")
         assert warning.endswith("; carrying on (KRAKEN_MIGRATION_VALIDATE=warn)")
-    cli = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_MIGRATION_VALIDATE=mode)
+    cli = run_alembic(
+        "-c", str(ini), "upgrade", "head", target=empty_db, KRAKEN_MIGRATION_VALIDATE=mode, KRAKEN_ENV="production"
+    )
     assert cli.returncode == 0, out(cli)
     # The setting is the runs' policy; the validate command always reports the mismatch.
-    assert run_kraken_migrations("validate", target=empty_db, config=ini).returncode == 1
+    assert run_kraken_migrations("validate", target=empty_db, config=ini, KRAKEN_ENV="production").returncode == 1
 
 
 async def test_the_boot_validates_at_head_without_the_lock(
@@ -256,7 +259,7 @@ async def test_the_boot_validates_at_head_without_the_lock(
 ) -> None:
     ini = scratch_alembic(tmp_path)
     migrate(empty_db, "upgrade", "head", config=ini)
-    settings = settings_for(empty_db, migration_lock_timeout=0)
+    settings = settings_for(empty_db, migration_lock_timeout=0, env="production")
     holder = await connect(empty_db)
     try:
         # Another runner holds the migration lock: a boot at head neither needs nor waits for it.
@@ -275,9 +278,9 @@ def test_check_mode_refuses_an_edited_revision(head_db: DatabaseTarget, settings
     # The real files, a forged record: as if 001's file had changed since it was applied.
     sql(head_db, "UPDATE alembic_ledger SET checksum = repeat('0', 64) WHERE revision = '001'")
     with pytest.raises(MigrationError, match=r"^revision 001 \(001_baseline_schema.py\) changed since it was applied"):
-        asyncio.run(check_schema(settings_for(head_db, migrate_on_startup="check")))
+        asyncio.run(check_schema(settings_for(head_db, migrate_on_startup="check", env="production")))
     with pytest.raises(MigrationError, match="checksum 000000000000 recorded, d4549d188f9c now"):
-        asyncio.run(run_migrations(settings_for(head_db)))
+        asyncio.run(run_migrations(settings_for(head_db, env="production")))
 
 
 # --- adoption --------------------------------------------------------------------------------
