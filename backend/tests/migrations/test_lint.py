@@ -5,7 +5,8 @@ caught before any database sees the revision."""
 from pathlib import Path
 
 from backend.config import PROJECT_ROOT
-from backend.tests.helpers import HEAD, NEXT, out, run_kraken_migrations, scratch_alembic
+from backend.db.url import DatabaseTarget
+from backend.tests.helpers import HEAD, NEXT, out, run_alembic, run_kraken_migrations, scratch_alembic, sql
 
 NEW_TABLES = """
     from backend.migrations import ops
@@ -119,6 +120,18 @@ def test_a_check_after_a_commit_fails_the_lint_before_any_database_runs_it(tmp_p
         "committed a step (ops.add_columns() commits): a refusal there would leave the database changed; move "
         "the check before the first change"
     ]
+
+
+def test_a_check_after_a_commit_stops_an_upgrade_in_one_line(tmp_path: Path, empty_db: DatabaseTarget) -> None:
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_late_check.py": CHECK_AFTER_A_COMMIT.format(next=NEXT, head=HEAD)})
+    result = run_alembic("-c", str(ini), "upgrade", "head", target=empty_db)
+    assert result.returncode != 0
+    assert failed_lines(out(result)) == [
+        f"FAILED: ops.refuse_violations() would run after revision {NEXT} already committed a step "
+        "(ops.add_columns() commits): a refusal there would leave the database changed; move the check before "
+        "the first change"
+    ]
+    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
 
 
 def test_an_unknown_revision_is_one_line() -> None:
