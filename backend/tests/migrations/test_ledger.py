@@ -431,4 +431,4 @@ def test_a_revision_the_code_does_not_know_follows_the_ahead_rule(
 
     sql(head_db, "UPDATE alembic_ledger SET checksum = repeat('0', 64) WHERE revision = '001'")
     with pytest.raises(MigrationError, match="^revision 001 "):
-        asyncio.run(run_migrations(settings_for(head_db)))
+        asyncio.run(run_migrations(settings_for(head_db, env="production")))
