@@ -60,29 +60,32 @@ def comparable(value: object) -> str | None:
     return str(value)
 
 
-def rows(db: DatabaseTarget, tables: tuple[str, ...] = TABLES) -> Rows:
-    """Every row of the tables there are, as {column: comparable(value)}."""
-    present = [t for t in tables if sql(db, "SELECT to_regclass($1) IS NOT NULL", t)[0][0]]
-    return {
-        t: sorted(({k: comparable(v) for k, v in r.items()} for r in sql(db, f"SELECT * FROM {t}")), key=str)
-        for t in present
-    }
-
-
 def copy_of(column: str) -> str | None:
     """The column a type change's copy (``<column>__new``, ``<column>__old``) holds the values of."""
     return column.rsplit("__", 1)[0] if ops.helper_owned(column) else None
 
 
+def rows(db: DatabaseTarget, tables: tuple[str, ...] = TABLES) -> Rows:
+    """Every row of the tables there are, as {column: comparable(value)}; a type change's copy of a
+    column (which its steps add, rename and drop) must hold that column's values, and is left out."""
+    present = [t for t in tables if sql(db, "SELECT to_regclass($1) IS NOT NULL", t)[0][0]]
+    found: Rows = {}
+    for t in present:
+        table_rows = [{k: comparable(v) for k, v in r.items()} for r in sql(db, f"SELECT * FROM {t}")]
+        for row in table_rows:
+            copies = {k: v for k, v in row.items() if copy_of(k) is not None}
+            assert copies == {k: row[str(copy_of(k))] for k in copies}, f"{t}: a copy differs from its column"
+        found[t] = sorted(({k: v for k, v in r.items() if copy_of(k) is None} for r in table_rows), key=str)
+    return found
+
+
 def kept(before: Rows, after: Rows) -> Rows:
-    """``before`` as far as ``after`` still has columns for; the dropped columns must have held
-    nothing, or (a type change's copy) the values of a column that is still there."""
+    """``before`` as far as ``after`` still has columns for; the dropped columns must have held nothing."""
     projected: Rows = {}
     for table, table_rows in before.items():
         columns = set(after[table][0]) if after.get(table) else set()
         for row in table_rows:
-            copies = {k for k, v in row.items() if (of := copy_of(k)) in columns and v == row[str(of)]}
-            dropped = {k: v for k, v in row.items() if k not in columns and k not in copies}
+            dropped = {k: v for k, v in row.items() if k not in columns}
             assert set(dropped.values()) <= {None}, f"{table}: values in dropped columns {dropped}"
         projected[table] = sorted(({k: v for k, v in r.items() if k in columns} for r in table_rows), key=str)
     return projected
