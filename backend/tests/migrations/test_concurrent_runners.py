@@ -226,7 +226,10 @@ async def test_a_blocked_migration_gives_up_without_stalling_the_service(
         head_db, "SELECT 1 FROM pg_attribute WHERE attrelid = 'kraken_turns'::regclass AND attname = 'note'"
     )
     assert len(waits) > 10
-    assert max(waits) < 0.5 + 0.4, f"longest service query waited {max(waits):.3f} s"
+    # A query queued behind one attempt waits at most its 0.5 s; the bound leaves a loaded machine
+    # room for its own work, and stays under the 1.5 s of three attempts queued back to back
+    # without letting the service through (what a runner that kept its place in the queue would do).
+    assert max(waits) < 1.4, f"longest service query waited {max(waits):.3f} s"
     # Each attempt is a failed step in the ledger, of one run.
     attempts = await fetch(head_db, "SELECT run_id, success, error FROM alembic_ledger WHERE revision = $1", NEXT)
     assert [(r["success"], r["error"]) for r in attempts] == [
