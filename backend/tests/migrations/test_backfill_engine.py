@@ -302,9 +302,13 @@ def test_a_backfill_killed_half_way_goes_on_from_its_last_committed_batch(
         [1],
         True,
     )
-    recorded = "SELECT revision, table_name, rows_done, rows_changed, finished_at IS NOT NULL FROM alembic_backfill"
-    # 005's walk is on record too, under its revision (the runner says which revision runs).
-    assert sorted(tuple(r) for r in sql(head_db, recorded)) == [
+    recorded = (
+        "SELECT revision, table_name, rows_done, rows_changed, finished_at IS NOT NULL FROM alembic_backfill"
+        " WHERE revision IN ('005', $1)"
+    )
+    # 005's walk is on record too, under its revision (the runner says which revision runs);
+    # later revisions' walks (006's copies) are theirs, left out here.
+    assert sorted(tuple(r) for r in sql(head_db, recorded, NEXT)) == [
         ("005", "kraken_conversations", 0, 0, True),
         (NEXT, "slow", 300, 300, True),
     ]

@@ -89,7 +89,12 @@ def index_definitions(db: DatabaseTarget) -> dict[str, tuple[str, bool]]:
 
 def schema(db: DatabaseTarget) -> dict[str, object]:
     """Everything a step may change: columns, indexes, constraints, triggers, functions."""
-    constraints = "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'events'::regclass"
+    # PostgreSQL 18 records NOT NULL as constraints too (contype n), named after the column they
+    # were made on (a renamed column keeps its name there); the columns' NOT NULL covers those.
+    constraints = (
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'events'::regclass AND contype <> 'n'"
+    )
     triggers = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'events'::regclass AND NOT tgisinternal"
     return {
         "columns": columns(db),
