@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from http_load import API_KEY, Server
+from http_load import API_KEY, Server, start_kraken
 from support import alembic, bench_server, fill, migrate, say, turn_payload
 
 from backend.config import Settings
@@ -50,7 +50,6 @@ from backend.db.url import DatabaseTarget
 from backend.migrations.ops import ident, literal
 from backend.migrations.phases import PHASE_ARGUMENT
 from backend.migrations.revisions import POST_DEPLOY, read_revisions
-from backend.tests.helpers import SERVICE, child_env, free_port
 
 TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
 # Every stored instant before the deploy, as an epoch: for `timestamp` columns the epoch of the
@@ -80,14 +79,6 @@ class Append:
     ended: float
     status: int  # 0: no answer
     turn_id: uuid.UUID | None
-
-
-async def scalar(db: DatabaseTarget, query: str, *args: object) -> object:
-    conn = await connect(db)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
 
 
 async def sizes(db: DatabaseTarget) -> dict[str, int]:
@@ -170,15 +161,8 @@ async def run(args: argparse.Namespace) -> None:
             await conn.close()
         before = await sizes(db)
         with tempfile.TemporaryDirectory() as logs:
-            port = free_port()
-            env = child_env(
-                db,
-                KRAKEN_API_KEY=API_KEY,
-                KRAKEN_PORT=str(port),
-                KRAKEN_WORKERS=str(args.workers),
-                KRAKEN_MIGRATE_ON_STARTUP="off",
-            )
-            server = Server("kraken", [SERVICE], env, port, Path(logs))
+            # The pipeline migrates (the phases below), not the service at boot.
+            server = start_kraken(db, args, Path(logs), migrate="off")
             try:
                 server.wait_until_up()
                 started = time.monotonic()
@@ -225,6 +209,7 @@ def main() -> None:
     parser.add_argument("--timezone", default="America/New_York", help="the database's default time zone")
     parser.add_argument("--clients", type=int, default=4, help="connections appending over HTTP")
     parser.add_argument("--workers", type=int, default=2, help="kraken-backend's worker processes")
+    parser.add_argument("--pool-size", type=int, default=8, help="database connections per worker process")
     asyncio.run(run(parser.parse_args()))
 
 

@@ -143,14 +143,16 @@ class Server:
                 self.process.wait()
 
 
-def start_kraken(db: DatabaseTarget, args: argparse.Namespace, logs: Path) -> Server:
+def start_kraken(db: DatabaseTarget, args: argparse.Namespace, logs: Path, *, migrate: str = "check") -> Server:
+    """`kraken-backend` as deployed, with ``args.workers`` processes of a fixed pool of
+    ``args.pool_size``; ``migrate`` is its KRAKEN_MIGRATE_ON_STARTUP."""
     port = free_port()
     env = child_env(
         db,
         KRAKEN_API_KEY=API_KEY,
         KRAKEN_PORT=str(port),
         KRAKEN_WORKERS=str(args.workers),
-        KRAKEN_MIGRATE_ON_STARTUP="check",
+        KRAKEN_MIGRATE_ON_STARTUP=migrate,
         KRAKEN_DB_POOL_SIZE=str(args.pool_size),
         KRAKEN_DB_MAX_OVERFLOW="0",
     )
