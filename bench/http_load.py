@@ -53,6 +53,7 @@ from support import bench_server, conversation, turn_payload
 from backend.config import PROJECT_ROOT, Settings, load_settings
 from backend.conversations.schemas import dumps
 from backend.db.admin import scratch_database
+from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations.runner import run_migrations
 from backend.tests.helpers import SERVICE, child_env, free_port
@@ -269,6 +270,22 @@ async def prepare(db: DatabaseTarget) -> None:
     await run_migrations(Settings.model_validate({"DATABASE_URL": db.dsn}))
 
 
+async def analyze(db: DatabaseTarget) -> None:
+    """ANALYZE the tables the warm-up filled, as autovacuum does on a live database, before measuring.
+
+    A prepared statement's plan is made on the statistics at hand, and after five runs PostgreSQL
+    may keep a generic one. Planned on tables the migrations just vacuumed while empty (006's
+    backfill does), a generic plan scans kraken_turns in full on every append, and is kept until
+    the next ANALYZE: the server warmed up first (kraken) ran at half speed, the others not (their
+    sessions planned later, on bigger tables). ANALYZE invalidates every session's plans; all of
+    them plan again on statistics like a live database's."""
+    conn = await connect(db)
+    try:
+        await conn.execute("ANALYZE kraken_conversations, kraken_turns, kraken_tool_calls")
+    finally:
+        await conn.close()
+
+
 def main(args: argparse.Namespace) -> None:
     if shutil.which("wrk") is None:
         print("wrk is not installed: install it with `sudo apt-get install wrk` (Debian/Ubuntu package wrk)")
@@ -304,13 +321,13 @@ def load(db: DatabaseTarget, args: argparse.Namespace) -> None:
                     f"  note: kraken-backend serves from {servers['kraken'].processes()} process(es), not"
                     f" {args.workers}: this build does not read KRAKEN_WORKERS"
                 )
-            measure(servers, logs, args)
+            measure(db, servers, logs, args)
         finally:
             for server in servers.values():
                 server.stop()
 
 
-def measure(servers: dict[str, Server], logs: Path, args: argparse.Namespace) -> None:
+def measure(db: DatabaseTarget, servers: dict[str, Server], logs: Path, args: argparse.Namespace) -> None:
     kraken = servers["kraken"]
     ids = [str(post(kraken, "/conversations", conversation().model_dump())["id"]) for _ in range(CONVERSATIONS)]
     view_id = str(post(kraken, "/conversations", conversation().model_dump())["id"])
@@ -325,7 +342,8 @@ def measure(servers: dict[str, Server], logs: Path, args: argparse.Namespace) ->
         method, paths = scenario_requests("append", ids, view_id)
         run_wrk(servers[name], method, paths, body_file, top, 3, args.wrk_threads)
         run_wrk(servers[name], "GET", [f"/conversations/{view_id}"], None, top, 1, args.wrk_threads)
-    print("warmed up\n")
+    asyncio.run(analyze(db))
+    print("warmed up; tables analyzed\n")
 
     results: dict[tuple[str, int, str], list[Run]] = {}
     for round_number in range(args.rounds):
