@@ -7,7 +7,7 @@ Creates a scratch database on DATABASE_URL's server (or the embedded one when it
 migrates it to head and fills it (bench/support.py: 1M turns with the defaults), then runs, in an
 `alembic upgrade` subprocess on a copy of the migration package, a revision that adds a nullable
 column to kraken_turns and sets it from two others on every row (the engine with its defaults:
-batches tuned to 150 ms, pauses for lock waiters, a VACUUM once the table has grown by a fifth), while one
+batches tuned to 100 ms, pauses for lock waiters, a VACUUM once the table has grown by a fifth), while one
 connection writes a conversation, a turn and a tool call every 5 ms and times each write.
 Prints the engine's progress lines as they come, then rows/s, the batches' p50/p99, the worst
 insert wait, the table's size before and after, and drops the database. A benchmark, not a
@@ -110,7 +110,8 @@ async def backfill(db: DatabaseTarget, ini: Path, lock_timeout: float) -> None:
     assert process.stdout is not None
     output: list[str] = []
     batches: list[float] = []
-    waits: list[float] = []
+    waits: list[tuple[float, float]] = []  # (when it began, how long it took), in monotonic seconds
+    vacuums: list[tuple[float, float]] = []  # (start, end) of the engine's VACUUMs, as their lines say
     failures = 0
     done = asyncio.Event()
     live = await connect(db)
@@ -125,6 +126,9 @@ async def backfill(db: DatabaseTarget, ini: Path, lock_timeout: float) -> None:
                 batches.append(float(line.split(" changed, ")[1].split(" ms")[0]))
             elif "backend.migrations.ops" in line:
                 say(f"  {line}")
+                if ": VACUUM " in line and " took " in line:
+                    took = float(line.rsplit(" took ", 1)[1].split(" s")[0])
+                    vacuums.append((time.monotonic() - took, time.monotonic()))
         done.set()
 
     async def write() -> None:
@@ -135,7 +139,7 @@ async def backfill(db: DatabaseTarget, ini: Path, lock_timeout: float) -> None:
                 await live.execute(WRITE)
             except asyncpg.LockNotAvailableError:
                 failures += 1
-            waits.append(time.monotonic() - begun)
+            waits.append((begun, time.monotonic() - begun))
             await asyncio.sleep(PACE)
 
     started = time.monotonic()
@@ -155,11 +159,29 @@ async def backfill(db: DatabaseTarget, ini: Path, lock_timeout: float) -> None:
             f"batches: {len(batches)}, p50 {statistics.median(batches):.0f} ms, p99 {percentile(batches, 0.99):.0f} ms,"
             f" longest {max(batches):.0f} ms"
         )
-    ms = sorted(w * 1000 for w in waits)
+    ms = sorted(wait * 1000 for _, wait in waits)
     say(
         f"inserts meanwhile: {len(ms)}, median {statistics.median(ms):.1f} ms, p99 {percentile(ms, 0.99):.1f} ms,"
         f" worst {ms[-1]:.1f} ms; {failures} hit the lock timeout ({lock_timeout:g} s)"
     )
+
+    def during(begun: float, wait: float) -> str:
+        overlaps = any(begun < end and begun + wait > start for start, end in vacuums)
+        return "during a VACUUM" if overlaps else "during the batches"
+
+    # Where the worst waits fall: the batches' WAL and locks, or the engine's VACUUM passes.
+    worst = sorted(waits, key=lambda each: each[1], reverse=True)[:5]
+    say(
+        "worst inserts: "
+        + "; ".join(f"{wait * 1000:.0f} ms at {begun - started:.1f} s {during(begun, wait)}" for begun, wait in worst)
+    )
+    for phase in ("during the batches", "during a VACUUM"):
+        phase_ms = sorted(wait * 1000 for begun, wait in waits if during(begun, wait) == phase)
+        if phase_ms:
+            say(
+                f"  {phase}: {len(phase_ms)} inserts, p99 {percentile(phase_ms, 0.99):.1f} ms,"
+                f" worst {phase_ms[-1]:.1f} ms"
+            )
 
 
 async def main() -> None:

@@ -68,7 +68,7 @@ LIST_QUERY = (
 
 # Batches take about this long (seconds) unless a revision asks otherwise: long enough that the
 # per-batch overhead stays small, short enough that a writer waiting for a batch's rows waits little.
-TARGET_BATCH_SECONDS = 0.15
+TARGET_BATCH_SECONDS = 0.1
 MAX_BATCH_SIZE = 50_000
 # Without a vacuum_every, a VACUUM runs when the table has grown by this share of its size at the
 # start since the walk began or the last VACUUM. A walk in the order of random keys (uuid) rarely
@@ -87,12 +87,20 @@ MIN_BATCH_SIZE = 10
 PROGRESS_INTERVAL = 10.0
 
 
+# How far one batch's time moves the next batch's size: down by up to half, up by at most a
+# quarter. A batch finished early (its pages were cached) says little about the next one's pages;
+# doubling after it made the next batch meet uncached pages at twice the size, and those overshoots
+# were the walk's p99 (1M turns: batches p50 148 ms, p99 329 ms with doubling allowed).
+SHRINK_AT_MOST = 0.5
+GROW_AT_MOST = 1.25
+
+
 def next_batch_size(size: int, seconds: float, target: float, smallest: int, largest: int) -> int:
     """The size of the batch after one of ``size`` rows that took ``seconds``, to take ``target``.
 
-    Proportional, but by at most a factor of two either way: one batch slowed by a checkpoint or a
-    busy neighbour does not swing the next by more than that."""
-    factor = 2.0 if seconds <= 0 else min(2.0, max(0.5, target / seconds))
+    Proportional, within SHRINK_AT_MOST and GROW_AT_MOST: one batch slowed by a checkpoint or a
+    busy neighbour does not swing the next by more, and one sped up by a warm cache grows it a little."""
+    factor = GROW_AT_MOST if seconds <= 0 else min(GROW_AT_MOST, max(SHRINK_AT_MOST, target / seconds))
     return max(smallest, min(largest, round(size * factor)))
 
 

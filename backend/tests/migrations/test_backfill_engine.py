@@ -54,13 +54,14 @@ def batch_sizes(caplog: pytest.LogCaptureFixture) -> list[int]:
     return [int(match.group(1)) for match in found if match]
 
 
-def test_the_next_batch_size_moves_toward_the_target_by_at_most_a_factor_of_two() -> None:
+def test_the_next_batch_size_moves_toward_the_target_halving_at_most_and_growing_by_a_quarter_at_most() -> None:
     assert backfills.next_batch_size(1000, 0.3, 0.15, 10, 50_000) == 500  # twice too slow: half
-    assert backfills.next_batch_size(1000, 0.1, 0.15, 10, 50_000) == 1500
-    assert backfills.next_batch_size(1000, 0.01, 0.15, 10, 50_000) == 2000  # at most doubled
+    assert backfills.next_batch_size(1000, 0.125, 0.1, 10, 50_000) == 800  # proportional below the bounds
+    assert backfills.next_batch_size(1000, 0.09, 0.1, 10, 50_000) == 1111  # proportional above
+    assert backfills.next_batch_size(1000, 0.01, 0.15, 10, 50_000) == 1250  # grown by a quarter at most
     assert backfills.next_batch_size(1000, 5.0, 0.15, 10, 50_000) == 500  # at most halved
-    assert backfills.next_batch_size(1000, 0.0, 0.15, 10, 50_000) == 2000
-    assert backfills.next_batch_size(40_000, 0.01, 0.15, 10, 50_000) == 50_000  # within the bounds
+    assert backfills.next_batch_size(1000, 0.0, 0.15, 10, 50_000) == 1250
+    assert backfills.next_batch_size(45_000, 0.01, 0.15, 10, 50_000) == 50_000  # within the bounds
     assert backfills.next_batch_size(12, 5.0, 0.15, 10, 50_000) == 10
 
 
@@ -87,8 +88,9 @@ def test_quick_batches_grow_up_to_the_largest_size(numbers: DatabaseTarget, capl
             "numbers", "id", DOUBLE, 10, key_type="bigint", target_seconds=30, max_batch_size=80
         ),
     )
-    # 10 rows never take 15 s: each batch doubles, up to 80.
-    assert batch_sizes(caplog) == [10, 20, 40, 80, 80, 80, 80, 10]
+    # 10 rows never take 30 s: each batch grows by a quarter (GROW_AT_MOST), up to 80; the last
+    # walks what is left of the 400.
+    assert batch_sizes(caplog) == [10, 12, 15, 19, 24, 30, 38, 48, 60, 75, 69]
 
 
 def test_a_vacuum_is_due_once_the_table_has_grown_by_a_share_of_its_first_size_or_every_n_rows() -> None:
