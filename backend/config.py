@@ -1,6 +1,6 @@
 """Service settings, read once from the environment.
 
-Every variable is documented in README.md. Errors become ``ConfigError`` with one line that
+Every variable is documented in docs/configuration.md. Errors become ``ConfigError`` with one line that
 names the variable and the problem, never a value that could hold a password.
 """
 

@@ -1,6 +1,6 @@
 """The service's Prometheus series: defined once here, written where things happen, served at GET /metrics.
 
-Every series is documented in README.md ("Metrics"). KRAKEN_METRICS=off leaves all of it unused:
+Every series is documented in docs/operations.md ("Metrics"). KRAKEN_METRICS=off leaves all of it unused:
 callers check ``settings.metrics`` before recording, so nothing here runs.
 
 Worker processes: prometheus_client keeps values in memory, or, when PROMETHEUS_MULTIPROC_DIR is

@@ -12,7 +12,7 @@ from backend.config import Settings
 router = APIRouter(tags=["metrics"])
 
 
-# Not in the OpenAPI document: it is for the operator's scraper, not the API's clients (README.md
+# Not in the OpenAPI document: it is for the operator's scraper, not the API's clients (docs/operations.md
 # documents every series), and it exists only while KRAKEN_METRICS is on.
 @router.get(metrics.METRICS_PATH, include_in_schema=False)
 async def get_metrics(request: Request) -> Response:

@@ -168,7 +168,7 @@ async def test_a_new_conversation_links_to_what_can_be_done_with_it(document):
 # --- the fuzzer ----------------------------------------------------------------------------
 
 # Reproducible: the same cases on every run (about 40 s). Other seeds explore further: runs of
-# several, up to 300 examples, found nothing more when this was written (README: how to run one).
+# several, up to 300 examples, found nothing more when this was written (docs/development.md: how to run one).
 SEED = 1
 MAX_EXAMPLES = 100
 FUZZER_CONFIG = {

@@ -1,5 +1,5 @@
 """DATABASE_URL's reading against libpq's own: ``psycopg.conninfo.conninfo_to_dict`` is libpq's
-PQconninfoParse. Over a fixed corpus (the READMEs' examples, the cases of issue 17, percent-encoding,
+PQconninfoParse. Over a fixed corpus (the docs' examples, the cases of issue 17, percent-encoding,
 IPv6, Unix sockets, host and port lists, empty values) and over generated URLs, every URL libpq
 accepts is either read as libpq reads it or refused in one line (an option this service cannot
 honour); no password is ever in the line.
@@ -109,7 +109,12 @@ def assert_read_as_libpq(raw: str, *, refusal: str | None = None, may_refuse: bo
 
 
 def readme_urls() -> list[str]:
-    text = (PROJECT_ROOT / "README.md").read_text() + (PROJECT_ROOT / "backend/alembic/README.md").read_text()
+    docs = [
+        PROJECT_ROOT / "README.md",
+        *sorted((PROJECT_ROOT / "docs").glob("*.md")),
+        PROJECT_ROOT / "backend/alembic/README.md",
+    ]
+    text = "".join(doc.read_text() for doc in docs)
     return sorted(set(re.findall(r"postgres(?:ql)?(?:\+asyncpg)?://[^\s`'\")|<>]*", text)))
 
 
