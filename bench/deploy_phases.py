@@ -16,7 +16,9 @@ the other, as deploy.yml does:
 - the post-deploy phase: ``alembic -x phase=post-deploy upgrade head``.
 
 The same code serves both phases (there is no restart: a restart's own gap is not what is
-measured). Prints each phase's time and the migrations' progress lines as they come, then the
+measured). Prints each phase's time and the migrations' progress lines as they come, the phase's
+five slowest appends with what the service's sessions waited on meanwhile (pg_stat_activity
+sampled every 10 ms: the wait event, and for a lock the statements holding it), then the
 appends' latency (median, p99, worst: the worst is the longest an append waited for the
 migration's locks, plus its own work), the answers that were not 2xx, the instants that changed
 (stored rows whose epoch differs from before, and appended turns whose created_at lies outside the
@@ -45,7 +47,7 @@ from support import alembic, bench_server, fill, migrate, say, turn_payload
 from backend.config import Settings
 from backend.conversations.schemas import dumps
 from backend.db.admin import scratch_database
-from backend.db.engine import connect
+from backend.db.engine import MIGRATION_APPLICATION_NAME, SERVICE_APPLICATION_NAME, connect
 from backend.db.url import DatabaseTarget
 from backend.migrations.ops import ident, literal
 from backend.migrations.phases import PHASE_ARGUMENT
@@ -104,6 +106,68 @@ async def append_forever(
         record.append(Append(began, time.time(), status, turn))
 
 
+# What the service's sessions wait on, sampled while the phases run: the wait event, and for a
+# lock the statements of the sessions holding it up.
+WAITING = """
+SELECT a.wait_event_type || ':' || a.wait_event,
+       (SELECT string_agg(DISTINCT left(regexp_replace(b.query, '\\s+', ' ', 'g'), 90), ' | ')
+        FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(a.pid)))
+FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.application_name = $1 AND a.state = 'active'
+  AND a.wait_event_type IS NOT NULL AND a.wait_event_type <> 'Client'
+"""
+# And what the migration runs meanwhile.
+MIGRATING = """
+SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = $1 AND state = 'active' AND pid <> pg_backend_pid()
+"""
+SAMPLE_EVERY = 0.01
+
+
+@dataclass
+class Wait:
+    at: float  # wall-clock epoch seconds
+    event: str  # the service session's wait event, or "migrating" for a migration's statement
+    behind: str | None
+
+
+async def sample_waits(db: DatabaseTarget, samples: list[Wait], stop: asyncio.Event) -> None:
+    conn = await connect(db)
+    try:
+        while not stop.is_set():
+            now = time.time()
+            rows = await conn.fetch(WAITING, SERVICE_APPLICATION_NAME)
+            samples.extend(Wait(now, event, behind) for event, behind in rows)
+            running = await conn.fetch(MIGRATING, MIGRATION_APPLICATION_NAME)
+            samples.extend(Wait(now, "migrating", query) for (query,) in running)
+            await asyncio.sleep(SAMPLE_EVERY)
+    finally:
+        await conn.close()
+
+
+def worst_appends(record: list[Append], samples: list[Wait], count: int = 5) -> list[str]:
+    """The ``count`` slowest appends, each with what the service's sessions waited on meanwhile."""
+    lines = []
+    start = min((a.began for a in record), default=0.0)
+    for a in sorted(record, key=lambda a: a.ended - a.began, reverse=True)[:count]:
+        seen: dict[str, int] = {}
+        migrating: dict[str, int] = {}
+        for w in samples:
+            if a.began <= w.at <= a.ended:
+                if w.event == "migrating":
+                    migrating[w.behind or ""] = migrating.get(w.behind or "", 0) + 1
+                else:
+                    what = w.event + (f" behind {w.behind}" if w.behind else "")
+                    seen[what] = seen.get(what, 0) + 1
+        waits = "; ".join(f"{what} ({n}x)" for what, n in sorted(seen.items(), key=lambda kv: -kv[1])[:3])
+        doing = "; ".join(query for query, _ in sorted(migrating.items(), key=lambda kv: -kv[1])[:2])
+        lines.append(
+            f"{(a.ended - a.began) * 1000:.0f} ms at {a.began - start:.1f} s: {waits or 'no wait sampled'}"
+            f" (the migration meanwhile: {doing or 'nothing sampled'})"
+        )
+    return lines
+
+
 def describe(record: list[Append]) -> str:
     ms = sorted((a.ended - a.began) * 1000 for a in record)
     if not ms:
@@ -117,9 +181,11 @@ async def deploy(db: DatabaseTarget, server: Server, args: argparse.Namespace, i
     body = dumps(turn_payload(tool_calls=3)).encode()
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     record: list[Append] = []
+    samples: list[Wait] = []
     stop = asyncio.Event()
     async with httpx.AsyncClient(base_url=server.url(""), headers=headers, timeout=30) as client:
         clients = [asyncio.ensure_future(append_forever(client, ids, body, record, stop)) for _ in range(args.clients)]
+        clients.append(asyncio.ensure_future(sample_waits(db, samples, stop)))
         try:
             for phase, command in (
                 ("pre-deploy", ["upgrade", "head"]),
@@ -134,6 +200,9 @@ async def deploy(db: DatabaseTarget, server: Server, args: argparse.Namespace, i
                     raise SystemExit(f"alembic {' '.join(command)} failed:\n{output}")
                 say(f"{phase}: {time.monotonic() - began:.1f} s (the alembic process's start included)")
                 say(f"  appends meanwhile: {describe(record[first:])}")
+                say("  the slowest, with what the service's sessions waited on meanwhile (sampled every 10 ms):")
+                for line in worst_appends(record[first:], samples):
+                    say(f"    {line}")
         finally:
             stop.set()
             await asyncio.gather(*clients)

@@ -54,7 +54,7 @@ from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.util.concurrency import await_, greenlet_spawn, in_greenlet
 
-from backend.migrations import backfills
+from backend.migrations import backfills, wal
 from backend.migrations.backfills import RUNNING_REVISION
 from backend.migrations.moments import when
 
@@ -1327,6 +1327,8 @@ def backfill_by_key(
         return 0
     smallest = min(batch_size, backfills.MIN_BATCH_SIZE)
     largest = max(batch_size, max_batch_size)
+    if wal.uncompressed(_bind()):
+        logger.info("%s: %s", label, wal.ADVICE)
     row_key = {"revision": _bind().info.get(RUNNING_REVISION, ""), "table": table, "label": label}
     _bind().execute(sa.text(backfills.CREATE_TABLE))
     commit()

@@ -34,7 +34,7 @@ from backend.config import Settings, get_settings, postgres_ms, resolve_target
 from backend.db.engine import connect, create_migration_engine
 from backend.db.errors import describe, first_line, is_connection_error, is_pooler_symptom, is_retriable, sqlstate
 from backend.db.url import DatabaseTarget
-from backend.migrations import ledger, ops
+from backend.migrations import ledger, ops, wal
 from backend.migrations.lock import (
     MigrationLockLost,
     MigrationLockTimeout,
@@ -345,12 +345,14 @@ def long_waits(settings: Settings) -> ops.LongWaits:
 
 
 def _set_session_bounds(connection: Connection, settings: Settings) -> None:
-    """Session-level bounds for DDL and the session's time zone (UTC, whatever the server's or the
-    database's default), set once the advisory lock is held; a revision may SET LOCAL its own."""
+    """Session-level bounds for DDL, the session's time zone (UTC, whatever the server's or the
+    database's default) and its WAL's full-page images compressed (backend/migrations/wal.py), set
+    once the advisory lock is held; a revision may SET LOCAL its own."""
     began = not connection.in_transaction()
     for statement in [*timeout_statements(settings), SET_TIMEZONE]:
         connection.execute(text(statement))
     connection.info[ops.LONG_WAITS] = long_waits(settings)
+    wal.compress_full_page_images(connection)
     if (connection.dialect.server_version_info or (0,)) >= (14,):
         # If the runner dies during a long statement, the server notices within a second and
         # rolls the revision back, instead of finishing it for nobody while holding the lock.
