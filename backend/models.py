@@ -105,8 +105,10 @@ class Conversation(Base):
     agent_version: Mapped[str] = mapped_column(String, nullable=False)
     status: Mapped[str] = mapped_column(String, nullable=False, server_default=text("'active'"))
     # Indexed for recent-first listings (a b-tree serves ORDER BY started_at DESC too).
-    started_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, server_default=func.now(), index=True)
-    ended_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
+    )
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     total_turns: Mapped[int] = _counter()
     total_tokens: Mapped[int] = _counter()
     total_cost_usd: Mapped[Decimal] = _money()
@@ -160,7 +162,7 @@ class Turn(Base):
     cache_creation_tokens: Mapped[int] = _counter()
     cache_read_tokens: Mapped[int] = _counter()
     model: Mapped[str] = mapped_column(String, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime, nullable=False, server_default=func.now())
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
     idempotency_key: Mapped[str | None] = _idempotency_key()
     idempotency_fingerprint: Mapped[bytes | None] = _idempotency_fingerprint()
 

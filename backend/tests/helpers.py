@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -41,13 +42,38 @@ from backend.db.engine import connect, create_migration_engine
 from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
-from backend.migrations.revisions import alembic_config, read_revisions
+from backend.migrations.revisions import POST_DEPLOY, alembic_config, read_revisions
 
 RUN_ID = secrets.token_hex(4)
 # The real script directory's head, and the id `alembic revision` gives the next file. (With two
 # heads, test_revision_graph fails and says how to fix it; the other tests take the highest.)
 HEAD = max(read_revisions().heads)
 NEXT = f"{int(HEAD) + 1:03d}"
+
+
+def _served() -> str:
+    """The revision the pre-deploy phase reaches on an empty database (`alembic upgrade head`, a
+    boot): the last one before the first post-deploy revision, HEAD when there is none."""
+    revisions = read_revisions()
+    files = revisions.by_revision
+    line = [HEAD]
+    while revisions.graph.get(line[-1]):
+        line.append(revisions.graph[line[-1]][0])
+    served = HEAD
+    for revision in line:  # from the head down
+        if files[revision].phase == POST_DEPLOY:
+            served = revisions.graph[revision][0]
+    return served
+
+
+SERVED = _served()
+# The revisions that phase applies on an empty database, in order (001 ... SERVED).
+SERVED_REVISIONS = sorted(rev for rev in read_revisions().graph if rev <= SERVED)
+# What `alembic current` prints after `alembic upgrade head` (the pre-deploy phase).
+SERVED_CURRENT = SERVED + (" (head)" if SERVED == HEAD else "")
+POST_DEPLOY_UPGRADE = ("-x", "phase=post-deploy", "upgrade", "head")  # both phases: the schema the models describe
+# Scratch copies (scratch_alembic) run the real revisions in the pre-deploy phase: see there.
+_POST_DEPLOY_LINE = re.compile(r'^phase(\s*:\s*str)?\s*=\s*"post-deploy"[^\n]*\n', re.MULTILINE)
 
 
 def url_of(target: DatabaseTarget) -> str:
@@ -113,6 +139,13 @@ def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None, *,
     ``models``: Python source that adds to the models (``from backend.models import Base``, then
     tables of its own, columns and indexes appended to existing ones); the copy's env.py imports it
     after the models, so autogenerate compares the database with both.
+    The real revisions are copied as pre-deploy ones (their ``phase = "post-deploy"`` line left
+    out): the extra revisions come after the real head, and `alembic upgrade head` would refuse a
+    pre-deploy one behind a post-deploy revision not yet run. The real phases are tested on the
+    real package (test_previous_release.py, test_downgrades.py, test_revision_007.py);
+    test_phases.py gives its own revisions their phases. On a database at head (``head_db``) the
+    copy's 007 reads as edited since it was applied (its checksum lacks the phase): a development
+    run warns and carries on, so a test there that runs the copy as production would be refused.
     """
     package = directory / "alembic"
     shutil.copytree(
@@ -126,6 +159,8 @@ def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None, *,
         assert anchor in source, "env.py no longer imports the models as scratch_alembic expects"
         extra = f"sys.path.insert(0, {str(directory)!r})\nimport scratch_models  # noqa: F401, E402\n"
         env.write_text(source.replace(anchor, f"{anchor}import sys  # noqa: E402\n{extra}", 1))
+    for copied in (package / "versions").glob("*.py"):
+        copied.write_text(_POST_DEPLOY_LINE.sub("", copied.read_text()))
     for filename, source in (revisions or {}).items():
         (package / "versions" / filename).write_text(textwrap.dedent(source))
     ini = (PROJECT_ROOT / "alembic.ini").read_text()
@@ -548,6 +583,11 @@ INDEXES_006_ADDS = {
     ),
 }
 EXPECTED_INDEXES_006 = {**EXPECTED_INDEXES_004, **INDEXES_006_ADDS}
+# 007 swaps them: each index keeps its name on the column of that name (timestamptz now), and the
+# old column's takes the suffix.
+EXPECTED_INDEXES_007 = {
+    name.replace("__new", "__old"): columns.replace("__new", "__old") for name, columns in EXPECTED_INDEXES_006.items()
+}
 
 
 def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:

@@ -11,7 +11,7 @@ from backend.db.leases import Lease
 from backend.db.url import DatabaseTarget
 from backend.main import create_app
 from backend.migrations.runner import MigrationError, SchemaNotAtHead, run_migrations
-from backend.tests.helpers import HEAD, fetch, lender_on
+from backend.tests.helpers import HEAD, SERVED, fetch, lender_on
 
 SettingsFor = Callable[..., Settings]
 
@@ -34,9 +34,10 @@ async def versions(db: DatabaseTarget) -> list[str]:
 
 async def test_boot_on_an_empty_database_migrates_it(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
     health, ready = await get(settings_for(empty_db), "/health", "/ready")
-    assert health == (200, {"status": "ok", "revision": HEAD})
-    assert ready == (200, {"status": "ready", "revision": HEAD, "head": [HEAD]})
-    assert await versions(empty_db) == [HEAD]
+    # The boot runs the pre-deploy phase; the post-deploy revisions wait, and the code serves meanwhile.
+    assert health == (200, {"status": "ok", "revision": SERVED})
+    assert ready == (200, {"status": "ready", "revision": SERVED, "head": [HEAD]})
+    assert await versions(empty_db) == [SERVED]
 
 
 async def test_check_mode_refuses_a_database_behind_head(empty_db: DatabaseTarget, settings_for: SettingsFor) -> None:
@@ -48,6 +49,16 @@ async def test_check_mode_refuses_a_database_behind_head(empty_db: DatabaseTarge
 async def test_check_mode_starts_at_head(head_db: DatabaseTarget, settings_for: SettingsFor) -> None:
     [(status, body)] = await get(settings_for(head_db, migrate_on_startup="check"), "/ready")
     assert (status, body["status"]) == (200, "ready")
+
+
+async def test_check_mode_starts_with_only_post_deploy_revisions_pending(
+    served_db: DatabaseTarget, settings_for: SettingsFor
+) -> None:
+    # The new release from its restart until the post-deploy phase has run (007 pending).
+    assert SERVED != HEAD
+    [(status, body)] = await get(settings_for(served_db, migrate_on_startup="check"), "/ready")
+    assert (status, body) == (200, {"status": "ready", "revision": SERVED, "head": [HEAD]})
+    assert await versions(served_db) == [SERVED]
 
 
 async def test_off_mode_serves_but_is_not_ready_until_migrated(
@@ -105,17 +116,18 @@ async def test_logs_one_line_per_revision_then_the_result_and_nothing_at_head(
         await run_migrations(settings)
     lines = [r.getMessage() for r in caplog.records if r.name == "backend.migrations.runner"]
     *applied, result = lines
-    assert len(applied) == int(HEAD), lines
+    assert len(applied) == int(SERVED), lines
     assert applied[0].startswith("applied revision 001 (Baseline schema")
     assert all(line.startswith("applied revision ") for line in applied)
     assert all(line.endswith(" ms") for line in applied)
-    assert result.startswith(f"schema at revision {HEAD}")
+    assert result.startswith(f"schema at revision {SERVED}")
 
     caplog.clear()
     with caplog.at_level(logging.DEBUG):
         status = await run_migrations(settings)
-    assert status.at_head
-    assert [r for r in caplog.records if r.levelno >= logging.INFO] == []
+    assert status.serves_code
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert told == ([] if SERVED == HEAD else [next(m for m in told if m.startswith("post-deploy revision(s)"))])
 
 
 async def test_running_in_process_keeps_the_service_logging_configuration(
@@ -161,5 +173,5 @@ async def test_migrations_use_their_own_url_when_the_service_goes_through_a_pool
         {"DATABASE_URL": pooled, "MIGRATIONS_DATABASE_URL": direct, "db_connect_timeout": 0}
     )
     status = await run_migrations(settings)
-    assert status.revision == HEAD
-    assert await versions(empty_db) == [HEAD]
+    assert status.revision == SERVED
+    assert await versions(empty_db) == [SERVED]

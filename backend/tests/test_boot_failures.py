@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from backend.db.url import DatabaseTarget
-from backend.tests.helpers import HEAD, SERVICE, child_env, free_port, get_json, out, run_alembic, service
+from backend.tests.helpers import SERVED, SERVICE, child_env, free_port, get_json, out, run_alembic, service
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_serves_on_an_empty_database(empty_db: DatabaseTarget) -> None:
         health = get_json(port, "/health", time.monotonic() + 60)
         ready = get_json(port, "/ready", time.monotonic() + 10)
         output = running.stop()
-    assert health == {"status": "ok", "revision": HEAD}
+    assert health == {"status": "ok", "revision": SERVED}
     assert ready["status"] == "ready"
     assert "applied revision 001" in output
     assert "Running upgrade" not in output  # alembic's own narration stays out of the service log
@@ -86,7 +86,7 @@ def test_boots_once_the_database_comes_up_within_the_window(empty_db: DatabaseTa
             output = running.stop()
     finally:
         proxy.close()
-    assert health == {"status": "ok", "revision": HEAD}
+    assert health == {"status": "ok", "revision": SERVED}
     attempts = [line for line in output.splitlines() if "database not reachable (attempt" in line]
     assert len(attempts) >= 2
     assert all(f"connection refused by postgres@127.0.0.1:{proxy.port}/" in line for line in attempts)

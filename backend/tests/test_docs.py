@@ -123,7 +123,9 @@ EXPECTED = {
     "uv run alembic check": r"No new upgrade operations detected",
     "uv run alembic upgrade head --sql": r'(?s)CREATE TABLE IF NOT EXISTS "kraken_conversations".*COMMIT;',
     "uv run alembic -x allow_data_loss=true downgrade base": r"Running downgrade 001 -> , Baseline schema",
-    "uv run alembic upgrade head && uv run alembic check": r"No new upgrade operations detected",
+    "uv run alembic upgrade head && uv run alembic -x phase=post-deploy upgrade head && uv run alembic check": (
+        r"No new upgrade operations detected"
+    ),
     "uv run kraken-migrations lint": r"(?m)^001: ok$",
 }
 

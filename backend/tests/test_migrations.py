@@ -1,5 +1,6 @@
-"""A real upgrade to head, as the deploy runs it (`alembic upgrade head`), and the schema it leaves:
-tables, columns, indexes and foreign keys. On DATABASE_URL's server when it is set, otherwise on
+"""A real upgrade to head, as the deploy runs it (`alembic upgrade head` before the restart, then
+`alembic -x phase=post-deploy upgrade head`), and the schema it leaves: tables, columns, indexes
+and foreign keys. On DATABASE_URL's server when it is set, otherwise on
 the embedded PostgreSQL.
 
     cd backend && uv run pytest tests/test_migrations.py -v
@@ -24,6 +25,10 @@ from backend.models import Base
 from backend.tests.helpers import (
     EXPECTED_CONSTRAINTS,
     EXPECTED_INDEXES_006,
+    EXPECTED_INDEXES_007,
+    HEAD,
+    POST_DEPLOY_UPGRADE,
+    SERVED,
     assert_indexes,
     constraints,
     out,
@@ -55,10 +60,11 @@ WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped
 
 @pytest.fixture(scope="module")
 def upgraded(database_factory: Callable[[], DatabaseTarget]) -> DatabaseTarget:
-    """A new database brought to head by the alembic CLI."""
+    """A new database brought to head by the alembic CLI, through both phases."""
     db = database_factory()
-    result = run_alembic("upgrade", "head", target=db)
-    assert result.returncode == 0, out(result)
+    for phase in (("upgrade", "head"), POST_DEPLOY_UPGRADE):
+        result = run_alembic(*phase, target=db)
+        assert result.returncode == 0, out(result)
     return db
 
 
@@ -85,10 +91,18 @@ def model_columns(db: DatabaseTarget, table: str) -> dict[str, tuple[str, bool]]
     return {name: (kind, not model.columns[name].nullable) for name, kind in asyncio.run(printed())}
 
 
+def test_the_pre_deploy_phase_stops_before_the_post_deploy_revisions(empty_db: DatabaseTarget) -> None:
+    result = run_alembic("upgrade", "head", target=empty_db)
+    assert result.returncode == 0, out(result)
+    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [SERVED]
+    assert SERVED < HEAD  # 007 is post-deploy
+    assert_indexes(empty_db, EXPECTED_INDEXES_006)  # the copies indexed, not swapped yet
+
+
 def test_the_upgrade_reaches_head(upgraded: DatabaseTarget) -> None:
     current = run_alembic("current", target=upgraded)
     assert current.returncode == 0, out(current)
-    assert "(head)" in current.stdout
+    assert current.stdout.strip() == f"{HEAD} (head)"
 
 
 def test_the_tables_are_there(upgraded: DatabaseTarget) -> None:
@@ -103,7 +117,7 @@ def test_every_column_of_the_design_is_there(upgraded: DatabaseTarget, table: st
 
 @pytest.mark.parametrize("table", TABLES)
 def test_the_columns_are_the_models_with_their_types_and_nullability(upgraded: DatabaseTarget, table: str) -> None:
-    # Besides a type change's copies (006's <column>__new), which the models leave out until it ends.
+    # Besides a type change's copies (007's <column>__old), which the models leave out until it ends.
     found = {name: kind for name, kind in columns(upgraded, table).items() if not ops.helper_owned(name)}
     assert found == model_columns(upgraded, table)
 
@@ -124,11 +138,12 @@ def test_the_constraints_and_foreign_keys_are_there_and_validated(upgraded: Data
 
 
 def test_the_indexes_are_there_and_valid(upgraded: DatabaseTarget) -> None:
-    assert_indexes(upgraded, EXPECTED_INDEXES_006)
+    assert_indexes(upgraded, EXPECTED_INDEXES_007)
 
 
 def test_a_second_upgrade_changes_nothing(upgraded: DatabaseTarget) -> None:
     before = {table: columns(upgraded, table) for table in TABLES}, constraints(upgraded)
-    again = run_alembic("upgrade", "head", target=upgraded)
-    assert again.returncode == 0, out(again)
+    for phase in (("upgrade", "head"), POST_DEPLOY_UPGRADE):
+        again = run_alembic(*phase, target=upgraded)
+        assert again.returncode == 0, out(again)
     assert ({table: columns(upgraded, table) for table in TABLES}, constraints(upgraded)) == before

@@ -24,12 +24,12 @@ import pytest
 
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget, parse_database_url
-from backend.migrations.revisions import read_revisions
 from backend.tests.helpers import (
     API_KEY,
     AUTH,
     CONVERSATION,
-    HEAD,
+    SERVED,
+    SERVED_REVISIONS,
     SERVICE,
     Service,
     child_env,
@@ -118,7 +118,7 @@ async def answers_by_worker(port: int, running: Service, batch: str) -> dict[tup
         statuses[rid] = response.status_code
         body = response.json()
         if rid.split("-")[1] == "health":
-            assert body["revision"] == HEAD  # the status the supervisor handed over
+            assert body["revision"] == SERVED  # the status the supervisor handed over
         elif response.status_code == 503:
             detail = body.get("reason") or body["detail"][0]["type"]
             assert detail in ("database unreachable", "database_unavailable"), body
@@ -196,7 +196,7 @@ async def test_the_schema_is_prepared_once_workers_outlive_an_outage_and_sigterm
     applied = [line for line in output.splitlines() if "applied revision 001" in line]
     assert len(applied) == 1
     assert f" {parent} " in applied[0]
-    assert upgrades == len(read_revisions().graph)
+    assert upgrades == len(SERVED_REVISIONS)  # the boot's phase: pre-deploy
 
 
 # What a client got: a status and body, or the error of a connection cut off.

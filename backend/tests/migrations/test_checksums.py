@@ -81,17 +81,21 @@ def test_literals_of_other_types_are_told_apart() -> None:
 
 
 def test_the_applied_revisions_checksums_never_change() -> None:
-    # 001 to 005 are applied in production: an edit that changes what they do would make a
-    # fresh database differ from production, and every production database's next run refuse to
-    # start. A development database lets an edit of a revision it alone ran pass (the edit loop of
-    # the revision being written), so this test is what stops an edit of a shipped one in CI.
-    # The same figures on Python 3.10 to 3.13 (the tree is serialised without ast.dump).
+    # 001 to 006 are applied in production, and 007 ships (pinned as it landed): an edit that
+    # changes what one does would make a fresh database differ from production, and every
+    # production database's next run refuse to start. A development database lets an edit of a
+    # revision it alone ran pass (the edit loop of the revision being written), so this test is
+    # what stops an edit of a shipped one in CI. The same figures on Python 3.10 to 3.13 (the
+    # tree is serialised without ast.dump).
     files = read_revisions().by_revision
     assert files["001"].checksum == "d4549d188f9c9878496047a43c1a43c1bf7a3bd9f16d9c9ec2dea1a506c3c07b"
     assert files["002"].checksum == "dac368ce0683774bac17954f80eebe88076dd5a50037e05d15f1e864e02b9d46"
     assert files["003"].checksum == "a5d0a74332d751762d3b2371a0a5392568690581a5a88b540657e2842a99720c"
     assert files["004"].checksum == "77d3eecd7dc441fad57a4b1edd23f37b9f63b67eb7aa9f1c15740ba0f550ff04"
     assert files["005"].checksum == "e96221d4f3e6f5fe2573c11edb87d3bfcaa6ec2c14a8e213a438da608be3386f"
+    assert files["006"].checksum == "9cc154dabd4c7eb65a0eaca5c949e2a7f8aedd08809d40f449801e3a124ce94d"
+    assert files["007"].checksum == "31a79837da4330f1a5a260e1e6f692b4cc4926d56bb4f9a0ed70223325be62b9"
+    assert (files["006"].phase, files["007"].phase) == ("pre-deploy", "post-deploy")  # the phase is in the checksum too
     assert files["002"].file == "002_integrity_and_lookups.py"
 
 

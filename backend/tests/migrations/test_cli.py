@@ -11,7 +11,17 @@ from backend.config import PROJECT_ROOT
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations.lock import LOCK_KEY
-from backend.tests.helpers import HEAD, NEXT, free_port, out, run_alembic, scratch_alembic, sql
+from backend.tests.helpers import (
+    HEAD,
+    NEXT,
+    POST_DEPLOY_UPGRADE,
+    SERVED_CURRENT,
+    free_port,
+    out,
+    run_alembic,
+    scratch_alembic,
+    sql,
+)
 
 
 def test_current_and_history(head_db: DatabaseTarget) -> None:
@@ -71,7 +81,13 @@ def test_commands_work_from_backend_as_from_the_root(empty_db: DatabaseTarget) -
     assert upgraded.returncode == 0, out(upgraded)
     assert "Running upgrade  -> 001" in out(upgraded)
     current = run_alembic("current", target=empty_db, cwd=backend)
-    assert current.stdout.strip() == f"{HEAD} (head)"
+    assert current.stdout.strip() == SERVED_CURRENT  # the pre-deploy phase
+    # alembic check compares with a database at head: the post-deploy phase first (as .ci/run does).
+    assert "Target database is not up to date" in out(run_alembic("check", target=empty_db, cwd=backend))
+    post = run_alembic(*POST_DEPLOY_UPGRADE, target=empty_db, cwd=backend)
+    assert post.returncode == 0, out(post)
+    assert run_alembic("current", target=empty_db, cwd=backend).stdout.strip() == f"{HEAD} (head)"
+    assert run_alembic("check", target=empty_db, cwd=backend).returncode == 0
     offline = [run_alembic("upgrade", "base:001", "--sql", target=None, cwd=cwd) for cwd in (PROJECT_ROOT, backend)]
     assert offline[0].returncode == offline[1].returncode == 0
     assert offline[0].stdout == offline[1].stdout

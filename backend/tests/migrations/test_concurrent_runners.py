@@ -16,12 +16,13 @@ from backend.db.engine import connect, create_migration_engine
 from backend.db.url import DatabaseTarget
 from backend.migrations import ledger
 from backend.migrations.lock import LOCK_KEY, holder
-from backend.migrations.revisions import read_revisions
 from backend.tests.helpers import (
     BARRIER,
     HEAD,
     NEXT,
     RUN_MIGRATIONS,
+    SERVED,
+    SERVED_REVISIONS,
     child_env,
     fetch,
     out,
@@ -41,8 +42,9 @@ main(argv=["upgrade", "head"])
 )
 
 
-def schema_at_head(db: DatabaseTarget) -> None:
-    assert [r[0] for r in sql(db, "SELECT version_num FROM alembic_version")] == [HEAD]
+def schema_served(db: DatabaseTarget) -> None:
+    """Where the pre-deploy phase (boot, `alembic upgrade head`) leaves an empty database."""
+    assert [r[0] for r in sql(db, "SELECT version_num FROM alembic_version")] == [SERVED]
     tables = sql(db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'kraken\\_%'")[0][0]
     assert tables == 3
 
@@ -53,12 +55,12 @@ def test_sixteen_replicas_booting_at_once_all_succeed(empty_db: DatabaseTarget, 
     results = race(RUN_MIGRATIONS, 16, empty_db, tmp_path / "race")
     failures = [r.stderr for r in results if r.returncode != 0]
     assert failures == []
-    assert [r.stdout.strip() for r in results] == [HEAD] * 16
-    schema_at_head(empty_db)
+    assert [r.stdout.strip() for r in results] == [SERVED] * 16
+    schema_served(empty_db)
     # One ledger row per step, all of one run (test_ledger.py races runners on a database to adopt).
     steps = sql(empty_db, "SELECT run_id, revision, direction, success FROM alembic_ledger ORDER BY id")
     assert [(r["revision"], r["direction"], r["success"]) for r in steps] == [
-        (rev, "upgrade", True) for rev in sorted(read_revisions().graph)
+        (rev, "upgrade", True) for rev in SERVED_REVISIONS
     ]
     assert len({r["run_id"] for r in steps}) == 1
 
@@ -68,9 +70,9 @@ def test_eight_concurrent_alembic_upgrades_all_succeed(empty_db: DatabaseTarget,
     assert [r.returncode for r in results] == [0] * 8, [out(r) for r in results if r.returncode]
     # Exactly one of them applied the baseline; the others found nothing to do.
     assert sum("applied revision 001" in r.stderr for r in results) == 1
-    schema_at_head(empty_db)
+    schema_served(empty_db)
     steps = sql(empty_db, "SELECT revision, direction, success FROM alembic_ledger ORDER BY id")
-    assert [tuple(r) for r in steps] == [(rev, "upgrade", True) for rev in sorted(read_revisions().graph)]
+    assert [tuple(r) for r in steps] == [(rev, "upgrade", True) for rev in SERVED_REVISIONS]
 
 
 SLOW_REVISION = f'''

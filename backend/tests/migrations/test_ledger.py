@@ -19,7 +19,10 @@ from backend.migrations.runner import MigrationError, check_schema, run_migratio
 from backend.tests.helpers import (
     HEAD,
     NEXT,
+    POST_DEPLOY_UPGRADE,
     RUN_MIGRATIONS,
+    SERVED,
+    SERVED_REVISIONS,
     execute_script,
     out,
     race,
@@ -108,6 +111,8 @@ FOLLOWING = f'''
 
 def test_every_step_is_recorded_with_who_ran_it(empty_db: DatabaseTarget) -> None:
     migrate(empty_db, "upgrade", "head")
+    assert rows(empty_db) == upgraded(revisions=SERVED_REVISIONS)  # the pre-deploy phase
+    migrate(empty_db, *POST_DEPLOY_UPGRADE)
 
     assert rows(empty_db) == upgraded()
     details = sql(
@@ -116,7 +121,7 @@ def test_every_step_is_recorded_with_who_ran_it(empty_db: DatabaseTarget) -> Non
         " client_host, service_version, current_user AS me, coalesce(host(inet_client_addr()), 'local socket') AS here"
         " FROM alembic_ledger",
     )
-    assert len({r["run_id"] for r in details}) == 1  # one run
+    assert len({r["run_id"] for r in details}) == 2  # one run per phase
     for row in details:
         assert row["ordered"]
         assert row["duration_ms"] >= 0
@@ -371,8 +376,8 @@ def test_the_offline_sql_holds_the_ledger(empty_db: DatabaseTarget, settings_for
     create, run, *inserts = [n for n, line in enumerate(lines) if "alembic_ledger" in line]
     assert lines[create] == ledger.CREATE_TABLE + ";"
     assert lines[run].startswith("SELECT set_config('alembic_ledger.run_id', gen_random_uuid()::text, false)")
-    assert len(inserts) == len(REVISIONS)
-    for n, rev in zip(inserts, REVISIONS, strict=True):
+    assert len(inserts) == len(SERVED_REVISIONS)
+    for n, rev in zip(inserts, SERVED_REVISIONS, strict=True):  # the pre-deploy phase's
         # One line, in the step's transaction: after the version table's statement, before COMMIT.
         assert "alembic_version" in lines[n - 2]
         assert (lines[n - 1], lines[n + 1]) == ("", "COMMIT;")
@@ -381,13 +386,13 @@ def test_the_offline_sql_holds_the_ledger(empty_db: DatabaseTarget, settings_for
 
     # SQL applied by hand is recorded, as one run.
     asyncio.run(execute_script(empty_db, result.stdout))
-    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == HEAD
-    assert rows(empty_db) == upgraded()
+    assert sql(empty_db, "SELECT version_num FROM alembic_version")[0][0] == SERVED
+    assert rows(empty_db) == upgraded(revisions=SERVED_REVISIONS)
     assert len({r[0] for r in sql(empty_db, "SELECT run_id FROM alembic_ledger")}) == 1
     validated = run_kraken_migrations("validate", target=empty_db)
     assert validated.returncode == 0, out(validated)
-    assert asyncio.run(run_migrations(settings_for(empty_db))).at_head
-    assert rows(empty_db) == upgraded()
+    assert asyncio.run(run_migrations(settings_for(empty_db))).serves_code  # nothing for the boot to do
+    assert rows(empty_db) == upgraded(revisions=SERVED_REVISIONS)
 
 
 # --- the rules, without a database ---------------------------------------------------------

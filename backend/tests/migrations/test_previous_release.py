@@ -1,19 +1,24 @@
 """Every deploy phase keeps the serving code working, proven with each release's own API tests.
 
 While ``alembic upgrade head`` (the pre-deploy phase) runs, the previous release serves; from the
-restart on, the new one does, also through the post-deploy phase. So:
+restart on, the new one does, also through the post-deploy phase. So for every revision after 004:
 
-- the previous release's code, unchanged (the tree of the commit before the newest revision file
-  was added, from ``git archive``), runs its own API tests against a database this code migrated
-  to the pre-deploy phase;
-- this release's API tests run against a database migrated through the post-deploy phase (the
-  rest of the suite runs on the pre-deploy schema, which the boot builds).
+- the release before it (the tree of the commit before its file was added, from ``git archive``,
+  unchanged) runs its own API tests on the schema the pre-deploy phase leaves: with the revision
+  when it is pre-deploy, without it when it is post-deploy (it runs once the new release serves);
+- for a post-deploy revision, the release that added it (the tree of that commit) runs its own
+  API tests on the schema before it (the restart until the post-deploy phase) and after it;
 
-Both runs use this checkout's virtualenv (nothing is installed), in a child pytest whose
-databases are copies of the migrated one: a plugin (``-p``) makes the child's
-``backend.db.admin.create_database`` create each from it as a template. The child's fixtures then
-run that release's ``run_migrations()`` on the copy, which finds the schema at or ahead of its
-head, as a replica of that release would during a deploy.
+and this checkout's API tests run on the schema after the pre-deploy phase (``SERVED``); the rest of
+the suite runs at head, after both (conftest's ``head_template``).
+
+Each run uses this checkout's virtualenv (nothing is installed) and its migrations (revisions are
+never edited once applied, so every release's files are a prefix of these), in a child pytest
+whose databases are all copies of the migrated one: a plugin (``-p``) makes the child's
+``backend.db.admin.create_database`` and ``copy_database`` create each from it as a template. The
+child's fixtures then run that release's ``run_migrations()`` on the copy, which finds the schema
+at, behind only by post-deploy revisions, or ahead of its head, as a replica of that release would
+during a deploy.
 
 The previous release running after the post-deploy phase is no requirement: that phase exists
 for the steps it cannot read.
@@ -30,7 +35,8 @@ import pytest
 
 from backend.config import PROJECT_ROOT
 from backend.db.url import DatabaseTarget
-from backend.tests.helpers import out, run_alembic, url_of
+from backend.migrations.revisions import POST_DEPLOY, read_revisions
+from backend.tests.helpers import SERVED, out, run_alembic, url_of
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +45,9 @@ pytestmark = pytest.mark.slow
 API_TESTS = "backend/tests/api/test_conversations.py"
 
 PLUGIN = '''
-    """Every database a test run creates is a copy of KRAKEN_TEST_SCHEMA_TEMPLATE (each noted in
-    KRAKEN_TEST_SCHEMA_NOTES)."""
+    """Every database a test run creates or copies is a copy of KRAKEN_TEST_SCHEMA_TEMPLATE (each
+    noted in KRAKEN_TEST_SCHEMA_NOTES): a release whose fixtures run the post-deploy phase on a
+    template of theirs still tests the schema it was given."""
     import os
 
     import backend.db.admin as admin
@@ -61,7 +68,12 @@ PLUGIN = '''
         return server.with_database(name)
 
 
+    async def copy_database(server, template, name):
+        return await create_database(server, name)
+
+
     admin.create_database = create_database
+    admin.copy_database = copy_database
 '''
 
 
@@ -71,11 +83,12 @@ def git(*args: str) -> str:
     return result.stdout.strip()
 
 
-def previous_release() -> str:
-    """The commit before the newest revision file was added: the code that serves while it is applied."""
-    added = git("log", "--diff-filter=A", "--format=%H", "-1", "--", "backend/alembic/versions/")
-    assert added, "no commit adds a revision file: this test needs the repository's history (not a shallow clone)"
-    return git("rev-parse", f"{added}^")
+def added(revision: str) -> str:
+    """The commit that added ``revision``'s file: the release that ships it."""
+    path = f"backend/alembic/versions/{FILES[revision].file}"
+    commit = git("log", "--diff-filter=A", "--format=%H", "-1", "--", path)
+    assert commit, f"no commit adds {path}: this test needs the repository's history (not a shallow clone)"
+    return commit
 
 
 def check_out(commit: str, directory: Path) -> Path:
@@ -114,21 +127,52 @@ def run_api_tests(root: Path, server: DatabaseTarget, template: DatabaseTarget, 
     assert notes.read_text().split(), "the child's databases were not made from the template"
 
 
-def test_the_previous_release_passes_its_api_tests_after_the_pre_deploy_phase(
-    empty_db: DatabaseTarget, server: DatabaseTarget, tmp_path: Path
+FILES = read_revisions().by_revision
+AFTER_004 = sorted(r for r in FILES if r > "004")
+
+
+def cases() -> list[tuple[str, str, str]]:
+    """(revision, release, schema): the release that serves, relative to the revision ("previous":
+    the one before its file; "new": the one that added it), and the revision the schema is at."""
+    found = []
+    for revision in AFTER_004:
+        if FILES[revision].phase == POST_DEPLOY:
+            before = FILES[revision].down_revisions[0]
+            found += [(revision, "previous", before), (revision, "new", before), (revision, "new", revision)]
+        else:
+            found.append((revision, "previous", revision))
+    return found
+
+
+def migrate_to(db: DatabaseTarget, revision: str) -> None:
+    """``db`` (empty) at ``revision`` with this checkout's migrations, in the phase it belongs to."""
+    phase = ["-x", f"phase={POST_DEPLOY}"] if FILES[revision].phase == POST_DEPLOY else []
+    result = run_alembic(*phase, "upgrade", revision, target=db)
+    assert result.returncode == 0, out(result)
+
+
+def test_every_revision_after_004_is_covered() -> None:
+    assert {"005", "006", "007"} <= set(AFTER_004)
+    assert ("007", "previous", "006") in cases()  # 007 is post-deploy: the previous release never meets it
+    assert {("007", "new", "006"), ("007", "new", "007")} <= set(cases())
+
+
+@pytest.mark.parametrize(("revision", "release", "schema"), cases(), ids=lambda v: str(v))
+def test_the_release_serving_passes_its_api_tests_on_the_schema_it_meets(
+    revision: str, release: str, schema: str, empty_db: DatabaseTarget, server: DatabaseTarget, tmp_path: Path
 ) -> None:
-    commit = previous_release()
-    root = check_out(commit, tmp_path)
+    commit = added(revision)
+    root = check_out(git("rev-parse", f"{commit}^") if release == "previous" else commit, tmp_path)
     assert (root / API_TESTS).is_file()
-    upgraded = run_alembic("upgrade", "head", target=empty_db)
-    assert upgraded.returncode == 0, out(upgraded)
+    migrate_to(empty_db, schema)
     run_api_tests(root, server, empty_db, tmp_path)
 
 
-def test_this_release_passes_its_api_tests_after_the_post_deploy_phase(
+def test_this_release_passes_its_api_tests_after_the_pre_deploy_phase(
     empty_db: DatabaseTarget, server: DatabaseTarget, tmp_path: Path
 ) -> None:
-    for phase in ("pre-deploy", "post-deploy"):
-        result = run_alembic("-x", f"phase={phase}", "upgrade", "head", target=empty_db)
-        assert result.returncode == 0, out(result)
+    upgraded = run_alembic("upgrade", "head", target=empty_db)  # the deploy's step before the restart
+    assert upgraded.returncode == 0, out(upgraded)
+    versions = run_alembic("current", target=empty_db)
+    assert versions.stdout.split()[0] == SERVED, out(versions)
     run_api_tests(PROJECT_ROOT, server, empty_db, tmp_path)
