@@ -107,11 +107,14 @@ async def append_forever(
 
 
 # What the service's sessions wait on, sampled while the phases run: the wait event, and for a
-# lock the statements of the sessions holding it up.
+# lock the statements of the sessions holding it up (pg_blocking_pids takes the lock manager's
+# locks itself: only asked for lock waits, not while sessions wait on the WAL).
 WAITING = """
 SELECT a.wait_event_type || ':' || a.wait_event,
-       (SELECT string_agg(DISTINCT left(regexp_replace(b.query, '\\s+', ' ', 'g'), 90), ' | ')
-        FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(a.pid)))
+       CASE WHEN a.wait_event_type = 'Lock' THEN
+         (SELECT string_agg(DISTINCT left(regexp_replace(b.query, '\\s+', ' ', 'g'), 90), ' | ')
+          FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(a.pid)))
+       END
 FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.application_name = $1 AND a.state = 'active'
   AND a.wait_event_type IS NOT NULL AND a.wait_event_type <> 'Client'

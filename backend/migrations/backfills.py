@@ -101,7 +101,10 @@ def next_batch_size(size: int, seconds: float, target: float, smallest: int, lar
     Proportional, within SHRINK_AT_MOST and GROW_AT_MOST: one batch slowed by a checkpoint or a
     busy neighbour does not swing the next by more, and one sped up by a warm cache grows it a little."""
     factor = GROW_AT_MOST if seconds <= 0 else min(GROW_AT_MOST, max(SHRINK_AT_MOST, target / seconds))
-    return max(smallest, min(largest, round(size * factor)))
+    grown = round(size * factor)
+    if factor > 1:
+        grown = max(grown, size + 1)  # a batch of 1 or 2 rows grows too (round(2 * 1.25) is 2)
+    return max(smallest, min(largest, grown))
 
 
 def estimated_seconds(remaining: int, rate: float) -> float | None:

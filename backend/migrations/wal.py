@@ -16,6 +16,7 @@ offline SQL is the operator's to run as they choose.
 from __future__ import annotations
 
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 # connection.info key: the compression the session's full-page images get ("lz4", "pglz", ...),
 # or None when they get none and the session could not change that. Absent: not looked at.
@@ -31,18 +32,26 @@ _OFF = ("off", "false", "0")
 def compress_full_page_images(connection: Connection) -> str | None:
     """Compress the session's full-page images (lz4 where the server has it, else pglz) unless the
     server already does; returns the compression in effect, None when there is none (and records
-    it in ``connection.info``)."""
-    setting, choices = connection.execute(text(_SETTING)).one()
-    if setting not in _OFF:
-        connection.info[COMPRESSION] = setting
-        return str(setting)
-    version = connection.dialect.server_version_info or (0,)
-    if not connection.execute(text(_MAY_SET_15 if version >= (15,) else _MAY_SET)).scalar():
-        connection.info[COMPRESSION] = None
+    it in ``connection.info``). Best effort: a server that answers otherwise than PostgreSQL does
+    (a fork without the setting, a SET refused) leaves the session as it was, and the run goes on."""
+    connection.info[COMPRESSION] = None
+    try:
+        with connection.begin_nested():  # a savepoint: a refusal must not abort the caller's transaction
+            found = connection.execute(text(_SETTING)).first()
+            if found is None:
+                return None
+            setting, choices = found
+            if setting not in _OFF:
+                connection.info[COMPRESSION] = str(setting)
+                return str(setting)
+            version = connection.dialect.server_version_info or (0,)
+            if not connection.execute(text(_MAY_SET_15 if version >= (15,) else _MAY_SET)).scalar():
+                return None
+            # Before PostgreSQL 15 the parameter is a boolean: "on" is pglz.
+            value = "lz4" if choices and "lz4" in choices else "on"
+            connection.execute(text(f"SET wal_compression = {value}"))
+    except DBAPIError:
         return None
-    # Before PostgreSQL 15 the parameter is a boolean: "on" is pglz.
-    value = "lz4" if choices and "lz4" in choices else "on"
-    connection.execute(text(f"SET wal_compression = {value}"))
     connection.info[COMPRESSION] = "pglz" if value == "on" else value
     return str(connection.info[COMPRESSION])
 

@@ -4,8 +4,10 @@ Revision ID: 007
 Revises: 006
 Create Date: 2026-12-03
 
-Once the new release serves (it reads both types; the previous one would get aware times it cannot
-compare with its naive ones), for each column of 006, in one short transaction per column under
+Once the new release serves (post-deploy: releases older than the one before it compare stored
+times as naive ones and fail on aware ones, so a rollback to one of them must not meet the swapped
+columns; the release before it, from 006 on, reads both types), for each column of 006, in one
+short transaction per column under
 lock_timeout (ACCESS EXCLUSIVE for catalog changes only; the runner retries the revision when the
 lock does not come in time): the column becomes `<column>__old`, its timestamptz copy takes the
 name, the default (now()) and the index names, and the trigger now keeps `<column>__old` equal to

@@ -63,6 +63,8 @@ def test_the_next_batch_size_moves_toward_the_target_halving_at_most_and_growing
     assert backfills.next_batch_size(1000, 0.0, 0.15, 10, 50_000) == 1250
     assert backfills.next_batch_size(45_000, 0.01, 0.15, 10, 50_000) == 50_000  # within the bounds
     assert backfills.next_batch_size(12, 5.0, 0.15, 10, 50_000) == 10
+    assert backfills.next_batch_size(1, 0.01, 0.15, 1, 50_000) == 2  # the smallest batches grow as well
+    assert backfills.next_batch_size(2, 0.01, 0.15, 1, 50_000) == 3
 
 
 def test_slow_batches_shrink_toward_the_target_time(numbers: DatabaseTarget, caplog: pytest.LogCaptureFixture) -> None:
@@ -85,12 +87,12 @@ def test_quick_batches_grow_up_to_the_largest_size(numbers: DatabaseTarget, capl
     run_ops(
         numbers,
         lambda: ops.backfill_by_key(
-            "numbers", "id", DOUBLE, 10, key_type="bigint", target_seconds=30, max_batch_size=80
+            "numbers", "id", DOUBLE, 10, key_type="bigint", target_seconds=30, max_batch_size=40
         ),
     )
-    # 10 rows never take 30 s: each batch grows by a quarter (GROW_AT_MOST), up to 80; the last
+    # 10 rows never take 30 s: each batch grows by a quarter (GROW_AT_MOST), up to 40; the last
     # walks what is left of the 400.
-    assert batch_sizes(caplog) == [10, 12, 15, 19, 24, 30, 38, 48, 60, 75, 69]
+    assert batch_sizes(caplog) == [10, 12, 15, 19, 24, 30, 38, 40, 40, 40, 40, 40, 40, 12]
 
 
 def test_a_vacuum_is_due_once_the_table_has_grown_by_a_share_of_its_first_size_or_every_n_rows() -> None:
