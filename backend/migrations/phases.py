@@ -1,9 +1,10 @@
 """A deploy's phases: which of a run's steps it applies, and what every migration session sets first.
 
 ``alembic upgrade`` (the deploy's step before the restart) and ``run_migrations()`` at boot run
-the pre-deploy phase: they stop before the first post-deploy revision, which runs only once the
-new release serves, through ``alembic -x phase=post-deploy upgrade head`` (``POST_DEPLOY_COMMAND``).
-A replica migrating at boot therefore never runs a post-deploy step, whatever the topology.
+the pre-deploy phase: pending revisions up to and including the last pre-deploy one (post-deploy
+revisions of an earlier release before it run too). The trailing post-deploy revisions run only
+once the new release serves, through ``alembic -x phase=post-deploy upgrade head``
+(``POST_DEPLOY_COMMAND``): a replica migrating at boot never runs this release's post-deploy steps.
 
 Downgrades and stamps are not phased: they go where they are told.
 """
@@ -17,7 +18,7 @@ from typing import Any
 from alembic.runtime.migration import MigrationContext, MigrationInfo
 from alembic.util import CommandError
 
-from backend.migrations.revisions import PHASES, POST_DEPLOY, PRE_DEPLOY, RevisionFile
+from backend.migrations.revisions import PHASES, POST_DEPLOY, PRE_DEPLOY, RevisionFile, pre_deploy_run
 
 logger = logging.getLogger(__name__)
 
@@ -51,31 +52,31 @@ def _revision_of(info: MigrationInfo) -> str | None:
 def select(steps: Sequence[Any], phase: str, files: Mapping[str, RevisionFile]) -> list[Any]:
     """The steps of ``steps`` (Alembic's plan, in order) that ``phase`` applies.
 
-    Pre-deploy: those before the first post-deploy revision. A pre-deploy revision planned after
-    a post-deploy one cannot run before it, and the release that needs it cannot serve without it:
-    refused in one line before anything runs.
+    Pre-deploy: up to and including the last pre-deploy revision (``pre_deploy_run`` gives the
+    rule and why); the post-deploy revisions before it run too, each said in one line, and the
+    trailing ones wait for the post-deploy phase.
     """
     if phase == POST_DEPLOY:
         return list(steps)
-    first = next(
-        (i for i, step in enumerate(steps) if (rev := _revision_of(step.info)) and _phase(files, rev) == POST_DEPLOY),
-        None,
-    )
-    if first is None:
-        return list(steps)
-    held = [rev for step in steps[first:] if (rev := _revision_of(step.info))]
-    needed = [rev for rev in held if _phase(files, rev) == PRE_DEPLOY]
-    if needed:
-        raise CommandError(
-            f"pre-deploy revision {needed[0]} follows post-deploy revision {held[0]}, which has not run yet: "
-            f"run '{POST_DEPLOY_COMMAND}' with the release that serves now, then deploy this one"
+    revisions = [_revision_of(step.info) for step in steps]
+    # A step that applies no revision (not in an upgrade's plan) is kept where it is.
+    cut = pre_deploy_run([_phase(files, rev) if rev else PRE_DEPLOY for rev in revisions])
+    run = [rev for rev in revisions[:cut] if rev]
+    earlier = [rev for rev in run if _phase(files, rev) == POST_DEPLOY]
+    if earlier:
+        last = next(rev for rev in reversed(run) if _phase(files, rev) == PRE_DEPLOY)
+        for rev in earlier:
+            logger.info(
+                "running post-deploy revision %s of an earlier release before pre-deploy revision %s", rev, last
+            )
+    held = [rev for rev in revisions[cut:] if rev]
+    if held:
+        logger.info(
+            "stopping before post-deploy revision(s) %s: run '%s' once this release serves",
+            ", ".join(held),
+            POST_DEPLOY_COMMAND,
         )
-    logger.info(
-        "stopping before post-deploy revision(s) %s: run '%s' once this release serves",
-        ", ".join(held),
-        POST_DEPLOY_COMMAND,
-    )
-    return list(steps[:first])
+    return list(steps[:cut])
 
 
 def _phase(files: Mapping[str, RevisionFile], revision: str) -> str:

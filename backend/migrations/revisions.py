@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
@@ -30,6 +30,16 @@ ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 PRE_DEPLOY = "pre-deploy"
 POST_DEPLOY = "post-deploy"
 PHASES = (PRE_DEPLOY, POST_DEPLOY)
+
+
+def pre_deploy_run(phases: Sequence[str]) -> int:
+    """How many of the pending revisions (their phases, in order) the pre-deploy phase runs: up to
+    and including the last pre-deploy one. The post-deploy revisions before it belong to an earlier
+    release, which serves now or is older than the one serving (releases are deployed in order,
+    none skipped), so they run too, in order; only the trailing post-deploy revisions wait for the
+    post-deploy phase. (Refusing a pre-deploy revision after a pending post-deploy one instead made
+    every fresh database refuse once any pre-deploy revision followed a post-deploy one.)"""
+    return max((i + 1 for i, phase in enumerate(phases) if phase == PRE_DEPLOY), default=0)
 
 
 @dataclass(frozen=True)
@@ -122,13 +132,18 @@ class SchemaStatus:
 
     @property
     def post_deploy_pending(self) -> tuple[str, ...]:
-        """Pending revisions that wait for the post-deploy phase (this code serves without them)."""
+        """Pending revisions that wait for the post-deploy phase (this code serves without them): the
+        trailing post-deploy ones, after the last pending pre-deploy revision (``pre_deploy_run``).
+        Pending revisions in id order, which is the graph's (``next_revision_id`` numbers them)."""
         files = self.revisions.by_revision
-        return tuple(rev for rev in self.pending if rev in files and files[rev].phase == POST_DEPLOY)
+        pending = self.pending
+        cut = pre_deploy_run([files[rev].phase if rev in files else PRE_DEPLOY for rev in pending])
+        return pending[cut:]
 
     @property
     def behind(self) -> bool:
-        """A revision this code needs before it serves (a pre-deploy one) is not applied."""
+        """A revision this code needs before it serves is not applied: a pre-deploy one, or a
+        post-deploy one before it (the pre-deploy phase runs both)."""
         return len(self.post_deploy_pending) < len(self.pending)
 
     @property

@@ -1,9 +1,11 @@
 """Deploy phases and the migration session's time zone.
 
-A test script directory (the real one, copied, plus revisions 901-903) holds a pre-deploy and a
+A test script directory (the real one, copied, plus revisions 901-904) holds a pre-deploy and a
 post-deploy revision: ``alembic upgrade head`` and the boot apply only the first, the schema
 serves the code meanwhile (check mode, /ready's rule), ``-x phase=post-deploy`` applies the second
-and records it. Migrations see UTC whatever the database's default zone.
+and records it. With a pre-deploy revision after the post-deploy one (903), the pre-deploy phase
+runs all three, from head as on an empty database; only trailing post-deploy revisions (904)
+wait. Migrations see UTC whatever the database's default zone.
 """
 
 import asyncio
@@ -58,7 +60,7 @@ POST = '''
 '''
 
 PRE_AFTER_POST = '''
-    """pre-deploy, after a post-deploy revision: the deploy cannot apply it before the restart"""
+    """pre-deploy, after a post-deploy revision (of an earlier release): the pre-deploy phase runs both"""
     from alembic import op
 
     revision = "903"
@@ -139,27 +141,106 @@ def test_a_boot_never_runs_a_post_deploy_revision(
     assert tables(head_db) == {"kraken_phase_pre"}
 
 
-def test_a_pre_deploy_revision_after_a_pending_post_deploy_one_is_refused(
+def ledger_of(db: DatabaseTarget) -> list[tuple[str, str, bool]]:
+    rows = sql(db, "SELECT revision, direction, success FROM alembic_ledger WHERE revision LIKE '90_' ORDER BY id")
+    return [tuple(r) for r in rows]
+
+
+def listed_phase(db: DatabaseTarget, ini: Path, revision: str) -> str:
+    """The phase ``kraken-migrations ledger`` shows for ``revision``'s step."""
+    listing = run_kraken_migrations("ledger", target=db, config=ini)
+    assert listing.returncode == 0, out(listing)
+    line = next(line for line in listing.stdout.splitlines() if line.split()[3:4] == [revision])
+    return next(word for word in line.split() if word in ("pre-deploy", "post-deploy"))
+
+
+EARLIER = "running post-deploy revision 902 of an earlier release before pre-deploy revision 903"
+
+
+def test_the_pre_deploy_phase_runs_an_earlier_release_s_post_deploy_revision_before_a_pre_deploy_one(
+    head_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
+) -> None:
+    # 902 (post-deploy) is an earlier release's; 903 (pre-deploy) follows it: the pre-deploy phase
+    # runs 901, 902 and 903 in order, and says so for 902.
+    ini = phased(tmp_path, late=True)
+    result = run_alembic("upgrade", "head", target=head_db, config=ini)
+    assert result.returncode == 0, out(result)
+    assert EARLIER in out(result)
+    assert "stopping before" not in out(result)
+    assert version(head_db) == ["903"]
+    assert tables(head_db) == {"kraken_phase_pre", "kraken_phase_post", "kraken_phase_late"}
+    assert ledger_of(head_db) == [("901", "upgrade", True), ("902", "upgrade", True), ("903", "upgrade", True)]
+    assert [listed_phase(head_db, ini, rev) for rev in ("901", "902", "903")] == [
+        "pre-deploy",
+        "post-deploy",
+        "pre-deploy",
+    ]
+    status = asyncio.run(check_schema(settings_for(head_db), script_location=tmp_path / "alembic"))
+    assert (status.at_head, status.post_deploy_pending) == (True, ())
+
+
+def test_a_fresh_database_boots_through_a_pre_deploy_revision_after_a_post_deploy_one(
+    empty_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The case the old refusal broke: a new database (quick start, CI, the suite's templates).
+    phased(tmp_path, late=True)
+    caplog.set_level("INFO", logger="backend.migrations.phases")
+    status = asyncio.run(run_migrations(settings_for(empty_db), script_location=tmp_path / "alembic"))
+    assert (status.revision, status.at_head, status.serves_code) == ("903", True, True)
+    assert EARLIER in caplog.text
+    assert tables(empty_db) == {"kraken_phase_pre", "kraken_phase_post", "kraken_phase_late"}
+    assert sql(empty_db, "SELECT count(*) FROM alembic_ledger WHERE revision = '001'")[0][0] == 1
+    assert ledger_of(empty_db) == [("901", "upgrade", True), ("902", "upgrade", True), ("903", "upgrade", True)]
+
+
+def test_only_the_trailing_post_deploy_revisions_wait(
+    head_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
+) -> None:
+    ini = scratch_alembic(
+        tmp_path,
+        {
+            "901_pre.py": PRE,
+            "902_post.py": POST,
+            "903_late.py": PRE_AFTER_POST,
+            "904_post.py": POST.replace('"902"', '"904"')
+            .replace('"901"', '"903"')
+            .replace("kraken_phase_post", "kraken_phase_last"),
+        },
+    )
+    revisions = read_revisions(tmp_path / "alembic")
+    # At 901, 902 runs before 903 (the boot's phase does not stop at it): behind, nothing waits
+    # but 904; check mode refuses.
+    at_901 = SchemaStatus(("901",), revisions)
+    assert (at_901.behind, at_901.serves_code, at_901.post_deploy_pending) == (True, False, ("904",))
+    result = run_alembic("upgrade", "head", target=head_db, config=ini)
+    assert result.returncode == 0, out(result)
+    assert EARLIER in out(result)
+    assert f"stopping before post-deploy revision(s) 904: run '{POST_DEPLOY_COMMAND}'" in out(result)
+    assert version(head_db) == ["903"]
+    assert tables(head_db) == {"kraken_phase_pre", "kraken_phase_post", "kraken_phase_late"}
+    settings = settings_for(head_db)
+    status = asyncio.run(check_schema(settings, script_location=tmp_path / "alembic"))
+    assert (status.at_head, status.serves_code, status.post_deploy_pending) == (False, True, ("904",))
+    # The offline SQL selects the same: 902 and 903 before the restart, 904 after.
+    pre = run_alembic("upgrade", f"{HEAD}:head", "--sql", target=None, config=ini)
+    assert pre.returncode == 0, out(pre)
+    assert pre.stdout.index("kraken_phase_post") < pre.stdout.index("kraken_phase_late")
+    assert "kraken_phase_last" not in pre.stdout
+    post = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=head_db, config=ini)
+    assert post.returncode == 0, out(post)
+    assert version(head_db) == ["904"]
+    assert listed_phase(head_db, ini, "904") == "post-deploy"
+
+
+def test_check_mode_refuses_a_post_deploy_revision_pending_before_a_pre_deploy_one(
     empty_db: DatabaseTarget, tmp_path: Path, settings_for: SettingsFor
 ) -> None:
     ini = phased(tmp_path, late=True)
-    result = run_alembic("upgrade", "head", target=empty_db, config=ini)
-    assert result.returncode != 0  # alembic exits 255 on a FAILED line
-    assert (
-        "FAILED: pre-deploy revision 903 follows post-deploy revision 902, which has not run yet: "
-        f"run '{POST_DEPLOY_COMMAND}' with the release that serves now, then deploy this one"
-    ) in result.stdout, out(result)
-    assert "Traceback" not in out(result)
-    # Refused before anything ran: not even 001.
-    assert sql(empty_db, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'kraken_%'")[0][0] == 0
-
-    # At 902 the release that needs 903 cannot serve: the schema is behind, check mode refuses.
-    assert run_alembic("-x", "phase=post-deploy", "upgrade", "902", target=empty_db, config=ini).returncode == 0
-    status = SchemaStatus(("902",), read_revisions(tmp_path / "alembic"))
-    assert status.behind
-    assert not status.serves_code
+    assert run_alembic("upgrade", "901", target=empty_db, config=ini).returncode == 0
+    # 902 is pending but not trailing: this release needs it run (with 903) before it serves.
     with pytest.raises(SchemaNotAtHead):
         asyncio.run(check_schema(settings_for(empty_db), script_location=tmp_path / "alembic"))
+    assert version(empty_db) == ["901"]
 
 
 def test_a_bad_phase_is_one_line(empty_db: DatabaseTarget, tmp_path: Path) -> None:
