@@ -42,7 +42,7 @@ from backend.db.engine import connect, create_migration_engine
 from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
-from backend.migrations.revisions import POST_DEPLOY, alembic_config, read_revisions
+from backend.migrations.revisions import SchemaStatus, alembic_config, read_revisions
 
 RUN_ID = secrets.token_hex(4)
 # The real script directory's head, and the id `alembic revision` gives the next file. (With two
@@ -53,17 +53,10 @@ NEXT = f"{int(HEAD) + 1:03d}"
 
 def _served() -> str:
     """The revision the pre-deploy phase reaches on an empty database (`alembic upgrade head`, a
-    boot): the last one before the first post-deploy revision, HEAD when there is none."""
-    revisions = read_revisions()
-    files = revisions.by_revision
-    line = [HEAD]
-    while revisions.graph.get(line[-1]):
-        line.append(revisions.graph[line[-1]][0])
-    served = HEAD
-    for revision in line:  # from the head down
-        if files[revision].phase == POST_DEPLOY:
-            served = revisions.graph[revision][0]
-    return served
+    boot): the last one before the trailing post-deploy revisions, HEAD when there are none (the
+    boot's own rule, ``SchemaStatus.post_deploy_pending``)."""
+    empty = SchemaStatus((), read_revisions())
+    return [rev for rev in empty.pending if rev not in empty.post_deploy_pending][-1]
 
 
 SERVED = _served()
