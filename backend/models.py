@@ -95,6 +95,20 @@ def _money() -> Mapped[Decimal]:
     return mapped_column(Numeric(10, 6), nullable=False, server_default=_ZERO, info={NON_NEGATIVE: True})
 
 
+class User(Base):
+    """Who holds a key of their own (issue 20): the key itself is never stored, only its SHA-256."""
+
+    __tablename__ = "kraken_users"
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    api_key_hash: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    name: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # Written at most once a minute per user (backend/conversations/service.py, CALLER).
+    last_active: Mapped[datetime | None]
+    is_active: Mapped[bool] = mapped_column(server_default=text("true"))
+
+
 class Conversation(Base):
     __tablename__ = "kraken_conversations"
 
@@ -114,6 +128,8 @@ class Conversation(Base):
     total_cost_usd: Mapped[Decimal] = _money()
     idempotency_key: Mapped[str | None] = _idempotency_key()
     idempotency_fingerprint: Mapped[bytes | None] = _idempotency_fingerprint()
+    # The user whose key created it; NULL: the operator's key (KRAKEN_API_KEY), as every row before issue 20.
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("kraken_users.id"), nullable=True, index=True)
 
     __table_args__ = (
         Index("ix_kraken_conversations_idempotency_key", "idempotency_key", unique=True, postgresql_where=_WITH_A_KEY),

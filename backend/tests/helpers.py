@@ -582,6 +582,20 @@ EXPECTED_INDEXES_007 = {
     name.replace("__new", "__old"): columns.replace("__new", "__old") for name, columns in EXPECTED_INDEXES_006.items()
 }
 
+# Users and their keys (issue 20): kraken_users, and kraken_conversations.user_id referring to it, indexed.
+CONSTRAINTS_USERS_ADDS = {
+    ("kraken_users", "kraken_users_pkey"): "PRIMARY KEY (id)",
+    ("kraken_users", "kraken_users_api_key_hash_key"): "UNIQUE (api_key_hash)",
+    ("kraken_conversations", "kraken_conversations_user_id_fkey"): "FOREIGN KEY (user_id) REFERENCES kraken_users(id)",
+}
+INDEXES_USERS_ADDS = {
+    "kraken_users_pkey": "(id)",
+    "kraken_users_api_key_hash_key": "(api_key_hash)",
+    "ix_kraken_conversations_user_id": "(user_id)",
+}
+EXPECTED_CONSTRAINTS_HEAD = {**EXPECTED_CONSTRAINTS, **CONSTRAINTS_USERS_ADDS}
+EXPECTED_INDEXES_HEAD = {**EXPECTED_INDEXES_007, **INDEXES_USERS_ADDS}
+
 
 def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:
     rows = sql(

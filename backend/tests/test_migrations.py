@@ -23,9 +23,9 @@ from backend.db.url import DatabaseTarget
 from backend.migrations import ops
 from backend.models import Base
 from backend.tests.helpers import (
-    EXPECTED_CONSTRAINTS,
+    EXPECTED_CONSTRAINTS_HEAD,
     EXPECTED_INDEXES_006,
-    EXPECTED_INDEXES_007,
+    EXPECTED_INDEXES_HEAD,
     HEAD,
     POST_DEPLOY_UPGRADE,
     SERVED,
@@ -36,7 +36,7 @@ from backend.tests.helpers import (
     sql,
 )
 
-TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls")
+TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls", "kraken_users")
 # The columns the original design lists for each table.
 SEED_COLUMNS = {
     "kraken_conversations": {
@@ -51,6 +51,8 @@ SEED_COLUMNS = {
     "kraken_tool_calls": {
         "id", "turn_id", "tool_name", "tool_args", "tool_result", "result_truncated", "sequence_order",
     },
+    # Issue 20's.
+    "kraken_users": {"id", "api_key_hash", "name", "created_at", "last_active", "is_active"},
 }  # fmt: skip
 COLUMNS = """
 SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
@@ -124,7 +126,7 @@ def test_the_columns_are_the_models_with_their_types_and_nullability(upgraded: D
 
 def test_the_constraints_and_foreign_keys_are_there_and_validated(upgraded: DatabaseTarget) -> None:
     found = constraints(upgraded)
-    assert {key: definition for key, (definition, _) in found.items()} == EXPECTED_CONSTRAINTS
+    assert {key: definition for key, (definition, _) in found.items()} == EXPECTED_CONSTRAINTS_HEAD
     assert all(validated for _, validated in found.values())
     foreign = {key: d for key, (d, _) in found.items() if d.startswith("FOREIGN KEY")}
     assert foreign == {
@@ -134,11 +136,14 @@ def test_the_constraints_and_foreign_keys_are_there_and_validated(upgraded: Data
         ("kraken_tool_calls", "kraken_tool_calls_turn_id_fkey"): (
             "FOREIGN KEY (turn_id) REFERENCES kraken_turns(id) ON DELETE CASCADE"
         ),
+        ("kraken_conversations", "kraken_conversations_user_id_fkey"): (
+            "FOREIGN KEY (user_id) REFERENCES kraken_users(id)"
+        ),
     }
 
 
 def test_the_indexes_are_there_and_valid(upgraded: DatabaseTarget) -> None:
-    assert_indexes(upgraded, EXPECTED_INDEXES_007)
+    assert_indexes(upgraded, EXPECTED_INDEXES_HEAD)
 
 
 def test_a_second_upgrade_changes_nothing(upgraded: DatabaseTarget) -> None:
