@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request, Response, status
 
 from backend import metrics
-from backend.api.deps import ConnectionDep, ConversationId, IdempotencyKey, RequireApiKey, app_settings
+from backend.api.deps import CallerDep, ConnectionDep, ConversationId, IdempotencyKey, app_settings, optional_caller
 from backend.api.errors import documented
 from backend.api.fast_path import FastPathRoute
 from backend.api.openapi import link
@@ -59,26 +59,29 @@ _TURN_LINKS = {
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    dependencies=RequireApiKey,
     responses={**documented(400, 401, 409, 413, 422), 201: _CONVERSATION_LINKS},
 )
 async def create_conversation(
-    body: ConversationCreate, conn: ConnectionDep, response: Response, idempotency_key: IdempotencyKey = None
+    body: ConversationCreate,
+    caller: CallerDep,
+    conn: ConnectionDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> ConversationPublic:
-    """Start a conversation: status active, totals zero."""
-    recorded = await service.create_conversation(conn, body, idempotency_key=idempotency_key)
+    """Start a conversation: status active, totals zero. Created with a user's key, it is that user's."""
+    recorded = await service.create_conversation(conn, body, idempotency_key=idempotency_key, caller=caller)
     return replayed(recorded, response)
 
 
 @router.post(
     "/{conversation_id}/turns",
     status_code=status.HTTP_201_CREATED,
-    dependencies=RequireApiKey,
     responses={**documented(400, 401, 404, 409, 413, 422), 201: _TURN_LINKS},
 )
 async def append_turn(
     conversation_id: ConversationId,
     body: TurnCreate,
+    caller: CallerDep,
     conn: ConnectionDep,
     request: Request,
     response: Response,
@@ -101,6 +104,7 @@ async def append_turn(
         body,
         tool_result_max_bytes=settings.tool_result_max_bytes,
         idempotency_key=idempotency_key,
+        caller=caller,
     )
     if settings.metrics and not recorded.replayed:
         metrics.record_append(recorded.value)
@@ -109,41 +113,63 @@ async def append_turn(
 
 @router.post(
     "/{conversation_id}/end",
-    dependencies=RequireApiKey,
     responses=documented(400, 401, 404, 409, 413, 422),
 )
 async def end_conversation(
-    conversation_id: ConversationId, body: ConversationEnd, conn: ConnectionDep
+    conversation_id: ConversationId, body: ConversationEnd, caller: CallerDep, conn: ConnectionDep
 ) -> ConversationPublic:
     """Set the final status and ended_at. 409 if it has already ended (`conversation_ended`)."""
-    return await service.end_conversation(conn, conversation_id, body.status)
+    return await service.end_conversation(conn, conversation_id, body.status, caller=caller)
 
 
-@router.get("/{conversation_id}", response_model=ConversationDetail, responses=documented(404, 422))
+# The shared view needs no key; a bearer key, when sent, is checked and scopes it (optional_caller).
+_OPTIONAL_KEY: dict[str, Any] = {"security": [{}, {"HTTPBearer": []}]}
+
+
+@router.get(
+    "/{conversation_id}",
+    response_model=ConversationDetail,
+    responses=documented(401, 404, 422),
+    openapi_extra=_OPTIONAL_KEY,
+)
 async def get_conversation(
-    conversation_id: ConversationId, query: Annotated[ConversationViewQuery, Query()], conn: ConnectionDep
+    conversation_id: ConversationId,
+    query: Annotated[ConversationViewQuery, Query()],
+    conn: ConnectionDep,
+    request: Request,
 ) -> Response:
     """The shared view: the conversation with its turns and their tool calls, in order. No key needed.
+
+    With a user's key (`Authorization: Bearer kraken_...`) only that user's conversations: another's id
+    answers 404, as an unknown one. The operator's key, or none, reads any.
 
     Turns come in pages: `limit` turns numbered after `after_turn`; `next_after_turn` says where the
     next page starts (null on the last). Other query parameters are refused (422).
     """
-    document = await service.shared_view_json(conn, conversation_id, after_turn=query.after_turn, limit=query.limit)
+    document = await service.shared_view_json(
+        conn, conversation_id, after_turn=query.after_turn, limit=query.limit, caller=optional_caller(request)
+    )
     return Response(document, media_type="application/json")
 
 
-@router.get("", dependencies=RequireApiKey, responses=documented(401, 422))
-async def list_conversations(query: Annotated[ConversationListQuery, Query()], conn: ConnectionDep) -> ConversationPage:
-    """A session's conversations, newest first, `limit` per page. Other query parameters are refused (422)."""
-    return await service.list_conversations(conn, query.session_id, limit=query.limit, cursor=query.cursor)
+@router.get("", responses=documented(401, 422))
+async def list_conversations(
+    query: Annotated[ConversationListQuery, Query()], caller: CallerDep, conn: ConnectionDep
+) -> ConversationPage:
+    """A session's conversations, newest first, `limit` per page. Other query parameters are refused (422).
+
+    With a user's key, that user's conversations of the session only.
+    """
+    return await service.list_conversations(
+        conn, query.session_id, limit=query.limit, cursor=query.cursor, caller=caller
+    )
 
 
 @router.delete(
     "/{conversation_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    dependencies=RequireApiKey,
     responses=documented(401, 404),
 )
-async def delete_conversation(conversation_id: ConversationId, conn: ConnectionDep) -> None:
+async def delete_conversation(conversation_id: ConversationId, caller: CallerDep, conn: ConnectionDep) -> None:
     """Remove the conversation with its turns and tool calls."""
-    await service.delete_conversation(conn, conversation_id)
+    await service.delete_conversation(conn, conversation_id, caller=caller)

@@ -30,11 +30,14 @@ from backend.conversations.errors import (
     ConversationNotFound,
     IdempotencyKeyReused,
     InvalidCursor,
+    InvalidKey,
+    OperatorOnly,
     TotalsFull,
     TurnRejected,
 )
 from backend.db.errors import ConnectionLost, Fault, StatementTimeout, first_line, request_fault
 from backend.db.pool import PoolBusy
+from backend.users.errors import UserDeactivated, UserNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +74,13 @@ DOMAIN_ERRORS: dict[type[ConversationError], tuple[int, tuple[str, ...], str]] =
     InvalidCursor: (422, ("query", "cursor"), "invalid_cursor"),
     # 409, not the IETF draft's 422: the request itself is valid; the key is taken, by another one.
     IdempotencyKeyReused: (409, ("header", "Idempotency-Key"), "idempotency_key_reused"),
+    # A user's key the statement found no active user for: as the dependencies' own 401.
+    InvalidKey: (401, ("header", "Authorization"), "unauthorized"),
+    OperatorOnly: (403, ("query", "group_by"), "forbidden"),
+    UserNotFound: (404, ("path", "user_id"), "not_found"),
+    UserDeactivated: (409, ("path", "user_id"), "user_deactivated"),
 }
+_DOMAIN_HEADERS = {401: {"WWW-Authenticate": "Bearer"}}
 
 # Where an HTTP error raised by the framework (not by us) is about.
 _FRAMEWORK_LOC: dict[int, list[str | int]] = {400: ["body"], 413: ["body"]}
@@ -120,7 +129,11 @@ async def _method_not_allowed(request: Request, exc: Exception) -> ErrorResponse
 async def _domain_error(request: Request, exc: Exception) -> ErrorResponse:
     assert isinstance(exc, ConversationError)
     status_code, loc, type_ = DOMAIN_ERRORS[type(exc)]
-    return ErrorResponse({"detail": [{"loc": list(loc), "msg": str(exc), "type": type_}]}, status_code=status_code)
+    return ErrorResponse(
+        {"detail": [{"loc": list(loc), "msg": str(exc), "type": type_}]},
+        status_code=status_code,
+        headers=_DOMAIN_HEADERS.get(status_code),
+    )
 
 
 # Database fault -> (status, seconds for Retry-After, type, message). A write that met one may
@@ -229,7 +242,10 @@ RETRY_AFTER = {
 _STATUS_DOCS: dict[int, str] = {
     400: "The body cannot be decoded: invalid UTF-8, nesting deeper than the parser allows, an integer of "
     'over 4300 digits (`loc` `["body"]`).',
-    401: 'The API key is missing or wrong (`loc` `["header", "Authorization"]`).',
+    401: "The API key is missing or wrong, or a user's key was rotated or its user deactivated "
+    '(`loc` `["header", "Authorization"]`).',
+    403: "The key may not ask this: `group_by=user` takes the operator's key "
+    '(`loc` `["query", "group_by"]`, type `forbidden`).',
     404: 'No conversation with this id, also for an id that is not a UUID (`loc` `["path", "conversation_id"]`).',
     409: "The conversation's state refuses the request.",
     413: 'The body is over KRAKEN_MAX_BODY_BYTES (`loc` `["body"]`, type `body_too_large`).',

@@ -31,6 +31,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, TypeAdapter
 
 from backend.api import deps
+from backend.conversations.keys import Caller
 
 
 class _Declined(Exception):
@@ -41,14 +42,15 @@ class _Declined(Exception):
 Solver = Callable[[Request], Any]
 
 
-def _api_key(request: Request) -> None:
-    settings = deps.app_settings(request)
-    if settings.api_key is None:
-        return
-    # How HTTPBearer reads the header (fastapi.security.http): "<scheme> <credentials>", any case.
+def _api_key(request: Request) -> Caller:
+    # How HTTPBearer reads the header (fastapi.security.http): "<scheme> <credentials>", any case;
+    # no credentials are None to it.
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not deps.key_matches(settings.api_key, credentials.strip()):
+    given = credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
+    caller = deps.identify(deps.app_settings(request), given)
+    if isinstance(caller, str):
         raise _Declined()
+    return caller
 
 
 def _conversation_id(request: Request) -> uuid.UUID:

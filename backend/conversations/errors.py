@@ -44,3 +44,17 @@ class IdempotencyKeyReused(ConversationError):
             "this Idempotency-Key was used with another request; send a new key for a new request, "
             "or the same request to get what the key stored"
         )
+
+
+class InvalidKey(ConversationError):
+    """A user's key that names no active user: never issued, rotated since, or its user deactivated."""
+
+    def __init__(self) -> None:
+        super().__init__("invalid API key")
+
+
+class OperatorOnly(ConversationError):
+    """What only the operator's key (KRAKEN_API_KEY) may ask."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} takes the operator's key (KRAKEN_API_KEY), not a user's")

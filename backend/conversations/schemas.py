@@ -95,7 +95,7 @@ USAGE_DATE_PATTERN = rf"^{_DATE}$"
 USAGE_TIME_PATTERNS = (USAGE_DATE_TIME_PATTERN, USAGE_UTC_DATE_TIME_PATTERN, USAGE_DATE_PATTERN)
 
 EndStatus = Literal["completed", "abandoned", "error"]
-UsageGrouping = Literal["model", "day"]
+UsageGrouping = Literal["model", "day", "user"]
 
 
 # --- text and JSON checks ------------------------------------------------------------------
@@ -531,7 +531,10 @@ class UsageQuery(BaseModel):
 
 
 class UsageGroup(BaseModel):
-    key: str = Field(description="The model, or the UTC day as YYYY-MM-DD.")
+    key: str = Field(
+        description="The model, the UTC day as YYYY-MM-DD, or the user's id (`shared`: the conversations of the "
+        "operator's key)."
+    )
     turns: int
     input_tokens: int
     output_tokens: int

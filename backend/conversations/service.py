@@ -42,9 +42,12 @@ from backend.conversations.errors import (
     ConversationNotFound,
     IdempotencyKeyReused,
     InvalidCursor,
+    InvalidKey,
+    OperatorOnly,
     TotalsFull,
     TurnRejected,
 )
+from backend.conversations.keys import OPERATOR, Caller
 from backend.conversations.schemas import (
     CURSOR_PATTERN,
     DEFAULT_VIEW_TURNS,
@@ -84,6 +87,26 @@ CONVERSATION_COLUMNS = (
     "total_turns, total_tokens, total_cost_usd"
 )
 
+# A user's key, resolved inside the statement that serves the request (issue 20): ``caller`` is the
+# active user whose key hashes to :key_hash (one probe of the unique index; empty for a key never
+# issued, rotated since, or deactivated), and ``touched`` records the user's activity at most once
+# a minute: the row is written only when last_active is older than that, so a busy user's requests
+# do not each update (and lock) it. Every statement of a user's request reads the table afresh:
+# a rotation or a deactivation holds from its commit on. The operator's statements are the ones
+# before issue 20, unchanged (they see every conversation).
+CALLER = f"""caller AS (
+    SELECT id FROM kraken_users WHERE api_key_hash = :key_hash AND is_active
+), touched AS (
+    UPDATE kraken_users SET last_active = {NOW}
+    WHERE api_key_hash = :key_hash AND is_active
+      AND (last_active IS NULL OR last_active < {NOW} - interval '1 minute')
+)"""
+# The conversation (``c``) is the caller's.
+OWNED = "c.user_id = (SELECT id FROM caller)"
+# Run on a user's failure paths only: is the key still good? Then the refusal is about the conversation.
+KEY_VALID = Statement.of("SELECT 1 FROM kraken_users WHERE api_key_hash = :key_hash AND is_active")
+RESOLVE = Statement.of(f"WITH {CALLER} SELECT id FROM caller")
+
 # With an Idempotency-Key, a conversation created under it earlier is returned instead (with the
 # fingerprint of the request that created it, to compare); without one, ``prior`` is empty. Two
 # first attempts racing: the later one's INSERT meets the unique index, and is answered from the
@@ -108,6 +131,33 @@ SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint FROM prior
 PRIOR_CONVERSATION = Statement.of(f"""
 SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint AS prior_fingerprint FROM kraken_conversations
 WHERE idempotency_key = :idempotency_key
+""")
+# A user's create: the conversation is the user's (user_id). No row comes back only when the key
+# names no active user. An Idempotency-Key another user (or the operator) used is not replayed to
+# this one (``owned`` false: 409): keys are unique across the table, as revision 003 made them.
+CREATE_AS_USER = Statement.of(f"""
+WITH {CALLER}, prior AS (
+    SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint, user_id FROM kraken_conversations
+    WHERE idempotency_key = :idempotency_key
+), created AS (
+    INSERT INTO kraken_conversations (
+        session_id, model, system_prompt_hash, agent_version, status, started_at,
+        idempotency_key, idempotency_fingerprint, user_id)
+    SELECT :session_id, :model, :system_prompt_hash, :agent_version, 'active', {NOW},
+        :idempotency_key, :idempotency_fingerprint, caller.id
+    FROM caller
+    WHERE NOT EXISTS (SELECT 1 FROM prior)
+    RETURNING {CONVERSATION_COLUMNS}
+)
+SELECT {CONVERSATION_COLUMNS}, CAST(NULL AS bytea) AS prior_fingerprint, true AS owned FROM created
+UNION ALL
+SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint, user_id IS NOT DISTINCT FROM (SELECT id FROM caller)
+FROM prior WHERE EXISTS (SELECT 1 FROM caller)
+""")
+PRIOR_CONVERSATION_AS_USER = Statement.of(f"""
+SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint AS prior_fingerprint,
+       user_id IS NOT DISTINCT FROM (SELECT id FROM kraken_users WHERE api_key_hash = :key_hash) AS owned
+FROM kraken_conversations WHERE idempotency_key = :idempotency_key
 """)
 
 # The turns stored for :conversation_id, as an append needs them: the highest turn number (one
@@ -151,17 +201,22 @@ def _total_before(column: str) -> str:
 # takes total_turns + 1: gapless, like any append. (A conversation with a gap in its numbers, only
 # ever made by hand, lags on every append; two racing on it can meet the unique index, and the
 # second answers 409 and stores nothing.)
-APPEND = Statement.of(f"""
-WITH prior AS (
+def _append(caller: str, owned: str) -> Statement:
+    """The append, for the operator (``caller`` and ``owned`` empty) or a user's key (``caller`` the
+    CALLER CTEs, ``owned`` the condition that the conversation is the caller's, in the UPDATE's WHERE:
+    the key check costs no round trip)."""
+    prior_owned = f" AND EXISTS (SELECT 1 FROM kraken_conversations AS c WHERE c.id = :conversation_id {owned})"
+    return Statement.of(f"""
+WITH {caller}prior AS (
     SELECT id, idempotency_fingerprint FROM kraken_turns
-    WHERE conversation_id = :conversation_id AND idempotency_key = :idempotency_key
+    WHERE conversation_id = :conversation_id AND idempotency_key = :idempotency_key{prior_owned if owned else ""}
 ), {STORED_TURNS}, conversation AS (
     UPDATE kraken_conversations AS c
     SET total_turns = {_total_before("total_turns")} + 1,
         total_tokens = {_total_before("total_tokens")} + CAST(:tokens AS integer),
         total_cost_usd = {_total_before("total_cost_usd")} + CAST(:cost_usd AS numeric)
     FROM last_turn
-    WHERE c.id = :conversation_id AND NOT EXISTS (SELECT 1 FROM prior)
+    WHERE c.id = :conversation_id AND NOT EXISTS (SELECT 1 FROM prior) {owned}
       AND c.status = 'active' AND c.ended_at IS NULL
       AND {_total_before("total_turns")} < {MAX_TOTAL_TURNS}
       AND {_total_before("total_tokens")} <= {MAX_TOTAL_TOKENS} - CAST(:tokens AS integer)
@@ -195,6 +250,10 @@ FROM turn
 UNION ALL
 SELECT id, NULL, NULL, NULL, idempotency_fingerprint FROM prior
 """)
+
+
+APPEND = _append("", "")
+APPEND_AS_USER = _append(f"{CALLER}, ", f"AND {OWNED}")
 PRIOR_TURN = Statement.of("""
 SELECT id, idempotency_fingerprint AS prior_fingerprint FROM kraken_turns
 WHERE conversation_id = :conversation_id AND idempotency_key = :idempotency_key
@@ -207,10 +266,19 @@ SELECT c.status, c.ended_at, {_total_before("total_turns")} AS total_turns,
        {_total_before("total_tokens")} AS total_tokens, {_total_before("total_cost_usd")} AS total_cost_usd
 FROM kraken_conversations AS c, last_turn WHERE c.id = :conversation_id
 """)
+# A user's: only a conversation of the (checked, active) user whose key it is.
+USER_OWNS = "c.user_id = (SELECT id FROM kraken_users WHERE api_key_hash = :key_hash)"
+CONVERSATION_STATE_AS_USER = Statement.of(CONVERSATION_STATE.named.rstrip() + f" AND {USER_OWNS}\n")
 
 END = Statement.of(f"""
 UPDATE kraken_conversations SET status = :status, ended_at = {NOW}
 WHERE id = :id AND status = 'active' AND ended_at IS NULL
+RETURNING {CONVERSATION_COLUMNS}
+""")
+END_AS_USER = Statement.of(f"""
+WITH {CALLER}
+UPDATE kraken_conversations AS c SET status = :status, ended_at = {NOW}
+WHERE id = :id AND status = 'active' AND ended_at IS NULL AND {OWNED}
 RETURNING {CONVERSATION_COLUMNS}
 """)
 
@@ -263,21 +331,26 @@ SELECT json_build_object(
 FROM kraken_conversations c
 WHERE c.id = :id
 """)
+# A user's key reads only that user's conversations (the id of another one names none).
+SHARED_VIEW_OWNED = Statement.of(SHARED_VIEW.named.rstrip() + " AND c.user_id = :user_id\n")
 
 _LIST = f"""
 SELECT {CONVERSATION_COLUMNS} FROM kraken_conversations
-WHERE session_id = :session_id {{after}}
+WHERE session_id = :session_id {{owned}}{{after}}
 ORDER BY started_at DESC, id DESC
 LIMIT :limit
 """
-LIST_FIRST = Statement.of(_LIST.format(after=""))
-LIST_AFTER = Statement.of(
-    _LIST.format(after="AND (started_at, id) < (CAST(:started_at AS timestamptz), CAST(:id AS uuid))")
-)
+_AFTER = "AND (started_at, id) < (CAST(:started_at AS timestamptz), CAST(:id AS uuid))"
+_OWNED_LIST = "AND user_id = :user_id "
+LIST_FIRST = Statement.of(_LIST.format(owned="", after=""))
+LIST_AFTER = Statement.of(_LIST.format(owned="", after=_AFTER))
+LIST_FIRST_OWNED = Statement.of(_LIST.format(owned=_OWNED_LIST, after=""))
+LIST_AFTER_OWNED = Statement.of(_LIST.format(owned=_OWNED_LIST, after=_AFTER))
 
 # Locks the conversation first: appends then wait, so the delete below (a new statement, with a
 # new snapshot) sees every turn there will ever be and leaves no child row behind.
 LOCK = Statement.of("SELECT 1 FROM kraken_conversations WHERE id = :id FOR UPDATE")
+LOCK_OWNED = Statement.of("SELECT 1 FROM kraken_conversations WHERE id = :id AND user_id = :user_id FOR UPDATE")
 DELETE = Statement.of("""
 WITH turns AS (
     DELETE FROM kraken_turns WHERE conversation_id = :id RETURNING id
@@ -292,21 +365,37 @@ DELETE FROM kraken_conversations WHERE id = :id
 _USAGE = """
 SELECT {key} AS key,
        count(*) AS turns,
-       COALESCE(sum(input_tokens), 0) AS input_tokens,
-       COALESCE(sum(output_tokens), 0) AS output_tokens,
-       COALESCE(sum(cache_creation_tokens), 0) AS cache_creation_tokens,
-       COALESCE(sum(cache_read_tokens), 0) AS cache_read_tokens,
-       COALESCE(sum(CAST(input_tokens AS bigint) + output_tokens), 0) AS total_tokens,
-       COALESCE(sum(cost_usd), 0) AS cost_usd
-FROM kraken_turns
-WHERE created_at >= CAST(:start AS timestamptz) AND created_at < CAST(:end AS timestamptz)
+       COALESCE(sum(t.input_tokens), 0) AS input_tokens,
+       COALESCE(sum(t.output_tokens), 0) AS output_tokens,
+       COALESCE(sum(t.cache_creation_tokens), 0) AS cache_creation_tokens,
+       COALESCE(sum(t.cache_read_tokens), 0) AS cache_read_tokens,
+       COALESCE(sum(CAST(t.input_tokens AS bigint) + t.output_tokens), 0) AS total_tokens,
+       COALESCE(sum(t.cost_usd), 0) AS cost_usd
+FROM kraken_turns AS t{join}
+WHERE t.created_at >= CAST(:start AS timestamptz) AND t.created_at < CAST(:end AS timestamptz){owned}
 GROUP BY {group}
 ORDER BY {group}
 """
-_DAY = "CAST(created_at AS date)"  # the UTC day, of either type, in the service's session
+_DAY = "CAST(t.created_at AS date)"  # the UTC day, of either type, in the service's session
+# The operator's per user: a user's id, and USAGE_SHARED for the conversations of the operator's
+# key (user_id NULL). Ids are lower-case hex, so the text order puts USAGE_SHARED last.
+USAGE_SHARED = "shared"
+_USER = f"COALESCE(CAST(c.user_id AS text), '{USAGE_SHARED}')"
+_BY_CONVERSATION = " JOIN kraken_conversations AS c ON c.id = t.conversation_id"
+# A user's: the turns of that user's conversations (found by the user_id index).
+_OWNED_USAGE = " AND t.conversation_id IN (SELECT id FROM kraken_conversations WHERE user_id = :user_id)"
+_USAGE_KEYS: dict[UsageGrouping, tuple[str, str]] = {
+    "model": ("t.model", "t.model"),
+    "day": (f"to_char({_DAY}, 'YYYY-MM-DD')", _DAY),
+}
 USAGE: dict[UsageGrouping, Statement] = {
-    "model": Statement.of(_USAGE.format(key="model", group="model")),
-    "day": Statement.of(_USAGE.format(key=f"to_char({_DAY}, 'YYYY-MM-DD')", group=_DAY)),
+    grouping: Statement.of(_USAGE.format(key=key, group=group, join="", owned=""))
+    for grouping, (key, group) in _USAGE_KEYS.items()
+}
+USAGE["user"] = Statement.of(_USAGE.format(key=_USER, group=_USER, join=_BY_CONVERSATION, owned=""))
+USAGE_OWNED: dict[UsageGrouping, Statement] = {
+    grouping: Statement.of(_USAGE.format(key=key, group=group, join="", owned=_OWNED_USAGE))
+    for grouping, (key, group) in _USAGE_KEYS.items()
 }
 
 
@@ -352,20 +441,52 @@ def _check_replay(prior_fingerprint: bytes, body: BaseModel) -> None:
         raise IdempotencyKeyReused()
 
 
+async def user_id_of(conn: asyncpg.Connection, caller: Caller) -> uuid.UUID | None:
+    """The caller's user id (None: the operator), for the reads that filter by it; InvalidKey for a
+    key that names no active user. Records the user's activity as every user statement does."""
+    if caller.is_operator:
+        return None
+    row = await fetch_one(conn, RESOLVE, key_hash=caller.key_hash)
+    if row is None:
+        raise InvalidKey()
+    user_id: uuid.UUID = row["id"]
+    return user_id
+
+
+async def _refused_for_user(conn: asyncpg.Connection, caller: Caller) -> None:
+    """A user's write matched no row: InvalidKey when the key names no active user (now)."""
+    if await fetch_one(conn, KEY_VALID, key_hash=caller.key_hash) is None:
+        raise InvalidKey()
+
+
 async def create_conversation(
-    conn: asyncpg.Connection, data: ConversationCreate, *, idempotency_key: str | None = None
+    conn: asyncpg.Connection,
+    data: ConversationCreate,
+    *,
+    idempotency_key: str | None = None,
+    caller: Caller = OPERATOR,
 ) -> Recorded[ConversationPublic]:
     params = dict(data.model_dump(), idempotency_key=idempotency_key, idempotency_fingerprint=None)
     if idempotency_key is not None:
         params["idempotency_fingerprint"] = fingerprint(data)
+    if not caller.is_operator:
+        params["key_hash"] = caller.key_hash
     try:
-        row = await fetch_one(conn, CREATE, **params)
+        row = await fetch_one(conn, CREATE if caller.is_operator else CREATE_AS_USER, **params)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != CONVERSATION_KEY_INDEX:
             raise
         # Another attempt with this key committed first (both found no conversation under it).
-        row = await fetch_one(conn, PRIOR_CONVERSATION, idempotency_key=idempotency_key)
-    assert row is not None  # INSERT ... RETURNING, or the row that took the key
+        if caller.is_operator:
+            row = await fetch_one(conn, PRIOR_CONVERSATION, idempotency_key=idempotency_key)
+        else:
+            row = await fetch_one(
+                conn, PRIOR_CONVERSATION_AS_USER, idempotency_key=idempotency_key, key_hash=caller.key_hash
+            )
+    if row is None:
+        raise InvalidKey()  # only a user's create stores nothing and answers no row: no such active key
+    if not caller.is_operator and not row["owned"]:
+        raise IdempotencyKeyReused()  # another user's (or the operator's) key: nothing of it is shown
     if row["prior_fingerprint"] is not None:
         _check_replay(row["prior_fingerprint"], data)
         return Recorded(_conversation(row), replayed=True)
@@ -402,6 +523,7 @@ async def append_turn(
     *,
     tool_result_max_bytes: int,
     idempotency_key: str | None = None,
+    caller: Caller = OPERATOR,
 ) -> Recorded[TurnPublic]:
     stored = [store_tool_result(call.tool_result, tool_result_max_bytes) for call in turn.tool_calls]
     fields = turn.model_dump(exclude={"tool_calls"})
@@ -417,18 +539,21 @@ async def append_turn(
         tool_results=[encoded for _, encoded, _ in stored],
         results_truncated=[truncated for _, _, truncated in stored],
     )
+    if not caller.is_operator:
+        params["key_hash"] = caller.key_hash
     try:
-        row = await fetch_one(conn, APPEND, **params)
+        row = await fetch_one(conn, APPEND if caller.is_operator else APPEND_AS_USER, **params)
     except asyncpg.IntegrityConstraintViolationError as exc:
         if exc.constraint_name != TURN_KEY_INDEX:
             # Only a constraint this code does not check for can get here (one added to the
             # database later, or rows that predate the service); the statement stored nothing.
             raise TurnRejected(exc.constraint_name) from None
-        # Another attempt with this key committed first (both found no turn under it).
+        # Another attempt with this key committed first (both found no turn under it); a user's
+        # APPEND_AS_USER got this far, so the conversation is the user's.
         row = await fetch_one(conn, PRIOR_TURN, conversation_id=conversation_id, idempotency_key=idempotency_key)
         assert row is not None  # the turn that took the key
     if row is None:
-        await _explain_refused_append(conn, conversation_id, turn)
+        await _explain_refused_append(conn, conversation_id, turn, caller)
     if row["prior_fingerprint"] is not None:
         _check_replay(row["prior_fingerprint"], turn)
         return Recorded(await _stored_turn(conn, row["id"]), replayed=True)
@@ -463,8 +588,20 @@ async def _stored_turn(conn: asyncpg.Connection, turn_id: uuid.UUID) -> TurnPubl
     return TurnPublic.model_validate_json(row[0])
 
 
-async def _explain_refused_append(conn: asyncpg.Connection, conversation_id: uuid.UUID, turn: TurnCreate) -> NoReturn:
-    state = await fetch_one(conn, CONVERSATION_STATE, conversation_id=conversation_id)
+async def _conversation_state(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, caller: Caller
+) -> asyncpg.Record | None:
+    """Why a write matched no row: the conversation's state (None: no such conversation of the caller's)."""
+    if caller.is_operator:
+        return await fetch_one(conn, CONVERSATION_STATE, conversation_id=conversation_id)
+    await _refused_for_user(conn, caller)
+    return await fetch_one(conn, CONVERSATION_STATE_AS_USER, conversation_id=conversation_id, key_hash=caller.key_hash)
+
+
+async def _explain_refused_append(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, turn: TurnCreate, caller: Caller
+) -> NoReturn:
+    state = await _conversation_state(conn, conversation_id, caller)
     if state is None:
         raise ConversationNotFound()
     if state["status"] != "active" or state["ended_at"] is not None:
@@ -477,12 +614,15 @@ async def _explain_refused_append(conn: asyncpg.Connection, conversation_id: uui
 
 
 async def end_conversation(
-    conn: asyncpg.Connection, conversation_id: uuid.UUID, status: EndStatus
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, status: EndStatus, *, caller: Caller = OPERATOR
 ) -> ConversationPublic:
-    row = await fetch_one(conn, END, id=conversation_id, status=status)
+    if caller.is_operator:
+        row = await fetch_one(conn, END, id=conversation_id, status=status)
+    else:
+        row = await fetch_one(conn, END_AS_USER, id=conversation_id, status=status, key_hash=caller.key_hash)
     if row is not None:
         return _conversation(row)
-    state = await fetch_one(conn, CONVERSATION_STATE, conversation_id=conversation_id)
+    state = await _conversation_state(conn, conversation_id, caller)
     if state is None:
         raise ConversationNotFound()
     raise ConversationEnded(state["status"])
@@ -494,10 +634,18 @@ async def shared_view_json(
     *,
     after_turn: int = 0,
     limit: int = DEFAULT_VIEW_TURNS,
+    caller: Caller | None = None,
 ) -> str:
     """The conversation with a page of its turns (``limit`` after turn ``after_turn``) and their tool
-    calls, in order, as JSON text."""
-    row = await fetch_one(conn, SHARED_VIEW, id=conversation_id, after_turn=after_turn, limit=limit)
+    calls, in order, as JSON text. ``caller`` None: the shared view, open to anyone with the id; a
+    user's key: only that user's conversations."""
+    user_id = None if caller is None else await user_id_of(conn, caller)
+    if user_id is None:
+        row = await fetch_one(conn, SHARED_VIEW, id=conversation_id, after_turn=after_turn, limit=limit)
+    else:
+        row = await fetch_one(
+            conn, SHARED_VIEW_OWNED, id=conversation_id, after_turn=after_turn, limit=limit, user_id=user_id
+        )
     if row is None:
         raise ConversationNotFound()
     document: str = row[0]
@@ -529,16 +677,20 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID] | None:
 
 
 async def list_conversations(
-    conn: asyncpg.Connection, session_id: str, *, limit: int, cursor: str | None
+    conn: asyncpg.Connection, session_id: str, *, limit: int, cursor: str | None, caller: Caller = OPERATOR
 ) -> ConversationPage:
-    """Newest first; keyset pagination on (started_at, id), so pages never skip or repeat rows."""
+    """Newest first; keyset pagination on (started_at, id), so pages never skip or repeat rows. A
+    user's key lists that user's conversations only."""
     params: dict[str, Any] = {"session_id": session_id, "limit": limit + 1}
     position = None if cursor is None else decode_cursor(cursor)
+    user_id = await user_id_of(conn, caller)
+    if user_id is not None:
+        params["user_id"] = user_id
     if position is None:
-        rows = await fetch_all(conn, LIST_FIRST, **params)
+        rows = await fetch_all(conn, LIST_FIRST if user_id is None else LIST_FIRST_OWNED, **params)
     else:
         params["started_at"], params["id"] = position
-        rows = await fetch_all(conn, LIST_AFTER, **params)
+        rows = await fetch_all(conn, LIST_AFTER if user_id is None else LIST_AFTER_OWNED, **params)
     items = [_conversation(row) for row in rows[:limit]]
     more = len(rows) > limit
     return ConversationPage(
@@ -546,19 +698,35 @@ async def list_conversations(
     )
 
 
-async def usage(conn: asyncpg.Connection, start: datetime, end: datetime, group_by: UsageGrouping) -> UsageReport:
-    """Turns, tokens and cost of the turns created in [start, end), per model or per UTC day (a naive
-    bound is UTC)."""
+async def usage(
+    conn: asyncpg.Connection, start: datetime, end: datetime, group_by: UsageGrouping, *, caller: Caller = OPERATOR
+) -> UsageReport:
+    """Turns, tokens and cost of the turns created in [start, end), per model, per UTC day or (the
+    operator's key only) per user; a naive bound is UTC. A user's key sums that user's conversations."""
     start, end = as_utc(start), as_utc(end)
-    rows = await fetch_all(conn, USAGE[group_by], start=start, end=end)
+    user_id = await user_id_of(conn, caller)
+    if user_id is None:
+        rows = await fetch_all(conn, USAGE[group_by], start=start, end=end)
+    elif group_by == "user":
+        raise OperatorOnly("group_by=user")
+    else:
+        rows = await fetch_all(conn, USAGE_OWNED[group_by], start=start, end=end, user_id=user_id)
     return UsageReport(
         start=start, end=end, group_by=group_by, groups=[UsageGroup.model_validate(dict(r)) for r in rows]
     )
 
 
-async def delete_conversation(conn: asyncpg.Connection, conversation_id: uuid.UUID) -> None:
-    """Remove the conversation, its turns and their tool calls (two statements, one transaction)."""
+async def delete_conversation(
+    conn: asyncpg.Connection, conversation_id: uuid.UUID, *, caller: Caller = OPERATOR
+) -> None:
+    """Remove the conversation, its turns and their tool calls (two statements, one transaction; a
+    user's key resolved before them)."""
+    user_id = await user_id_of(conn, caller)
     async with transaction(conn):
-        if await fetch_one(conn, LOCK, id=conversation_id) is None:
+        if user_id is None:
+            locked = await fetch_one(conn, LOCK, id=conversation_id)
+        else:
+            locked = await fetch_one(conn, LOCK_OWNED, id=conversation_id, user_id=user_id)
+        if locked is None:
             raise ConversationNotFound()
         await execute(conn, DELETE, id=conversation_id)

@@ -20,6 +20,8 @@ BAD_CREDENTIALS = [
     pytest.param({"Authorization": f"Basic {API_KEY}"}, id="basic-scheme"),
     pytest.param({"Authorization": API_KEY}, id="no-scheme"),
     pytest.param({"Authorization": "Bearer"}, id="scheme-only"),
+    # A user's key is checked by the statement serving the request: one never issued finds no user.
+    pytest.param({"Authorization": "Bearer kraken_never-issued"}, id="unknown-user-key"),
 ]
 
 

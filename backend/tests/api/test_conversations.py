@@ -697,7 +697,7 @@ async def test_openapi_documents_the_api_and_its_security(client):
     paths = spec["paths"]
     assert set(paths) >= {"/conversations", "/conversations/{conversation_id}", "/usage"}
     assert set(paths["/conversations/{conversation_id}"]) == {"get", "delete"}
-    assert "security" not in paths["/conversations/{conversation_id}"]["get"]
+    assert paths["/conversations/{conversation_id}"]["get"]["security"] == [{}, {"HTTPBearer": []}]
     assert paths["/conversations/{conversation_id}"]["delete"]["security"] == [{"HTTPBearer": []}]
     assert paths["/conversations/{conversation_id}/turns"]["post"]["security"] == [{"HTTPBearer": []}]
     view = paths["/conversations/{conversation_id}"]["get"]["responses"]["200"]["content"]["application/json"]

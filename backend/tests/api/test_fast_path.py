@@ -7,7 +7,7 @@ import fastapi
 import httpx
 import pytest
 
-from backend.tests.helpers import new_conversation, turn_body
+from backend.tests.helpers import CONVERSATION, new_conversation, turn_body
 
 
 @pytest.fixture
@@ -102,3 +102,34 @@ async def test_an_id_that_is_not_a_uuid_goes_to_fastapis_handler(client: httpx.A
     assert answer.status_code == 404
     assert answer.json()["detail"][0]["loc"] == ["path", "conversation_id"]
     assert solved == ["/conversations/not-a-uuid/turns"]
+
+
+async def test_a_user_keys_writes_take_the_fast_path_and_answer_as_fastapis_handler(
+    app: fastapi.FastAPI, client: httpx.AsyncClient, solved: list[str]
+) -> None:
+    user = (await client.post("/users", json={"name": "ada"})).json()
+    headers = {"Authorization": f"Bearer {user['api_key']}"}
+    conversation = await new_conversation(client)  # the operator's: not the user's
+    solved.clear()
+    created = await client.post("/conversations", json=CONVERSATION, headers=headers)
+    url = f"/conversations/{created.json()['id']}/turns"
+    fast = await client.post(url, json=turn_body(), headers=headers)
+    foreign_fast = await client.post(f"/conversations/{conversation['id']}/turns", json=turn_body(), headers=headers)
+    assert solved == []
+
+    app.dependency_overrides[object] = object
+    standard = await client.post(url, json=turn_body(), headers=headers)
+    foreign = await client.post(f"/conversations/{conversation['id']}/turns", json=turn_body(), headers=headers)
+    assert fast.status_code == standard.status_code == 201
+    assert _comparable(fast) == _comparable(standard)
+    assert (foreign_fast.status_code, foreign_fast.json()) == (foreign.status_code, foreign.json())
+    assert foreign.status_code == 404
+
+    # Rotated: the fast path's answer (the statement found no user) is the handler's.
+    await client.post(f"/users/{user['id']}/keys")
+    revoked = await client.post(url, json=turn_body(), headers=headers)
+    app.dependency_overrides.clear()
+    revoked_fast = await client.post(url, json=turn_body(), headers=headers)
+    assert revoked.status_code == revoked_fast.status_code == 401
+    assert revoked.json() == revoked_fast.json()
+    assert revoked.headers["www-authenticate"] == revoked_fast.headers["www-authenticate"] == "Bearer"

@@ -61,7 +61,9 @@ def test_004_adds_the_usage_index_drops_the_redundant_ones_and_downgrade_restore
     assert_indexes(empty_db, EXPECTED_INDEXES_004)
 
 
-@pytest.mark.parametrize("group_by", get_args(UsageGrouping))
+# The groupings 004 serves from its index; per user (issue 20) reads each turn's conversation too,
+# a column the index does not hold (and one 004 has no user_id for).
+@pytest.mark.parametrize("group_by", [g for g in get_args(UsageGrouping) if g != "user"])
 def test_a_days_usage_is_an_index_only_scan_at_004(empty_db: DatabaseTarget, group_by: UsageGrouping) -> None:
     migrate(empty_db, "upgrade", "004")
     sql(empty_db, FILL)
