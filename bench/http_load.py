@@ -20,6 +20,9 @@ Then wrk (Debian package `wrk`) loads each in turn, at each --connections count,
 
 - append: ``POST /conversations/{id}/turns`` with 3 tool calls, over 64 conversations created
   first (bench/http_load.lua cycles the ids, so requests in flight hardly ever share a row lock);
+- user-append: the same with a user's key (issue 20) on 64 conversations that user created: the
+  key checked inside the append's statement. The yardsticks take no key (they serve it as
+  append); the summary adds kraken's user-append / append within each round (goal: within 5%);
 - view:   ``GET /conversations/{id}``, one conversation of 20 turns x 3 tool calls (~40 KiB);
 - health: ``GET /health``.
 
@@ -63,11 +66,13 @@ LUA = BENCH_DIR / "http_load.lua"
 API_KEY = "bench-" + secrets.token_hex(8)
 CONVERSATIONS = 64
 VIEW_TURNS = 20
-SCENARIOS = ("append", "view", "health")
+SCENARIOS = ("append", "user-append", "view", "health")
 APPS = ("kraken", "minimal", "plain")
 YARDSTICKS = APPS[1:]
 # The goal for appends at 16 connections: kraken's rate at least this share of each yardstick's.
 GOALS = {"minimal": 0.9, "plain": 0.75}
+# A user's key on the append: at least this share of the operator's key's rate (issue 20).
+USER_KEY_GOAL = 0.95
 MAX_ERROR_SHARE = 0.01  # of a run's requests; a run with more is left out of the figures
 
 
@@ -170,11 +175,11 @@ def start_yardstick(name: str, db: DatabaseTarget, args: argparse.Namespace, log
     return Server(name, command, env, port, logs)
 
 
-def post(server: Server, path: str, body: object) -> dict[str, object]:
+def post(server: Server, path: str, body: object, key: str = API_KEY) -> dict[str, object]:
     request = urllib.request.Request(
         server.url(path),
         data=dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
@@ -192,10 +197,11 @@ def run_wrk(
     connections: int,
     seconds: float,
     threads: int,
+    key: str = API_KEY,
 ) -> Run:
     threads = min(threads, connections)
     command = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s", "--timeout", "10s"]
-    command += ["-s", str(LUA), server.url(""), "--", method, str(body_file or "-"), API_KEY, str(threads), *paths]
+    command += ["-s", str(LUA), server.url(""), "--", method, str(body_file or "-"), key, str(threads), *paths]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = [line.split() for line in finished.stdout.splitlines() if line.startswith("wrk-result ")]
     if server.process.poll() is not None:
@@ -212,12 +218,25 @@ def run_wrk(
     )
 
 
-def scenario_requests(scenario: str, ids: list[str], view_id: str) -> tuple[str, list[str]]:
+@dataclass(frozen=True)
+class Targets:
+    """What the scenarios load: the operator's conversations, a user's key and that user's, the view's."""
+
+    ids: list[str]
+    user_key: str
+    user_ids: list[str]
+    view_id: str
+
+
+def scenario_requests(scenario: str, targets: Targets) -> tuple[str, list[str], str]:
+    """(method, paths, key) of a scenario."""
     if scenario == "append":
-        return "POST", [f"/conversations/{i}/turns" for i in ids]
+        return "POST", [f"/conversations/{i}/turns" for i in targets.ids], API_KEY
+    if scenario == "user-append":
+        return "POST", [f"/conversations/{i}/turns" for i in targets.user_ids], targets.user_key
     if scenario == "view":
-        return "GET", [f"/conversations/{view_id}"]
-    return "GET", ["/health"]
+        return "GET", [f"/conversations/{targets.view_id}"], API_KEY
+    return "GET", ["/health"], API_KEY
 
 
 def valid_rounds(
@@ -235,12 +254,12 @@ def report(results: dict[tuple[str, int, str], list[Run]], args: argparse.Namesp
     )
     header = "".join(f"  {name + ' req/s':>13} {'p50 ms':>7} {'p99 ms':>7}" for name in APPS)
     ratios_header = "".join(f"  {'kraken/' + name:>14}  per round" for name in YARDSTICKS)
-    print(f"  {'scenario':8} {'conns':>5}{header}{ratios_header}")
+    print(f"  {'scenario':11} {'conns':>5}{header}{ratios_header}")
     for scenario in args.scenarios:
         for connections in args.connections:
             rounds = valid_rounds(results, scenario, connections)
             if not rounds:
-                print(f"  {scenario:8} {connections:>5}  no round without errors")
+                print(f"  {scenario:11} {connections:>5}  no round without errors")
                 continue
 
             def medians(runs: list[Run]) -> str:
@@ -253,7 +272,7 @@ def report(results: dict[tuple[str, int, str], list[Run]], args: argparse.Namesp
             for name in YARDSTICKS:
                 ratios = [each["kraken"].rate / each[name].rate for each in rounds]
                 line += f"  {statistics.median(ratios):>14.0%}  {' '.join(f'{r:.0%}' for r in ratios)}"
-            print(f"  {scenario:8} {connections:>5}{line}")
+            print(f"  {scenario:11} {connections:>5}{line}")
     errors = {
         name: sum(run.errors for (_, _, app), runs in results.items() if app == name for run in runs) for name in APPS
     }
@@ -263,6 +282,25 @@ def report(results: dict[tuple[str, int, str], list[Run]], args: argparse.Namesp
     for name in YARDSTICKS if rounds else ():
         ratio = statistics.median(each["kraken"].rate / each[name].rate for each in rounds)
         print(f"\n  GOAL appends at 16 connections, kraken/{name} >= {GOALS[name]:.0%}: {ratio:.0%}", end="")
+    if {"append", "user-append"} <= set(args.scenarios):
+        for connections in args.connections:
+            pairs = [
+                (operator, user)
+                for operator, user in zip(
+                    results[("append", connections, "kraken")],
+                    results[("user-append", connections, "kraken")],
+                    strict=True,
+                )
+                if operator.valid and user.valid
+            ]
+            if pairs:
+                ratios = [user.rate / operator.rate for operator, user in pairs]
+                print(
+                    f"\n  GOAL kraken's appends at {connections} connections, user key / operator key"
+                    f" >= {USER_KEY_GOAL:.0%}: {statistics.median(ratios):.0%}"
+                    f" (per round {' '.join(f'{r:.0%}' for r in ratios)})",
+                    end="",
+                )
     print()
 
 
@@ -281,7 +319,7 @@ async def analyze(db: DatabaseTarget) -> None:
     them plan again on statistics like a live database's."""
     conn = await connect(db)
     try:
-        await conn.execute("ANALYZE kraken_conversations, kraken_turns, kraken_tool_calls")
+        await conn.execute("ANALYZE kraken_conversations, kraken_turns, kraken_tool_calls, kraken_users")
     finally:
         await conn.close()
 
@@ -330,17 +368,27 @@ def load(db: DatabaseTarget, args: argparse.Namespace) -> None:
 def measure(db: DatabaseTarget, servers: dict[str, Server], logs: Path, args: argparse.Namespace) -> None:
     kraken = servers["kraken"]
     ids = [str(post(kraken, "/conversations", conversation().model_dump())["id"]) for _ in range(CONVERSATIONS)]
+    user_key = str(post(kraken, "/users", {"name": "bench"})["api_key"])
+    user_ids = [
+        str(post(kraken, "/conversations", conversation().model_dump(), key=user_key)["id"])
+        for _ in range(CONVERSATIONS)
+    ]
     view_id = str(post(kraken, "/conversations", conversation().model_dump())["id"])
     for _ in range(VIEW_TURNS):
         post(kraken, f"/conversations/{view_id}/turns", turn_payload(tool_calls=3))
+    targets = Targets(ids, user_key, user_ids, view_id)
     body_file = logs / "turn.json"
     body_file.write_text(dumps(turn_payload(tool_calls=3)))
-    print(f"{CONVERSATIONS} conversations to append to, one of {VIEW_TURNS} turns to view")
+    print(
+        f"{CONVERSATIONS} conversations to append to (and {CONVERSATIONS} of a user's),"
+        f" one of {VIEW_TURNS} turns to view"
+    )
 
     top = max(args.connections)
     for name in APPS:  # warm-up: every process's pool full, statements prepared, code paths hot
-        method, paths = scenario_requests("append", ids, view_id)
-        run_wrk(servers[name], method, paths, body_file, top, 3, args.wrk_threads)
+        for scenario in ("append", "user-append"):
+            method, paths, key = scenario_requests(scenario, targets)
+            run_wrk(servers[name], method, paths, body_file, top, 3, args.wrk_threads, key)
         run_wrk(servers[name], "GET", [f"/conversations/{view_id}"], None, top, 1, args.wrk_threads)
     asyncio.run(analyze(db))
     print("warmed up; tables analyzed\n")
@@ -349,7 +397,7 @@ def measure(db: DatabaseTarget, servers: dict[str, Server], logs: Path, args: ar
     for round_number in range(args.rounds):
         order = APPS if round_number % 2 == 0 else APPS[::-1]
         for scenario in args.scenarios:
-            method, paths = scenario_requests(scenario, ids, view_id)
+            method, paths, key = scenario_requests(scenario, targets)
             for connections in args.connections:
                 for name in order:
                     figures = run_wrk(
@@ -360,10 +408,11 @@ def measure(db: DatabaseTarget, servers: dict[str, Server], logs: Path, args: ar
                         connections,
                         args.duration,
                         args.wrk_threads,
+                        key,
                     )
                     results.setdefault((scenario, connections, name), []).append(figures)
                     print(
-                        f"round {round_number + 1}/{args.rounds}  {scenario:6} c={connections:<3} {name:7}"
+                        f"round {round_number + 1}/{args.rounds}  {scenario:11} c={connections:<3} {name:7}"
                         f" {figures.rate:8.0f} req/s  p50 {figures.p50_ms:6.1f} ms  p99 {figures.p99_ms:6.1f} ms"
                         + (
                             f"  ({figures.errors} errors{'' if figures.valid else ': run left out'})"
