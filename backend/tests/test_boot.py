@@ -1,17 +1,23 @@
 """The service's boot in-process: migrate, check or only look; liveness, readiness and logging."""
 
+import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from httpx import ASGITransport, AsyncClient
 
+from backend import database
+from backend.api import health
 from backend.config import Settings
 from backend.db.leases import Lease
 from backend.db.url import DatabaseTarget
 from backend.main import create_app
+from backend.migrations import runner
+from backend.migrations.revisions import read_revisions
 from backend.migrations.runner import MigrationError, SchemaNotAtHead, run_migrations
-from backend.tests.helpers import HEAD, SERVED, fetch, lender_on
+from backend.tests.helpers import HEAD, NEXT, SERVED, fetch, lender_on, scratch_alembic
 
 SettingsFor = Callable[..., Settings]
 
@@ -51,14 +57,41 @@ async def test_check_mode_starts_at_head(head_db: DatabaseTarget, settings_for: 
     assert (status, body["status"]) == (200, "ready")
 
 
+# A post-deploy revision after the real head: the real package has none trailing (008, pre-deploy,
+# follows 007), so the state this release is in from its restart until the post-deploy phase has
+# run is built with a copy of the package that has one.
+TRAILING_POST_DEPLOY = f'''
+    """post-deploy, after head: what the release before this one could not read"""
+    from alembic import op
+
+    revision = "{NEXT}"
+    down_revision = "{HEAD}"
+    phase = "post-deploy"
+
+
+    def upgrade() -> None:
+        op.execute("CREATE TABLE kraken_boot_post (id int)")
+
+
+    def downgrade() -> None:
+        op.execute("DROP TABLE kraken_boot_post")
+'''
+
+
 async def test_check_mode_starts_with_only_post_deploy_revisions_pending(
-    served_db: DatabaseTarget, settings_for: SettingsFor
+    served_db: DatabaseTarget, settings_for: SettingsFor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The new release from its restart until the post-deploy phase has run (007 pending).
-    assert SERVED != HEAD
+    # The new release from its restart until the post-deploy phase has run ({NEXT} pending). The
+    # boot's check and /ready read the copy's script directory; the database is a real one at SERVED.
+    scratch_alembic(tmp_path, {f"{NEXT}_post.py": TRAILING_POST_DEPLOY})
+    scripts = tmp_path / "alembic"
+    monkeypatch.setattr(database, "check_schema", functools.partial(runner.check_schema, script_location=scripts))
+    monkeypatch.setattr(health, "read_revisions", functools.partial(read_revisions, scripts))
+    monkeypatch.setattr(health, "schema_status_on", functools.partial(runner.schema_status_on, script_location=scripts))
     [(status, body)] = await get(settings_for(served_db, migrate_on_startup="check"), "/ready")
-    assert (status, body) == (200, {"status": "ready", "revision": SERVED, "head": [HEAD]})
+    assert (status, body) == (200, {"status": "ready", "revision": SERVED, "head": [NEXT]})
     assert await versions(served_db) == [SERVED]
+    assert (await fetch(served_db, "SELECT to_regclass('kraken_boot_post') IS NULL"))[0][0]  # not run
 
 
 async def test_off_mode_serves_but_is_not_ready_until_migrated(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from sqlalchemy.dialects import postgresql
@@ -24,15 +25,16 @@ from backend.migrations import ops
 from backend.models import Base
 from backend.tests.helpers import (
     EXPECTED_CONSTRAINTS_HEAD,
-    EXPECTED_INDEXES_006,
     EXPECTED_INDEXES_HEAD,
     HEAD,
+    NEXT,
     POST_DEPLOY_UPGRADE,
     SERVED,
     assert_indexes,
     constraints,
     out,
     run_alembic,
+    scratch_alembic,
     sql,
 )
 
@@ -93,12 +95,48 @@ def model_columns(db: DatabaseTarget, table: str) -> dict[str, tuple[str, bool]]
     return {name: (kind, not model.columns[name].nullable) for name, kind in asyncio.run(printed())}
 
 
-def test_the_pre_deploy_phase_stops_before_the_post_deploy_revisions(empty_db: DatabaseTarget) -> None:
+def test_the_pre_deploy_phase_runs_007_before_008_on_an_empty_database(empty_db: DatabaseTarget) -> None:
+    # 007 (post-deploy, an earlier release's) runs first: 008 (pre-deploy) follows it.
     result = run_alembic("upgrade", "head", target=empty_db)
     assert result.returncode == 0, out(result)
+    assert "running post-deploy revision 007 of an earlier release before pre-deploy revision 008" in out(result)
     assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [SERVED]
-    assert SERVED < HEAD  # 007 is post-deploy
-    assert_indexes(empty_db, EXPECTED_INDEXES_006)  # the copies indexed, not swapped yet
+    assert SERVED == HEAD  # nothing trails 008
+    assert_indexes(empty_db, EXPECTED_INDEXES_HEAD)
+
+
+# The real package has no trailing post-deploy revision (008, pre-deploy, follows 007): a copy of
+# it with one after head.
+TRAILING_POST_DEPLOY = f'''
+    """post-deploy, after head"""
+    from alembic import op
+
+    revision = "{NEXT}"
+    down_revision = "{HEAD}"
+    phase = "post-deploy"
+
+
+    def upgrade() -> None:
+        op.execute("CREATE INDEX kraken_trailing_post ON kraken_users (name)")
+
+
+    def downgrade() -> None:
+        op.execute("DROP INDEX kraken_trailing_post")
+'''
+
+
+def test_the_pre_deploy_phase_stops_before_the_post_deploy_revisions(empty_db: DatabaseTarget, tmp_path: Path) -> None:
+    ini = scratch_alembic(tmp_path, {f"{NEXT}_post.py": TRAILING_POST_DEPLOY})
+    result = run_alembic("upgrade", "head", target=empty_db, config=ini)
+    assert result.returncode == 0, out(result)
+    assert f"stopping before post-deploy revision(s) {NEXT}" in out(result)
+    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [HEAD]
+    assert_indexes(empty_db, EXPECTED_INDEXES_HEAD)
+    assert sql(empty_db, "SELECT to_regclass('kraken_trailing_post') IS NULL")[0][0]
+    second = run_alembic(*POST_DEPLOY_UPGRADE, target=empty_db, config=ini)
+    assert second.returncode == 0, out(second)
+    assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [NEXT]
+    assert sql(empty_db, "SELECT to_regclass('kraken_trailing_post') IS NOT NULL")[0][0]
 
 
 def test_the_upgrade_reaches_head(upgraded: DatabaseTarget) -> None:

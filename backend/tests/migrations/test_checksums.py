@@ -95,7 +95,12 @@ def test_the_applied_revisions_checksums_never_change() -> None:
     assert files["005"].checksum == "e96221d4f3e6f5fe2573c11edb87d3bfcaa6ec2c14a8e213a438da608be3386f"
     assert files["006"].checksum == "9cc154dabd4c7eb65a0eaca5c949e2a7f8aedd08809d40f449801e3a124ce94d"
     assert files["007"].checksum == "31a79837da4330f1a5a260e1e6f692b4cc4926d56bb4f9a0ed70223325be62b9"
-    assert (files["006"].phase, files["007"].phase) == ("pre-deploy", "post-deploy")  # the phase is in the checksum too
+    assert files["008"].checksum == "a0f087b64c0a255017829084f341cd60c61ebd07f06338dbc9264749023246b0"
+    assert (files["006"].phase, files["007"].phase, files["008"].phase) == (
+        "pre-deploy",
+        "post-deploy",
+        "pre-deploy",
+    )  # the phase is in the checksum too
     assert files["002"].file == "002_integrity_and_lookups.py"
 
 

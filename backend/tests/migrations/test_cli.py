@@ -77,14 +77,16 @@ async def test_current_and_check_answer_while_a_migration_holds_the_lock(head_db
 def test_commands_work_from_backend_as_from_the_root(empty_db: DatabaseTarget) -> None:
     # The seed's docs and deploy script run them from backend/ (`cd backend && uv run alembic ...`).
     backend = PROJECT_ROOT / "backend"
+    partway = run_alembic("upgrade", "006", target=empty_db, cwd=backend)
+    assert partway.returncode == 0, out(partway)
+    assert "Running upgrade  -> 001" in out(partway)
+    # alembic check compares with a database at head.
+    assert "Target database is not up to date" in out(run_alembic("check", target=empty_db, cwd=backend))
     upgraded = run_alembic("upgrade", "head", target=empty_db, cwd=backend)
     assert upgraded.returncode == 0, out(upgraded)
-    assert "Running upgrade  -> 001" in out(upgraded)
     current = run_alembic("current", target=empty_db, cwd=backend)
-    assert current.stdout.strip() == SERVED_CURRENT  # the pre-deploy phase
-    # alembic check compares with a database at head: the post-deploy phase first (as .ci/run does).
-    assert "Target database is not up to date" in out(run_alembic("check", target=empty_db, cwd=backend))
-    post = run_alembic(*POST_DEPLOY_UPGRADE, target=empty_db, cwd=backend)
+    assert current.stdout.strip() == SERVED_CURRENT  # the pre-deploy phase (007, then 008)
+    post = run_alembic(*POST_DEPLOY_UPGRADE, target=empty_db, cwd=backend)  # as .ci/run does
     assert post.returncode == 0, out(post)
     assert run_alembic("current", target=empty_db, cwd=backend).stdout.strip() == f"{HEAD} (head)"
     assert run_alembic("check", target=empty_db, cwd=backend).returncode == 0

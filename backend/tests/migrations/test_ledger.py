@@ -110,18 +110,24 @@ FOLLOWING = f'''
 
 
 def test_every_step_is_recorded_with_who_ran_it(empty_db: DatabaseTarget) -> None:
-    migrate(empty_db, "upgrade", "head")
-    assert rows(empty_db) == upgraded(revisions=SERVED_REVISIONS)  # the pre-deploy phase
+    # Two runs, one per phase: the pre-deploy phase to 006 (the release before 007), then the
+    # post-deploy phase (007, and 008 after it).
+    migrate(empty_db, "upgrade", "006")
+    first = [rev for rev in REVISIONS if rev <= "006"]
+    assert rows(empty_db) == upgraded(revisions=first)
     migrate(empty_db, *POST_DEPLOY_UPGRADE)
 
     assert rows(empty_db) == upgraded()
     details = sql(
         empty_db,
-        "SELECT run_id, started_at <= finished_at AS ordered, duration_ms, db_role, application_name,"
+        "SELECT revision, run_id, started_at <= finished_at AS ordered, duration_ms, db_role, application_name,"
         " client_host, service_version, current_user AS me, coalesce(host(inet_client_addr()), 'local socket') AS here"
         " FROM alembic_ledger",
     )
-    assert len({r["run_id"] for r in details}) == 2  # one run per phase
+    runs = {r["revision"]: r["run_id"] for r in details}
+    assert len(set(runs.values())) == 2  # one run per phase
+    assert len({runs[rev] for rev in first}) == 1
+    assert len({runs[rev] for rev in REVISIONS if rev > "006"}) == 1
     for row in details:
         assert row["ordered"]
         assert row["duration_ms"] >= 0
