@@ -1,5 +1,5 @@
-"""What a developer adds to the models in the autogenerate probe (issue 19): a users table, a
-``user_id`` foreign key on conversations with its index, a feedback table with foreign keys to
+"""What a developer adds to the models in the autogenerate probe (issue 19): a workspaces table, a
+``workspace_id`` foreign key on conversations with its index, a feedback table with foreign keys to
 turns and conversations, an index on an existing table and a new column.
 
 Importing it changes ``backend.models.Base.metadata`` for the whole process, so no test imports
@@ -18,8 +18,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 from backend.models import Base, Conversation, Turn
 
 
-class User(Base):
-    __tablename__ = "kraken_users"
+class Workspace(Base):
+    __tablename__ = "kraken_workspaces"
 
     # Types from the annotations (Base.type_annotation_map): text, timestamptz, bigint.
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=func.gen_random_uuid())
@@ -45,9 +45,9 @@ class Feedback(Base):
 # Existing tables gain a column with a foreign key and its index, a plain new column, and an index.
 _conversations = Conversation.__table__
 assert isinstance(_conversations, Table)
-_conversations.append_column(Column("user_id", Uuid, ForeignKey("kraken_users.id"), nullable=True))
+_conversations.append_column(Column("workspace_id", Uuid, ForeignKey("kraken_workspaces.id"), nullable=True))
 _conversations.append_column(Column("title", Text, nullable=True))
-Index("ix_kraken_conversations_user_id", _conversations.c.user_id)
+Index("ix_kraken_conversations_workspace_id", _conversations.c.workspace_id)
 _turns = Turn.__table__
 assert isinstance(_turns, Table)
 Index(

@@ -124,7 +124,7 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
     # Types from the models' annotations: text, timestamptz, bigint.
     assert upgrade[0][1:] == (
         [
-            "kraken_users",
+            "kraken_workspaces",
             {
                 "id": "uuid NOT NULL DEFAULT gen_random_uuid()",
                 "email": "text NOT NULL",
@@ -132,7 +132,7 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
                 "created_at": "timestamptz NOT NULL DEFAULT now()",
             },
         ],
-        {"primary_key": ["id"], "uniques": {"kraken_users_email_key": ["email"]}},
+        {"primary_key": ["id"], "uniques": {"kraken_workspaces_email_key": ["email"]}},
     )
     # The new table's keys to busy tables go to the helper, which adds them NOT VALID after the table.
     assert upgrade[1][1][0] == "kraken_feedback"
@@ -154,8 +154,12 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
         },
     }
     assert upgrade[2:] == [
-        ("ops.add_columns", ["kraken_conversations", {"user_id": "uuid", "title": "text"}], {}),
-        ("ops.create_index_concurrently", ["ix_kraken_conversations_user_id", "kraken_conversations", ["user_id"]], {}),
+        ("ops.add_columns", ["kraken_conversations", {"workspace_id": "uuid", "title": "text"}], {}),
+        (
+            "ops.create_index_concurrently",
+            ["ix_kraken_conversations_workspace_id", "kraken_conversations", ["workspace_id"]],
+            {},
+        ),
         (
             "ops.create_index_concurrently",
             ["ix_kraken_turns_model_created_at", "kraken_turns", ["model", "created_at"]],
@@ -163,24 +167,27 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
         ),
         (
             "ops.add_foreign_key_not_valid",
-            ["kraken_conversations_user_id_fkey", "kraken_conversations", ["user_id"], "kraken_users"],
+            ["kraken_conversations_workspace_id_fkey", "kraken_conversations", ["workspace_id"], "kraken_workspaces"],
             {},
         ),
-        ("ops.validate_constraint", ["kraken_conversations_user_id_fkey", "kraken_conversations"], {}),
+        ("ops.validate_constraint", ["kraken_conversations_workspace_id_fkey", "kraken_conversations"], {}),
     ]
     # The downgrade's data-loss guard comes before its first change.
     assert downgrade == [
         (
             "ops.refuse_data_loss",
             ["<revision>"],
-            {"tables": ["kraken_feedback", "kraken_users"], "columns": {"kraken_conversations": ["title", "user_id"]}},
+            {
+                "tables": ["kraken_feedback", "kraken_workspaces"],
+                "columns": {"kraken_conversations": ["title", "workspace_id"]},
+            },
         ),
-        ("ops.drop_constraint", ["kraken_conversations_user_id_fkey", "kraken_conversations"], {}),
+        ("ops.drop_constraint", ["kraken_conversations_workspace_id_fkey", "kraken_conversations"], {}),
         ("ops.drop_index_concurrently", ["ix_kraken_turns_model_created_at"], {}),
-        ("ops.drop_index_concurrently", ["ix_kraken_conversations_user_id"], {}),
-        ("ops.drop_columns", ["kraken_conversations", ["title", "user_id"]], {}),
+        ("ops.drop_index_concurrently", ["ix_kraken_conversations_workspace_id"], {}),
+        ("ops.drop_columns", ["kraken_conversations", ["title", "workspace_id"]], {}),
         ("ops.drop_table", ["kraken_feedback"], {}),
-        ("ops.drop_table", ["kraken_users"], {}),
+        ("ops.drop_table", ["kraken_workspaces"], {}),
     ]
 
     # Linted as CI lints every revision: every squawk rule on.
@@ -198,17 +205,19 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
         " AND conrelid IN ('kraken_feedback'::regclass, 'kraken_conversations'::regclass) ORDER BY 1",
     )
     assert [tuple(r) for r in constraints] == [
-        ("kraken_conversations_user_id_fkey", True),
+        ("kraken_conversations_user_id_fkey", True),  # 008's (real)
+        ("kraken_conversations_workspace_id_fkey", True),
         ("kraken_feedback_conversation_id_fkey", True),
         ("kraken_feedback_turn_id_fkey", True),
     ]
     indexes = sql(
         empty_db,
-        "SELECT indexrelid::regclass::text, indisvalid FROM pg_index WHERE indexrelid"
-        " IN ('ix_kraken_conversations_user_id'::regclass, 'ix_kraken_turns_model_created_at'::regclass) ORDER BY 1",
+        "SELECT indexrelid::regclass::text, indisvalid FROM pg_index WHERE indexrelid IN"
+        " ('ix_kraken_conversations_workspace_id'::regclass, 'ix_kraken_turns_model_created_at'::regclass)"
+        " ORDER BY 1",
     )
     assert [tuple(r) for r in indexes] == [
-        ("ix_kraken_conversations_user_id", True),
+        ("ix_kraken_conversations_workspace_id", True),
         ("ix_kraken_turns_model_created_at", True),
     ]
 
