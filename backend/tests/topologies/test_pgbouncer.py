@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from backend.config import PROJECT_ROOT, Settings
+from backend.conversations.schemas import as_utc
 from backend.db.admin import create_database, drop_databases
 from backend.db.engine import connect
 from backend.db.leases import Lease
@@ -296,8 +297,10 @@ async def test_the_services_sessions_stay_in_utc_on_a_server_connection_another_
     finally:
         await other.close()
     [stored] = await fetch(direct, "SELECT started_at, ended_at FROM kraken_conversations WHERE id = $1", created["id"])
-    started = datetime.strptime(created["started_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
-    assert stored["started_at"] == started  # UTC wall-clock, as shown
-    assert timedelta(0) <= datetime.now(UTC).replace(tzinfo=None) - started < timedelta(minutes=5)
+    started = datetime.strptime(created["started_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    # The served schema (007's swap ran before 008) stores instants; either form, the one shown.
+    assert as_utc(stored["started_at"]) == started
+    assert timedelta(0) <= datetime.now(UTC) - started < timedelta(minutes=5)
     assert ended["started_at"] == created["started_at"]
-    assert stored["ended_at"] == datetime.strptime(ended["ended_at"], "%Y-%m-%dT%H:%M:%S.%fZ")
+    ended_at = datetime.strptime(ended["ended_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert as_utc(stored["ended_at"]) == ended_at
