@@ -125,6 +125,28 @@ def out(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
 
+def trailing_post_deploy(doc: str, upgrade_sql: str, downgrade_sql: str) -> str:
+    """Source of a post-deploy revision NEXT after HEAD, for ``scratch_alembic``: the real package
+    has no post-deploy revision trailing its head, and the state a release is in from its restart
+    until the post-deploy phase runs is built with a copy of the package that has one."""
+    return f'''
+    """{doc}"""
+    from alembic import op
+
+    revision = "{NEXT}"
+    down_revision = "{HEAD}"
+    phase = "post-deploy"
+
+
+    def upgrade() -> None:
+        op.execute("{upgrade_sql}")
+
+
+    def downgrade() -> None:
+        op.execute("{downgrade_sql}")
+'''
+
+
 def scratch_alembic(directory: Path, revisions: dict[str, str] | None = None, *, models: str | None = None) -> Path:
     """A copy of the migration package in ``directory``, plus extra revision files; returns its ini.
 

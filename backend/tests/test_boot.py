@@ -17,7 +17,7 @@ from backend.main import create_app
 from backend.migrations import runner
 from backend.migrations.revisions import read_revisions
 from backend.migrations.runner import MigrationError, SchemaNotAtHead, run_migrations
-from backend.tests.helpers import HEAD, NEXT, SERVED, fetch, lender_on, scratch_alembic
+from backend.tests.helpers import HEAD, NEXT, SERVED, fetch, lender_on, scratch_alembic, trailing_post_deploy
 
 SettingsFor = Callable[..., Settings]
 
@@ -57,25 +57,11 @@ async def test_check_mode_starts_at_head(head_db: DatabaseTarget, settings_for: 
     assert (status, body["status"]) == (200, "ready")
 
 
-# A post-deploy revision after the real head: the real package has none trailing (008, pre-deploy,
-# follows 007), so the state this release is in from its restart until the post-deploy phase has
-# run is built with a copy of the package that has one.
-TRAILING_POST_DEPLOY = f'''
-    """post-deploy, after head: what the release before this one could not read"""
-    from alembic import op
-
-    revision = "{NEXT}"
-    down_revision = "{HEAD}"
-    phase = "post-deploy"
-
-
-    def upgrade() -> None:
-        op.execute("CREATE TABLE kraken_boot_post (id int)")
-
-
-    def downgrade() -> None:
-        op.execute("DROP TABLE kraken_boot_post")
-'''
+TRAILING_POST_DEPLOY = trailing_post_deploy(
+    "post-deploy, after head: what the release before this one could not read",
+    "CREATE TABLE kraken_boot_post (id int)",
+    "DROP TABLE kraken_boot_post",
+)
 
 
 async def test_check_mode_starts_with_only_post_deploy_revisions_pending(

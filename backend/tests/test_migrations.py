@@ -36,6 +36,7 @@ from backend.tests.helpers import (
     run_alembic,
     scratch_alembic,
     sql,
+    trailing_post_deploy,
 )
 
 TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls", "kraken_users")
@@ -105,24 +106,11 @@ def test_the_pre_deploy_phase_runs_007_before_008_on_an_empty_database(empty_db:
     assert_indexes(empty_db, EXPECTED_INDEXES_HEAD)
 
 
-# The real package has no trailing post-deploy revision (008, pre-deploy, follows 007): a copy of
-# it with one after head.
-TRAILING_POST_DEPLOY = f'''
-    """post-deploy, after head"""
-    from alembic import op
-
-    revision = "{NEXT}"
-    down_revision = "{HEAD}"
-    phase = "post-deploy"
-
-
-    def upgrade() -> None:
-        op.execute("CREATE INDEX kraken_trailing_post ON kraken_users (name)")
-
-
-    def downgrade() -> None:
-        op.execute("DROP INDEX kraken_trailing_post")
-'''
+TRAILING_POST_DEPLOY = trailing_post_deploy(
+    "post-deploy, after head",
+    "CREATE INDEX kraken_trailing_post ON kraken_users (name)",
+    "DROP INDEX kraken_trailing_post",
+)
 
 
 def test_the_pre_deploy_phase_stops_before_the_post_deploy_revisions(empty_db: DatabaseTarget, tmp_path: Path) -> None:
