@@ -16,7 +16,9 @@ the other, as deploy.yml does:
 - the post-deploy phase: ``alembic -x phase=post-deploy upgrade head``.
 
 The same code serves both phases (there is no restart: a restart's own gap is not what is
-measured). Prints each phase's time and the migrations' progress lines as they come, the phase's
+measured). First --baseline seconds of the same appends with nothing migrating: this machine's own
+stalls (a WAL fsync, a checkpoint) are the yardstick the phases' worst append is printed beside.
+Prints each phase's time and the migrations' progress lines as they come, the phase's
 five slowest appends with what the service's sessions waited on meanwhile (pg_stat_activity
 sampled every 10 ms: the wait event, and for a lock the statements holding it), then the
 appends' latency (median, p99, worst: the worst is the longest an append waited for the
@@ -110,7 +112,7 @@ async def append_forever(
 # lock the statements of the sessions holding it up (pg_blocking_pids takes the lock manager's
 # locks itself: only asked for lock waits, not while sessions wait on the WAL).
 WAITING = """
-SELECT a.wait_event_type || ':' || a.wait_event,
+SELECT a.pid, a.wait_event_type || ':' || a.wait_event,
        CASE WHEN a.wait_event_type = 'Lock' THEN
          (SELECT string_agg(DISTINCT left(regexp_replace(b.query, '\\s+', ' ', 'g'), 90), ' | ')
           FROM pg_stat_activity b WHERE b.pid = ANY(pg_blocking_pids(a.pid)))
@@ -125,6 +127,8 @@ SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90) FROM pg_stat_activity
 WHERE datname = current_database() AND application_name = $1 AND state = 'active' AND pid <> pg_backend_pid()
 """
 SAMPLE_EVERY = 0.01
+# Seconds of appends not counted at all: the first requests of each connection, on cold caches.
+WARM_UP = 5.0
 
 
 @dataclass
@@ -132,6 +136,29 @@ class Wait:
     at: float  # wall-clock epoch seconds
     event: str  # the service session's wait event, or "migrating" for a migration's statement
     behind: str | None
+    pid: int = 0  # the service session's
+
+
+def longest_lock_wait(samples: list[Wait], since: float) -> float:
+    """The longest a service session was seen waiting for a lock (heavyweight: a table's or a
+    row's) since ``since``, from consecutive samples: what a migration's locks cost the service,
+    apart from the machine's own stalls. Milliseconds, to within a sampling interval."""
+    longest = 0.0
+    started: dict[int, float] = {}
+    seen_at: list[float] = sorted({w.at for w in samples if w.at >= since})
+    waiting_at: dict[float, set[int]] = {}
+    for w in samples:
+        if w.at >= since and w.event.startswith("Lock:"):
+            waiting_at.setdefault(w.at, set()).add(w.pid)
+    for at in seen_at:
+        now = waiting_at.get(at, set())
+        for pid in list(started):
+            if pid not in now:
+                del started[pid]
+        for pid in now:
+            started.setdefault(pid, at)
+            longest = max(longest, at - started[pid] + SAMPLE_EVERY)
+    return longest * 1000
 
 
 async def sample_waits(db: DatabaseTarget, samples: list[Wait], stop: asyncio.Event) -> None:
@@ -140,7 +167,7 @@ async def sample_waits(db: DatabaseTarget, samples: list[Wait], stop: asyncio.Ev
         while not stop.is_set():
             now = time.time()
             rows = await conn.fetch(WAITING, SERVICE_APPLICATION_NAME)
-            samples.extend(Wait(now, event, behind) for event, behind in rows)
+            samples.extend(Wait(now, event, behind, pid) for pid, event, behind in rows)
             running = await conn.fetch(MIGRATING, MIGRATION_APPLICATION_NAME)
             samples.extend(Wait(now, "migrating", query) for (query,) in running)
             await asyncio.sleep(SAMPLE_EVERY)
@@ -185,11 +212,24 @@ async def deploy(db: DatabaseTarget, server: Server, args: argparse.Namespace, i
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     record: list[Append] = []
     samples: list[Wait] = []
+    baseline = warm = 0
     stop = asyncio.Event()
     async with httpx.AsyncClient(base_url=server.url(""), headers=headers, timeout=30) as client:
         clients = [asyncio.ensure_future(append_forever(client, ids, body, record, stop)) for _ in range(args.clients)]
         clients.append(asyncio.ensure_future(sample_waits(db, samples, stop)))
         try:
+            if args.baseline > 0:
+                # The same appends with nothing migrating, after WARM_UP: what this machine's own
+                # stalls (a WAL fsync, a checkpoint, both CPUs busy) cost them, the yardstick for
+                # the phases' figures.
+                await asyncio.sleep(WARM_UP)
+                warm = len(record)
+                await asyncio.sleep(args.baseline)
+                baseline = len(record)
+                say(f"baseline, {args.baseline:.0f} s with no migration: {describe(record[warm:baseline])}")
+                for line in worst_appends(record[warm:baseline], samples, 3):
+                    say(f"    {line}")
+            phases_began = time.time()
             for phase, command in (
                 ("pre-deploy", ["upgrade", "head"]),
                 ("post-deploy", ["-x", f"{PHASE_ARGUMENT}={POST_DEPLOY}", "upgrade", "head"]),
@@ -209,7 +249,20 @@ async def deploy(db: DatabaseTarget, server: Server, args: argparse.Namespace, i
         finally:
             stop.set()
             await asyncio.gather(*clients)
+    if args.baseline > 0 and record[warm:baseline] and record[baseline:]:
+        say(
+            f"worst append during the phases {worst(record[baseline:]):.1f} ms, "
+            f"with no migration {worst(record[warm:baseline]):.1f} ms"
+        )
+    say(
+        f"longest lock wait of a service session during the phases: {longest_lock_wait(samples, phases_began):.0f} ms"
+        f" (sampled every {SAMPLE_EVERY * 1000:.0f} ms)"
+    )
     return record
+
+
+def worst(record: list[Append]) -> float:
+    return max((a.ended - a.began) * 1000 for a in record)
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -282,6 +335,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="connections appending over HTTP")
     parser.add_argument("--workers", type=int, default=2, help="kraken-backend's worker processes")
     parser.add_argument("--pool-size", type=int, default=8, help="database connections per worker process")
+    parser.add_argument(
+        "--baseline", type=float, default=30, help="seconds of appends with no migration first, the yardstick (0: none)"
+    )
     asyncio.run(run(parser.parse_args()))
 
 

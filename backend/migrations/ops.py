@@ -1765,7 +1765,10 @@ class ColumnTypeChange:
       column (with its indexes) dropped.
 
     ``undo_contract()``, ``undo_swap()`` and ``undo_expand()`` walk back, keeping every value
-    (undo_contract builds the old column again the way expand built the new one).
+    (undo_contract builds the old column again the way expand built the new one). Each takes the
+    column back from wherever it stands: a revision that changes several columns commits after
+    each, so one that stopped part-way is not recorded, and the downgrade that runs next is the
+    step's before it (undo_expand finds a column swapped, undo_swap one contracted).
 
     Online the plan comes from PostgreSQL itself: the conversion is tried on an empty copy of the
     table (``LIKE ... INCLUDING INDEXES``, a temporary table) and, when that rewrote neither the
@@ -2173,14 +2176,16 @@ class ColumnTypeChange:
         if state in ("before", "expanded"):
             return
         if state == "done":
-            if not self._in_place(forward=False):
-                raise CommandError(
-                    f"{self.table}.{self.column} has no copy in {self.old_type} to swap back: "
-                    "run the contract's downgrade first"
-                )
-            op.execute(self._alter_in_place(False, ident(self.table)))
-            commit()
-            return
+            if self._in_place(forward=False):
+                op.execute(self._alter_in_place(False, ident(self.table)))
+                commit()
+                return
+            # The contract ran on this column, though the revision that holds it is not recorded
+            # (it stopped after this column): the old column is built again first, as its
+            # downgrade would.
+            logger.info("%s.%s: contracted already; building %s again first", self.table, self.column, self.old_type)
+            self.undo_contract()
+            state, found = self._state()
         self._ready(OLD_SUFFIX, found)
         self._swap(NEW_SUFFIX, OLD_SUFFIX, False, found.default, [name for name, _, _ in found.indexes])
 
@@ -2191,5 +2196,11 @@ class ColumnTypeChange:
             return
         state, found = self._state()
         if state in ("swapped", "done"):
-            raise CommandError(f"{self.table}.{self.column} is swapped: undo the swap first")
+            # The swap's revision stopped after this column (a swap commits per column), so it is
+            # not recorded and its downgrade does not run: the swap is undone here first.
+            logger.info("%s.%s: swapped already; swapping it back first", self.table, self.column)
+            self.undo_swap()
+            state, found = self._state()
+            if state == "before":  # the swap had changed it in place: there is no copy
+                return
         self._drop_copy(self._name(NEW_SUFFIX), [_suffixed(name, NEW_SUFFIX) for name, _, _ in found.indexes])

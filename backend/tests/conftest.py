@@ -226,51 +226,49 @@ def served_db(database_factory: Databases, served_template: DatabaseTarget) -> D
     return _migrated(database_factory, served_template)
 
 
-# The two forms of the three timestamp columns (started_at, ended_at, created_at) this release
-# serves: `timestamp without time zone` with its timestamptz copies (after the pre-deploy phase:
-# 006, before 007's swap runs) and `timestamptz` (at head: 007 swapped them).
-FORM_TEMPLATES = {"timestamp": "served_template", "timestamptz": "head_template"}
+# The template of each of the schemas this release serves (helpers.SERVED_SCHEMAS).
+SCHEMA_TEMPLATES = {"served": "served_template", "head": "head_template"}
 # A default time zone far from UTC, with summer time: a session that kept it would shift instants.
 NEW_YORK = "America/New_York"
 
 
 @pytest.fixture(scope="session")
 def new_york_dbs(database_factory: Databases, request: pytest.FixtureRequest) -> Callable[[str], DatabaseTarget]:
-    """A database per form of the timestamp columns (``TIMESTAMP_FORMS``: a copy of the template
-    of ``FORM_TEMPLATES``), made on first use, whose default time zone is America/New_York."""
+    """A database per schema this release serves (``SERVED_SCHEMAS``: a copy of the template of
+    ``SCHEMA_TEMPLATES``), made on first use, whose default time zone is America/New_York."""
     made: dict[str, DatabaseTarget] = {}
 
-    def of(form: str) -> DatabaseTarget:
-        if form not in made:
-            target = _migrated(database_factory, request.getfixturevalue(FORM_TEMPLATES[form]))
+    def of(schema: str) -> DatabaseTarget:
+        if schema not in made:
+            target = _migrated(database_factory, request.getfixturevalue(SCHEMA_TEMPLATES[schema]))
             sql(target, f"ALTER DATABASE \"{target.database}\" SET timezone = '{NEW_YORK}'")
-            made[form] = target
-        return made[form]
+            made[schema] = target
+        return made[schema]
 
     return of
 
 
 @pytest.fixture
-def timestamp_form() -> str | None:
-    """The form of the timestamp columns API tests run on: None for ``migrated_db``; a test marked
-    ``both_timestamp_forms`` runs on each, in a database of ``new_york_dbs``."""
+def served_schema() -> str | None:
+    """The schema API tests run on: None for ``migrated_db``; a test marked ``each_served_schema``
+    runs on each of ``SERVED_SCHEMAS``, in a database of ``new_york_dbs``."""
     return None
 
 
 @pytest.fixture
 def api_db(
-    request: pytest.FixtureRequest, timestamp_form: str | None, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, served_schema: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[DatabaseTarget]:
-    """The database of the test's transaction (``db_connection``) and its app. On a form of
+    """The database of the test's transaction (``db_connection``) and its app. On a database of
     ``new_york_dbs`` this process's local time zone is New York's too: asyncpg reads a naive
     datetime sent as a timestamptz in it, so a time the code left naive would shift."""
-    if timestamp_form is None:
+    if served_schema is None:
         yield request.getfixturevalue("migrated_db")
         return
     monkeypatch.setenv("TZ", NEW_YORK)
     time.tzset()
     try:
-        yield request.getfixturevalue("new_york_dbs")(timestamp_form)
+        yield request.getfixturevalue("new_york_dbs")(served_schema)
     finally:
         monkeypatch.undo()
         time.tzset()

@@ -335,6 +335,13 @@ def run_ops(
     asyncio.run(run_ops_async(target, operations, lock_timeout=lock_timeout, long_waits=long_waits, x=x))
 
 
+def revision_module(revision: str) -> Any:
+    """The real revision file ``revision`` as Alembic loaded it (its ``CHANGES``, its steps)."""
+    script = ScriptDirectory.from_config(alembic_config()).get_revision(revision)
+    assert script is not None, revision
+    return script.module
+
+
 def offline_ops(operations: Callable[[], object]) -> str:
     """The SQL ``operations`` emit in --sql mode: no connection exists, so nothing can be looked up."""
     buffer = io.StringIO()
@@ -470,10 +477,12 @@ async def live(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-# The forms of the three timestamp columns (started_at, ended_at, created_at) the service must
-# serve (conftest's new_york_dbs); a test marked so runs on each.
-TIMESTAMP_FORMS = ("timestamp", "timestamptz")
-both_timestamp_forms = pytest.mark.parametrize("timestamp_form", TIMESTAMP_FORMS)
+# The schemas this release serves (conftest's new_york_dbs): after the pre-deploy phase (from
+# the restart on), and at head (after the post-deploy phase); one when no post-deploy revision
+# trails. A test marked so runs on each. (The schemas older releases meet, the timestamp columns
+# without time zone among them, are test_previous_release's: each release's own tests.)
+SERVED_SCHEMAS = ("served", "head") if SERVED != HEAD else ("head",)
+each_served_schema = pytest.mark.parametrize("served_schema", SERVED_SCHEMAS)
 
 
 def utc(moment: str) -> datetime:

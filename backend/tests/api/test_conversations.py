@@ -11,7 +11,7 @@ from backend.conversations import service
 from backend.conversations.schemas import dumps
 from backend.tests.helpers import (
     CONVERSATION,
-    both_timestamp_forms,
+    each_served_schema,
     instant,
     new_conversation,
     rows,
@@ -32,7 +32,7 @@ def parse_ts(value: str) -> datetime:
 # --- POST /conversations -------------------------------------------------------------------
 
 
-@both_timestamp_forms  # in a database whose default time zone is New York: stored times are still UTC
+@each_served_schema  # in a database whose default time zone is New York: stored times are still UTC
 async def test_create_starts_an_active_conversation_with_zero_totals(client, db_connection):
     created = await new_conversation(client)
 
@@ -220,7 +220,7 @@ async def test_the_truncation_limit_is_a_setting(client, app):
 # --- POST /conversations/{id}/end ----------------------------------------------------------
 
 
-@both_timestamp_forms
+@each_served_schema
 @pytest.mark.parametrize("status", ["completed", "abandoned", "error"])
 async def test_end_sets_the_status_and_ended_at(client, status):
     conversation = await new_conversation(client)
@@ -262,7 +262,7 @@ async def test_end_with_a_bad_status_is_422_naming_the_field(client, body):
 # --- GET /conversations/{id} ---------------------------------------------------------------
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_the_shared_view_is_what_was_posted_in_order(client, anonymous):
     conversation = await new_conversation(client)
     posted = []
@@ -418,7 +418,7 @@ async def test_malformed_and_unknown_ids_are_404(client, conversation_id, method
 # --- GET /conversations?session_id= --------------------------------------------------------
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_listing_is_newest_first_and_pages_without_gaps_or_repeats(client, db_connection):
     ids = [(await new_conversation(client, session_id="listed"))["id"] for _ in range(7)]
     await new_conversation(client, session_id="another session")
@@ -446,7 +446,7 @@ async def test_listing_is_newest_first_and_pages_without_gaps_or_repeats(client,
     assert pages == 4
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_any_cursor_of_the_documented_form_is_a_position(client, db_connection):
     ids = [(await new_conversation(client, session_id="positions"))["id"] for _ in range(2)]
     for conversation_id, start in zip(ids, ["2025-01-01 10:00", "2025-01-01 11:00"], strict=True):
@@ -501,7 +501,7 @@ async def _turn_at(client, db_connection, conversation_id, created_at, **fields)
     await set_time(db_connection, "kraken_turns", "created_at", turn["id"], created_at)
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_usage_sums_turns_tokens_and_cost_per_model_and_per_day(client, db_connection):
     conversation = (await new_conversation(client))["id"]
     tokens = {"cache_creation_tokens": 0, "cache_read_tokens": 1}
@@ -550,7 +550,7 @@ async def test_usage_sums_turns_tokens_and_cost_per_model_and_per_day(client, db
     ]
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_usage_takes_offsets_and_reads_times_without_one_as_utc(client, db_connection):
     conversation = (await new_conversation(client))["id"]
     await _turn_at(client, db_connection, conversation, "2025-03-01 22:30:00")
@@ -562,7 +562,7 @@ async def test_usage_takes_offsets_and_reads_times_without_one_as_utc(client, db
     assert outside.json()["groups"] == []
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_usage_takes_a_date_as_its_midnight_utc(client, db_connection):
     conversation = (await new_conversation(client))["id"]
     await _turn_at(client, db_connection, conversation, "2025-03-01 00:00:00")
@@ -598,7 +598,7 @@ async def test_an_interval_ending_at_or_before_its_start_is_empty(client, db_con
         ("9999-12-30T23:59:59-23:59", "9999-12-31T23:58:59.000000Z"),
     ],
 )
-@both_timestamp_forms
+@each_served_schema
 async def test_usage_writes_every_year_it_accepts_as_rfc_3339(client, start, shown):
     response = await client.get("/usage", params={"from": start, "to": "9999-12-31"})
     assert response.status_code == 200, response.text

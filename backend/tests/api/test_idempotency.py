@@ -7,10 +7,10 @@ import json
 import httpx
 
 from backend.conversations.schemas import TurnCreate
-from backend.tests.helpers import CONVERSATION, both_timestamp_forms, new_conversation, rows, stored_counts, turn_body
+from backend.tests.helpers import CONVERSATION, each_served_schema, new_conversation, rows, stored_counts, turn_body
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_a_retried_append_returns_the_stored_turn_and_stores_nothing(
     client: httpx.AsyncClient, db_connection
 ) -> None:
@@ -104,7 +104,7 @@ async def test_turn_keys_belong_to_their_conversation(client: httpx.AsyncClient)
     assert "idempotent-replayed" not in b.headers
 
 
-@both_timestamp_forms
+@each_served_schema
 async def test_a_retried_create_returns_the_stored_conversation(client: httpx.AsyncClient, db_connection) -> None:
     key = {"Idempotency-Key": "create-once"}
     first = await client.post("/conversations", json=CONVERSATION, headers=key)

@@ -26,7 +26,7 @@ from backend.conversations.schemas import (
 )
 from backend.db import pool as db_pool
 from backend.db.leases import Lease
-from backend.tests.helpers import CONVERSATION, both_timestamp_forms, driver_of, lender_on, rows, turn_body
+from backend.tests.helpers import CONVERSATION, driver_of, each_served_schema, lender_on, rows, turn_body
 
 # --- store_tool_result ---------------------------------------------------------------------
 
@@ -271,7 +271,7 @@ async def test_delete_removes_children_without_relying_on_cascades(conn, db_conn
         await service.delete_conversation(conn, conversation_id)
 
 
-@both_timestamp_forms
+@each_served_schema
 @pytest.mark.parametrize("group_by", ["model", "day"])
 async def test_usage_reads_its_interval_from_the_created_at_index_on_either_form(conn, group_by):
     # The bounds are timestamptz whatever created_at is: compared with a timestamp column they

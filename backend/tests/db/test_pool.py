@@ -140,7 +140,7 @@ async def test_the_pool_opens_nothing_until_a_request_needs_a_connection(setting
 
 @pytest.fixture
 def new_york_db(new_york_dbs):
-    return new_york_dbs("timestamptz")
+    return new_york_dbs("head")
 
 
 async def test_the_pools_sessions_are_in_utc_whatever_the_databases_default(new_york_db, settings_for):

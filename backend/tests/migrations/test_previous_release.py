@@ -8,6 +8,10 @@ restart on, the new one does, also through the post-deploy phase. So for every r
   when it is pre-deploy, without it when it is post-deploy (it runs once the new release serves);
 - for a post-deploy revision, the release that added it (the tree of that commit) runs its own
   API tests on the schema before it (the restart until the post-deploy phase) and after it;
+- for a revision of several type changes, which commits after each, the release serving while it
+  runs (the previous one for a pre-deploy revision, the new one for a post-deploy one) also runs
+  them on the schema a run stopped after its first change leaves (the phase fails there, and that
+  release goes on serving);
 
 and this checkout's API tests run on the schema after the pre-deploy phase (``SERVED``); the rest of
 the suite runs at head, after both (conftest's ``head_template``).
@@ -29,14 +33,17 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from backend.config import PROJECT_ROOT
 from backend.db.url import DatabaseTarget
+from backend.migrations import ops
 from backend.migrations.revisions import POST_DEPLOY, read_revisions
-from backend.tests.helpers import SERVED, out, run_alembic, url_of
+from backend.tests.helpers import SERVED, out, revision_module, run_alembic, run_ops, sql, url_of
 
 pytestmark = pytest.mark.slow
 
@@ -131,21 +138,44 @@ FILES = read_revisions().by_revision
 AFTER_004 = sorted(r for r in FILES if r > "004")
 
 
+# The schema a revision leaves when its run stopped after its first commit (a lock's retries ran
+# out): a revision of several type changes (``CHANGES``) commits after each, and the phase it ran
+# in fails with it, so the release that was serving goes on serving on that schema.
+PART_WAY = " part-way"
+
+
+def changes_of(revision: str) -> Sequence[ops.ColumnTypeChange]:
+    return list(getattr(revision_module(revision), "CHANGES", ()))
+
+
 def cases() -> list[tuple[str, str, str]]:
     """(revision, release, schema): the release that serves, relative to the revision ("previous":
-    the one before its file; "new": the one that added it), and the revision the schema is at."""
+    the one before its file; "new": the one that added it), and the revision the schema is at
+    (``PART_WAY`` after it: the revision stopped after its first commit)."""
     found = []
     for revision in AFTER_004:
+        several = len(changes_of(revision)) > 1
         if FILES[revision].phase == POST_DEPLOY:
             before = FILES[revision].down_revisions[0]
             found += [(revision, "previous", before), (revision, "new", before), (revision, "new", revision)]
+            found += [(revision, "new", revision + PART_WAY)] if several else []
         else:
             found.append((revision, "previous", revision))
+            found += [(revision, "previous", revision + PART_WAY)] if several else []
     return found
 
 
 def migrate_to(db: DatabaseTarget, revision: str) -> None:
-    """``db`` (empty) at ``revision`` with this checkout's migrations, in the phase it belongs to."""
+    """``db`` (empty) at ``revision`` with this checkout's migrations, in the phase it belongs to;
+    for ``<revision> part-way``, at the revision before it, then ``revision``'s upgrade run over
+    its first change only, as a run that stopped after that change's commit leaves it."""
+    if revision.endswith(PART_WAY):
+        revision = revision.removesuffix(PART_WAY)
+        migrate_to(db, FILES[revision].down_revisions[0])
+        module = revision_module(revision)
+        with mock.patch.object(module, "CHANGES", changes_of(revision)[:1]):
+            run_ops(db, module.upgrade)
+        return
     phase = ["-x", f"phase={POST_DEPLOY}"] if FILES[revision].phase == POST_DEPLOY else []
     result = run_alembic(*phase, "upgrade", revision, target=db)
     assert result.returncode == 0, out(result)
@@ -156,6 +186,16 @@ def test_every_revision_after_004_is_covered() -> None:
     assert ("008", "previous", "008") in cases()  # 008 is pre-deploy: the previous release meets it
     assert ("007", "previous", "006") in cases()  # 007 is post-deploy: the previous release never meets it
     assert {("007", "new", "006"), ("007", "new", "007")} <= set(cases())
+    # 006 and 007 change three columns, committing after each: a run can stop between them.
+    assert {("006", "previous", "006 part-way"), ("007", "new", "007 part-way")} <= set(cases())
+
+
+def test_a_part_way_schema_is_the_revision_before_with_its_first_change_made(empty_db: DatabaseTarget) -> None:
+    migrate_to(empty_db, "007 part-way")
+    assert str(sql(empty_db, "SELECT version_num FROM alembic_version")[0][0]) == "006"
+    swapped = "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attname LIKE '%\\_\\_old'"
+    assert [r[0] for r in sql(empty_db, swapped, "kraken_conversations")] == ["started_at__old"]
+    assert sql(empty_db, swapped, "kraken_turns") == []
 
 
 @pytest.mark.parametrize(("revision", "release", "schema"), cases(), ids=lambda v: str(v))

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from backend.config import PROJECT_ROOT
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
-from backend.tests.helpers import child_env, execute_script, fetch, out, run_alembic, sql
+from backend.tests.helpers import child_env, execute_script, fetch, out, revision_module, run_alembic, run_ops, sql
 from backend.tests.migrations.test_revision_006 import COLUMNS, instants, new_york
 
 POST_DEPLOY = ("-x", "phase=post-deploy")
@@ -108,6 +108,27 @@ def test_007_swaps_every_column_keeping_its_instants_and_the_old_columns_in_sync
     # Back at 006 the previous release writes naive UTC times: the copies follow again.
     sql(db, "UPDATE kraken_conversations SET ended_at = timestamp '2026-12-04 08:00' WHERE session_id = 'new'")
     assert instants(db, "__new") == instants(db)
+
+
+def test_007_stopped_after_its_first_column_downgrades_to_005_keeping_every_instant(empty_db: DatabaseTarget) -> None:
+    """007 commits once per column: a run stopped after the first (its lock retries ran out on
+    kraken_turns) is not recorded, so a rollback runs 006's downgrade on a column already swapped."""
+    db = empty_db
+    before = at_006(db)
+    run_ops(db, revision_module("007").CHANGES[0].swap)  # what such a run leaves
+    assert version(db) == "006"
+    assert [r[:2] for r in types(db, "kraken_conversations", "started_at")] == [
+        ("started_at", TIMESTAMPTZ),
+        ("started_at__old", TIMESTAMP),
+    ]
+    down = run_alembic("downgrade", "005", target=db)
+    assert down.returncode == 0, out(down)
+    assert version(db) == "005"
+    for table, columns in COLUMNS.items():
+        for column in columns:
+            assert [r[:2] for r in types(db, table, column)] == [(column, TIMESTAMP)]
+    assert instants(db) == before
+    assert "kraken_conversations.started_at: swapped already; swapping it back first" in out(down)
 
 
 def test_007_offline_sql_does_what_the_online_run_does(empty_db: DatabaseTarget) -> None:

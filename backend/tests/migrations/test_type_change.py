@@ -287,6 +287,37 @@ def test_each_downgrade_keeps_every_value_and_the_trigger_runs_the_other_way(db:
     assert schema(db) == original
 
 
+def test_each_downgrade_takes_the_column_back_from_a_later_step_its_revision_did_not_record(
+    db: DatabaseTarget,
+) -> None:
+    """A revision changing several columns commits after each: stopped part-way, it is not recorded,
+    so the downgrade that runs next is the step's before it. undo_expand on a swapped column undoes
+    the swap first; undo_swap on a contracted one builds the old column again first."""
+    original = schema(db)
+    step(db, AT, "expand")
+    sql(db, "INSERT INTO events (at, n) VALUES ('2026-06-01 12:00', 3001)")
+    step(db, AT, "swap")
+    sql(db, "INSERT INTO events (at, n) VALUES ('2026-07-01 12:00+00', 3002)")
+    swapped = instants(db)
+    step(db, AT, "undo_expand")
+    assert schema(db) == original
+    assert instants(db) == swapped
+
+    for name in STEPS:
+        step(db, AT, name)
+    sql(db, "INSERT INTO events (at, n) VALUES ('2026-08-01 00:30+00', 3003)")
+    contracted = instants(db)
+    step(db, AT, "undo_swap")
+    assert columns(db)["at"] == ("timestamp without time zone", True, "now()")
+    assert columns(db)["at__new"] == ("timestamp with time zone", True, None)
+    assert "at__old" not in columns(db)
+    assert index_definitions(db)["ix_events_n_at__new"][1] is True
+    assert instants(db) == instants(db, "at__new") == contracted
+    step(db, AT, "undo_expand")
+    assert schema(db) == original
+    assert instants(db) == contracted
+
+
 def test_an_expand_interrupted_half_way_is_finished_by_the_next_run(db: DatabaseTarget) -> None:
     """As a killed run leaves it: the copy added and half filled, by nothing that keeps it in
     sync, and its NOT NULL check added but not validated."""
