@@ -625,7 +625,10 @@ INDEXES_USERS_ADDS = {
     "ix_kraken_conversations_user_id": "(user_id)",
 }
 EXPECTED_CONSTRAINTS_HEAD = {**EXPECTED_CONSTRAINTS, **CONSTRAINTS_USERS_ADDS}
-EXPECTED_INDEXES_HEAD = {**EXPECTED_INDEXES_007, **INDEXES_USERS_ADDS}
+EXPECTED_INDEXES_008 = {**EXPECTED_INDEXES_007, **INDEXES_USERS_ADDS}
+# 009 drops the old columns, their indexes with them.
+EXPECTED_INDEXES_009 = {name: columns for name, columns in EXPECTED_INDEXES_008.items() if "__old" not in name}
+EXPECTED_INDEXES_HEAD = EXPECTED_INDEXES_009
 
 
 def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:

@@ -65,19 +65,20 @@ TRAILING_POST_DEPLOY = trailing_post_deploy(
 
 
 async def test_check_mode_starts_with_only_post_deploy_revisions_pending(
-    served_db: DatabaseTarget, settings_for: SettingsFor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    head_db: DatabaseTarget, settings_for: SettingsFor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The new release from its restart until the post-deploy phase has run ({NEXT} pending). The
-    # boot's check and /ready read the copy's script directory; the database is a real one at SERVED.
+    # boot's check and /ready read the copy's script directory, whose real revisions are all
+    # pre-deploy (scratch_alembic): the database is a real one where they all ran (at HEAD).
     scratch_alembic(tmp_path, {f"{NEXT}_post.py": TRAILING_POST_DEPLOY})
     scripts = tmp_path / "alembic"
     monkeypatch.setattr(database, "check_schema", functools.partial(runner.check_schema, script_location=scripts))
     monkeypatch.setattr(health, "read_revisions", functools.partial(read_revisions, scripts))
     monkeypatch.setattr(health, "schema_status_on", functools.partial(runner.schema_status_on, script_location=scripts))
-    [(status, body)] = await get(settings_for(served_db, migrate_on_startup="check"), "/ready")
-    assert (status, body) == (200, {"status": "ready", "revision": SERVED, "head": [NEXT]})
-    assert await versions(served_db) == [SERVED]
-    assert (await fetch(served_db, "SELECT to_regclass('kraken_boot_post') IS NULL"))[0][0]  # not run
+    [(status, body)] = await get(settings_for(head_db, migrate_on_startup="check"), "/ready")
+    assert (status, body) == (200, {"status": "ready", "revision": HEAD, "head": [NEXT]})
+    assert await versions(head_db) == [HEAD]
+    assert (await fetch(head_db, "SELECT to_regclass('kraken_boot_post') IS NULL"))[0][0]  # not run
 
 
 async def test_off_mode_serves_but_is_not_ready_until_migrated(

@@ -25,6 +25,7 @@ from backend.migrations import ops
 from backend.models import Base
 from backend.tests.helpers import (
     EXPECTED_CONSTRAINTS_HEAD,
+    EXPECTED_INDEXES_008,
     EXPECTED_INDEXES_HEAD,
     HEAD,
     NEXT,
@@ -102,8 +103,9 @@ def test_the_pre_deploy_phase_runs_007_before_008_on_an_empty_database(empty_db:
     assert result.returncode == 0, out(result)
     assert "running post-deploy revision 007 of an earlier release before pre-deploy revision 008" in out(result)
     assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [SERVED]
-    assert SERVED == HEAD  # nothing trails 008
-    assert_indexes(empty_db, EXPECTED_INDEXES_HEAD)
+    assert (SERVED, HEAD) == ("008", "009")  # 009 (post-deploy) trails it
+    assert "stopping before post-deploy revision(s) 009" in out(result)
+    assert_indexes(empty_db, EXPECTED_INDEXES_008)
 
 
 TRAILING_POST_DEPLOY = trailing_post_deploy(
