@@ -21,9 +21,10 @@ from backend.tests.migrations.test_revision_007 import (
     version,
 )
 
-HELPERS = """
-SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgrelid IN ('kraken_conversations'::regclass, 'kraken_turns'::regclass)
-"""  # fmt: skip
+HELPERS = (
+    "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal"
+    " AND tgrelid IN ('kraken_conversations'::regclass, 'kraken_turns'::regclass)"
+)
 FUNCTIONS = "SELECT count(*) FROM pg_proc WHERE proname LIKE 'kraken\\_%\\_\\_sync'"
 
 
