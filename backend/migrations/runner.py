@@ -101,8 +101,24 @@ async def read_schema_status(
     conn = await open_connection(target, wait=wait)
     try:
         return await schema_status_on(conn, script_location)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise await not_permitted(conn, exc) from None
     finally:
         await conn.close()
+
+
+# Where an operator finds the grants the service's role needs (KRAKEN_MIGRATE_ON_STARTUP=check as
+# a role that may only read and write): a boot without them stops in one line naming this.
+TWO_ROLES_DOC = 'docs/production-postgresql.md ("Two roles")'
+
+
+async def not_permitted(conn: asyncpg.Connection, exc: asyncpg.InsufficientPrivilegeError) -> MigrationError:
+    """The connecting role may not read the version table or the ledger: the grants the docs give
+    the service's role were skipped (or a table was created by a role other than the owner)."""
+    role = await conn.fetchval("SELECT current_user")
+    return MigrationError(
+        f"role {role} may not read the migrations' tables: {first_line(exc)}; give it the grants of {TWO_ROLES_DOC}"
+    )
 
 
 async def schema_status_on(conn: asyncpg.Connection, script_location: Path = ALEMBIC_DIR) -> SchemaStatus:
@@ -129,7 +145,10 @@ async def read_boot_state(
     when a revision that no longer matches its file was applied)."""
     conn = await open_connection(target, wait=wait)
     try:
-        current, recorded = await ledger.fetch_state(conn)
+        try:
+            current, recorded = await ledger.fetch_state(conn)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise await not_permitted(conn, exc) from None
         status = SchemaStatus(current, read_revisions(script_location))
         if recorded is None:
             return BootState(status, None)

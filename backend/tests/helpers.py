@@ -433,6 +433,33 @@ def get_json(port: int, path: str, deadline: float) -> dict[str, object]:
             time.sleep(0.2)
 
 
+# --- the docs ------------------------------------------------------------------------------
+
+FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^`]*)$")
+
+
+def fenced_blocks(doc: Path) -> list[tuple[str, int, list[str]]]:
+    """The fenced blocks of a markdown file: (info string, line of its first line, its lines)."""
+    found: list[tuple[str, int, list[str]]] = []
+    lines = doc.read_text().splitlines()
+    index = 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if opening is None:
+            index += 1
+            continue
+        indent = opening["indent"]
+        first = index + 2  # the block's first line, counted from 1
+        body: list[str] = []
+        index += 1
+        while index < len(lines) and lines[index].strip() != "```":
+            body.append(lines[index].removeprefix(indent))
+            index += 1
+        found.append((opening["info"].strip(), first, body))
+        index += 1
+    return found
+
+
 # --- the conversation API ------------------------------------------------------------------
 
 API_KEY = "test-api-key-0123456789"

@@ -98,6 +98,9 @@ def test_deploy_waits_for_ready_after_the_restart() -> None:
     assert workflow.index("alembic upgrade head") < restart
     assert ready < workflow.index("alembic -x phase=post-deploy upgrade head", ready)
     assert workflow.count("phase=post-deploy") == 1
+    # The owner's MIGRATIONS_DATABASE_URL, from a file of its own, reaches both phases, never the unit.
+    assert workflow.index(". /etc/kraken-migrations.env") < workflow.index("alembic upgrade head")
+    assert "kraken-migrations.env" not in UNIT.read_text()
 
 
 # --- wait_ready.py against servers that answer what we tell them ---------------------------------

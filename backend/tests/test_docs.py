@@ -23,7 +23,7 @@ import pytest
 
 from backend.config import PROJECT_ROOT
 from backend.db.url import DatabaseTarget
-from backend.tests.helpers import child_env
+from backend.tests.helpers import child_env, fenced_blocks
 
 DOCS = [
     PROJECT_ROOT / "README.md",
@@ -31,7 +31,6 @@ DOCS = [
     PROJECT_ROOT / "backend" / "alembic" / "README.md",
 ]
 RUNNABLE = "bash runnable"
-FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^`]*)$")
 
 
 @dataclass(frozen=True)
@@ -45,28 +44,6 @@ class Command:
     @property
     def where(self) -> str:
         return f"{self.doc.relative_to(PROJECT_ROOT)}:{self.line}"
-
-
-def blocks(doc: Path) -> list[tuple[str, int, list[str]]]:
-    """The fenced blocks of a markdown file: (info string, line of its first line, its lines)."""
-    found: list[tuple[str, int, list[str]]] = []
-    lines = doc.read_text().splitlines()
-    index = 0
-    while index < len(lines):
-        opening = FENCE.match(lines[index])
-        if opening is None:
-            index += 1
-            continue
-        indent = opening["indent"]
-        first = index + 2  # the block's first line, counted from 1
-        body: list[str] = []
-        index += 1
-        while index < len(lines) and lines[index].strip() != "```":
-            body.append(lines[index].removeprefix(indent))
-            index += 1
-        found.append((opening["info"].strip(), first, body))
-        index += 1
-    return found
 
 
 def strip_comment(line: str) -> str:
@@ -85,7 +62,7 @@ def strip_comment(line: str) -> str:
 
 def commands_of(doc: Path) -> list[Command]:
     found: list[Command] = []
-    for info, first, body in blocks(doc):
+    for info, first, body in fenced_blocks(doc):
         if info.split(" ")[0] != "bash":
             continue
         assert info in ("bash", RUNNABLE), f"{doc}:{first}: a bash block is `bash` or `{RUNNABLE}`, not {info!r}"
