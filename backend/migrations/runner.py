@@ -52,6 +52,16 @@ from backend.migrations.revisions import ALEMBIC_DIR, SchemaStatus, alembic_conf
 logger = logging.getLogger(__name__)
 
 DEADLOCK_DETECTED = "40P01"
+INSUFFICIENT_PRIVILEGE = "42501"
+
+# Where an operator finds the two roles production runs as (the service's, which may only read and
+# write, and the owner's, which migrates): the lines below of a role without what it needs name it.
+TWO_ROLES_DOC = 'docs/production-postgresql.md ("Two roles")'
+# Said after a migration's "permission denied": the role running it is not the tables' owner (the
+# service's own role, say, booting with KRAKEN_MIGRATE_ON_STARTUP=upgrade).
+MIGRATING_ROLE = (
+    f"; migrations run as the role that owns the database and its tables (MIGRATIONS_DATABASE_URL, {TWO_ROLES_DOC})"
+)
 
 
 class DatabaseUnavailable(Exception):
@@ -105,11 +115,6 @@ async def read_schema_status(
         raise await not_permitted(conn, exc) from None
     finally:
         await conn.close()
-
-
-# Where an operator finds the grants the service's role needs (KRAKEN_MIGRATE_ON_STARTUP=check as
-# a role that may only read and write): a boot without them stops in one line naming this.
-TWO_ROLES_DOC = 'docs/production-postgresql.md ("Two roles")'
 
 
 async def not_permitted(conn: asyncpg.Connection, exc: asyncpg.InsufficientPrivilegeError) -> MigrationError:
@@ -310,7 +315,10 @@ async def run_migrations_measured(
     try:
         await run_on_connection(target, upgrade, statement_cache=settings.db_statement_cache)
     except CommandError as exc:
-        raise MigrationError(str(exc).splitlines()[0]) from None
+        line = str(exc).splitlines()[0]
+        if line.endswith(MIGRATING_ROLE):
+            line += "; a service role that may only read and write boots with KRAKEN_MIGRATE_ON_STARTUP=check"
+        raise MigrationError(line) from None
     status = await read_schema_status(target, script_location=script_location)
     logger.info("schema at revision %s (%.0f ms)", status.revision, (time.monotonic() - upgrading) * 1000)
     return MigrationRun(status, time.monotonic() - started, float(facts[LOCK_WAIT]), int(facts[APPLIED]))
@@ -553,7 +561,8 @@ def migrate_locked(
         # A revision's SQL failed (permission denied, statement_timeout, ...): its transaction is
         # rolled back; say what failed in one line instead of a traceback.
         failed = "a revision failed: " if moves else ""
-        raise CommandError(f"{failed}{first_line(exc)} (SQLSTATE {sqlstate(exc)})") from None
+        hint = MIGRATING_ROLE if sqlstate(exc) == INSUFFICIENT_PRIVILEGE else ""
+        raise CommandError(f"{failed}{first_line(exc)} (SQLSTATE {sqlstate(exc)}){hint}") from None
 
 
 def read_only(session: Connection, connection: Connection, settings: Settings, run: Callable[[], None]) -> None:

@@ -189,6 +189,18 @@ async def refuses_ddl(service: DatabaseTarget) -> None:
 async def test_the_service_role_serves_the_api_and_owns_no_ddl(
     two_roles: TwoRoles, tmp_path: Path, settings_for: Callable[..., Settings]
 ) -> None:
+    # The service's role cannot migrate, and says why in one line: by the CLI, or booting in the
+    # default upgrade mode; nothing is left behind.
+    refused = run_alembic("upgrade", "head", target=two_roles.service)
+    assert refused.returncode != 0
+    [failed] = [line for line in out(refused).splitlines() if line.startswith("FAILED:")]
+    assert "permission denied for schema public (SQLSTATE 42501); migrations run as the role that owns" in failed
+    with pytest.raises(MigrationError, match=r"boots with KRAKEN_MIGRATE_ON_STARTUP=check$") as booted:
+        async with live(create_app(settings_for(two_roles.service, api_key=API_KEY))):
+            pass
+    assert "\n" not in str(booted.value)
+    assert await tables(two_roles.admin) == []
+
     migrate(two_roles, "upgrade", "head")
     # Every table the migrations made is the owner's, and the service's to read and write (the
     # catalog's list, not this test's: later revisions' tables are counted as they come).
