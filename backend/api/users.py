@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 
 from backend.api.deps import ConnectionDep, RequireOperator, UserId
 from backend.api.errors import documented
@@ -38,12 +38,13 @@ _USER_LINKS = {
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, responses={**documented(400, 401, 413, 422), 201: _USER_LINKS})
-async def create_user(body: UserCreate, conn: ConnectionDep) -> UserWithKey:
+async def create_user(body: UserCreate, conn: ConnectionDep, response: Response) -> UserWithKey:
     """A user with a key of their own: the answer holds the key, which is shown this once.
 
     The key authenticates the conversation routes as that user: what it creates is the user's, and
     it reads, appends to, ends, deletes, lists and sums only the user's conversations.
     """
+    _not_stored(response)
     return await service.create_user(conn, body.name)
 
 
@@ -54,13 +55,22 @@ async def list_users(conn: ConnectionDep) -> UserList:
 
 
 @router.post("/{user_id}/keys", responses={**_about_users(401, 404, 409), 200: _USER_LINKS})
-async def rotate_key(user_id: UserId, conn: ConnectionDep) -> UserWithKey:
-    """A new key for the user, shown this once; the old key answers 401 from this answer on."""
+async def rotate_key(user_id: UserId, conn: ConnectionDep, response: Response) -> UserWithKey:
+    """A new key for the user, shown this once; the old key answers 401 to every request that
+    starts from this answer on (one already running when it came may finish)."""
+    _not_stored(response)
     return await service.rotate_key(conn, user_id)
+
+
+def _not_stored(response: Response) -> None:
+    """An answer that holds a key: no cache on the way (a proxy, the client's) may keep a copy."""
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
 
 
 @router.post("/{user_id}/deactivate", responses=_about_users(401, 404))
 async def deactivate_user(user_id: UserId, conn: ConnectionDep) -> UserPublic:
-    """The user's key answers 401 from this answer on; the user's conversations stay. Idempotent;
-    there is no way back (create a new user)."""
+    """The user's key answers 401 to every request that starts from this answer on (one already
+    running when it came may finish); the user's conversations stay. Idempotent; there is no way
+    back (create a new user)."""
     return await service.deactivate(conn, user_id)

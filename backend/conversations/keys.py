@@ -10,6 +10,7 @@ a random key of that length (no dictionary to try); a slow password hash would c
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -25,8 +26,14 @@ def key_hash(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+# The whole shape of a key new_key() makes: anything else is refused before any database work, so a
+# client without a key cannot make the service look one up (or send an append's body to the
+# database first) by sending the prefix alone.
+_USER_KEY = re.compile(re.escape(USER_KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
+
+
 def is_user_key(given: str) -> bool:
-    return given.startswith(USER_KEY_PREFIX)
+    return _USER_KEY.fullmatch(given) is not None
 
 
 @dataclass(frozen=True)

@@ -154,10 +154,13 @@ UNION ALL
 SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint, user_id IS NOT DISTINCT FROM (SELECT id FROM caller)
 FROM prior WHERE EXISTS (SELECT 1 FROM caller)
 """)
+# No row when the key names no active user (rotated or deactivated since the create began): the
+# caller is then nobody, and must not own the operator's conversations (user_id NULL) as NULL would.
 PRIOR_CONVERSATION_AS_USER = Statement.of(f"""
+WITH caller AS (SELECT id FROM kraken_users WHERE api_key_hash = :key_hash AND is_active)
 SELECT {CONVERSATION_COLUMNS}, idempotency_fingerprint AS prior_fingerprint,
-       user_id IS NOT DISTINCT FROM (SELECT id FROM kraken_users WHERE api_key_hash = :key_hash) AS owned
-FROM kraken_conversations WHERE idempotency_key = :idempotency_key
+       user_id IS NOT DISTINCT FROM (SELECT id FROM caller) AS owned
+FROM kraken_conversations WHERE idempotency_key = :idempotency_key AND EXISTS (SELECT 1 FROM caller)
 """)
 
 # The turns stored for :conversation_id, as an append needs them: the highest turn number (one

@@ -1768,7 +1768,8 @@ class ColumnTypeChange:
     (undo_contract builds the old column again the way expand built the new one). Each takes the
     column back from wherever it stands: a revision that changes several columns commits after
     each, so one that stopped part-way is not recorded, and the downgrade that runs next is the
-    step's before it (undo_expand finds a column swapped, undo_swap one contracted).
+    step's before it (undo_expand finds a column swapped, undo_swap one contracted). Online only:
+    ``--sql`` cannot look, so its downgrade SQL is for the state the version table records.
 
     Online the plan comes from PostgreSQL itself: the conversion is tried on an empty copy of the
     table (``LIKE ... INCLUDING INDEXES``, a temporary table) and, when that rewrote neither the
@@ -2180,10 +2181,17 @@ class ColumnTypeChange:
                 op.execute(self._alter_in_place(False, ident(self.table)))
                 commit()
                 return
-            # The contract ran on this column, though the revision that holds it is not recorded
-            # (it stopped after this column): the old column is built again first, as its
-            # downgrade would.
-            logger.info("%s.%s: contracted already; building %s again first", self.table, self.column, self.old_type)
+            # No old column beside it: the contract ran on this column though its revision is not
+            # recorded (it stopped after this column), or the swap changed it in place and the way
+            # back needs a rewrite. Either way the old column is built again first, as the
+            # contract's downgrade would (a walk over the table).
+            logger.info(
+                "%s.%s: contracted already (or changed in place, with no way back in place); building the %s"
+                " column again first",
+                self.table,
+                self.column,
+                self.old_type,
+            )
             self.undo_contract()
             state, found = self._state()
         self._ready(OLD_SUFFIX, found)

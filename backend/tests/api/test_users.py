@@ -14,7 +14,18 @@ import httpx
 import pytest
 
 from backend.api.deps import INVALID_KEY
-from backend.tests.helpers import API_KEY, CONVERSATION, new_conversation, rows, set_time, stored_counts, turn_body
+from backend.conversations import service
+from backend.db.statements import fetch_one
+from backend.tests.helpers import (
+    API_KEY,
+    CONVERSATION,
+    driver_of,
+    new_conversation,
+    rows,
+    set_time,
+    stored_counts,
+    turn_body,
+)
 
 WINDOW = {"from": "2000-01-01", "to": "2100-01-01"}
 
@@ -65,6 +76,15 @@ async def test_a_new_user_gets_a_key_shown_once_and_stored_as_its_hash(client, d
     assert [u["id"] for u in listed] == [user["id"]]
     assert "api_key" not in listed[0]
     assert user["api_key"] not in json.dumps(listed)
+
+
+async def test_answers_that_hold_a_key_may_not_be_cached(client):
+    created = await client.post("/users", json={"name": "ada"})
+    rotated = await client.post(f"/users/{created.json()['id']}/keys")
+    listed = await client.get("/users")
+    for answer in (created, rotated):
+        assert (answer.headers["cache-control"], answer.headers["pragma"]) == ("no-store", "no-cache")
+    assert "cache-control" not in listed.headers  # no key in it
 
 
 async def test_users_are_listed_oldest_first(client):
@@ -291,12 +311,50 @@ async def test_a_deactivated_users_key_answers_401_and_gets_no_new_key(client, d
     assert await stored_counts(db_connection, hers["id"]) == (0, 0)
 
 
-@pytest.mark.parametrize("key", ["kraken_never-issued", "kraken_"])
+@pytest.mark.parametrize("key", ["kraken_never-issued", "kraken_", "kraken_" + "A" * 43])
 async def test_a_key_that_was_never_issued_answers_401(client, as_key, key):
     conversation = await new_conversation(client)
     async with as_key(key) as stranger:
         for answer in await every_route(stranger, conversation["id"]):
             await refused(answer)
+
+
+@pytest.mark.parametrize(
+    "key", ["kraken_", "kraken_x", "kraken_" + "A" * 42, "kraken_" + "A" * 44, "kraken_" + "A" * 42 + "="]
+)
+async def test_a_key_not_of_the_issued_shape_is_refused_before_any_statement(client, as_key, key, monkeypatch):
+    import backend.db.statements as statements
+
+    conversation = await new_conversation(client)
+    sent: list[str] = []
+    run = statements._run
+
+    async def counting(conn, statement):
+        sent.append("statement")
+        return await run(conn, statement)
+
+    monkeypatch.setattr(statements, "_run", counting)
+    async with as_key(key) as stranger:
+        for answer in await every_route(stranger, conversation["id"]):
+            await refused(answer)
+    assert sent == []
+
+
+async def test_a_create_racing_a_rotation_replays_nothing_of_the_operators(client, db_connection, as_key):
+    """The fallback after a create lost its Idempotency-Key's race reads the prior conversation as
+    the key's user: a key that names no active user by then (rotated, deactivated) owns nothing,
+    not even the operator's conversations (user_id NULL), and gets no row (a 401)."""
+    ada = await new_user(client)
+    shared = await client.post("/conversations", json=CONVERSATION, headers={"Idempotency-Key": "race-1"})
+    assert shared.status_code == 201
+    driver = await driver_of(db_connection)
+    prior = service.PRIOR_CONVERSATION_AS_USER
+    hers = hashlib.sha256(ada["api_key"].encode()).digest()
+    found = await fetch_one(driver, prior, idempotency_key="race-1", key_hash=hers)
+    assert found is not None
+    assert found["owned"] is False  # ada's key: the operator's conversation is not hers
+    assert (await client.post(f"/users/{ada['id']}/keys")).status_code == 200
+    assert await fetch_one(driver, prior, idempotency_key="race-1", key_hash=hers) is None
 
 
 # --- usage per user --------------------------------------------------------------------------
