@@ -9,6 +9,7 @@ migrates it to head and fills it (bench/support.py: 1M turns with the defaults),
 column to kraken_turns and sets it from two others on every row (the engine with its defaults:
 batches tuned to 100 ms, pauses for lock waiters, a VACUUM once the table has grown by a fifth), while one
 connection writes a conversation, a turn and a tool call every 5 ms and times each write.
+First --baseline seconds of the same writes with nothing migrating, the yardstick.
 Prints the engine's progress lines as they come, then rows/s, the batches' p50/p99, the worst
 insert wait, the table's size before and after, and drops the database. A benchmark, not a
 test: the numbers depend on the machine (the load average is printed with them).
@@ -97,6 +98,26 @@ async def sizes(db: DatabaseTarget) -> tuple[int, int]:
         return int(table), int(total)
     finally:
         await conn.close()
+
+
+async def baseline(db: DatabaseTarget, seconds: float) -> None:
+    """The same writer for ``seconds`` with nothing migrating: this machine's own stalls (a WAL
+    fsync, a checkpoint), the yardstick for the inserts' waits during the backfill."""
+    live = await connect(db)
+    waits: list[float] = []
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            begun = time.monotonic()
+            await live.execute(WRITE)
+            waits.append((time.monotonic() - begun) * 1000)
+            await asyncio.sleep(PACE)
+    finally:
+        await live.close()
+    say(
+        f"inserts with no migration ({seconds:g} s): {len(waits)}, median {statistics.median(waits):.1f} ms,"
+        f" p99 {percentile(waits, 0.99):.1f} ms, worst {max(waits):.1f} ms"
+    )
 
 
 async def backfill(db: DatabaseTarget, ini: Path, lock_timeout: float) -> None:
@@ -188,6 +209,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=200_000)
     parser.add_argument("--turns", type=int, default=5, help="turns per conversation (one tool call each)")
+    parser.add_argument(
+        "--baseline", type=float, default=20, help="seconds of the writer with no migration first, the yardstick"
+    )
     args = parser.parse_args()
 
     settings = Settings()
@@ -204,6 +228,8 @@ async def main() -> None:
             ini.write_text(ini.read_text().replace("[logger_backend]\nlevel = INFO", "[logger_backend]\nlevel = DEBUG"))
             before = await sizes(db)
             load = os.getloadavg()
+            if args.baseline > 0:
+                await baseline(db, args.baseline)
             await backfill(db, ini, settings.ddl_lock_timeout)
             after = await sizes(db)
         say(
