@@ -2,11 +2,12 @@
 conversation route: what it creates is the user's, another user's conversation is an unknown one,
 a rotated or deactivated key answers 401 at once, the operator's key sees everything."""
 
+import contextlib
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fastapi
@@ -49,6 +50,25 @@ def as_key(app: fastapi.FastAPI) -> Callable[[str], httpx.AsyncClient]:
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kraken", headers=bearer(key))
 
     return of
+
+
+@contextlib.contextmanager
+def statements_sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """A list that gets an entry for each statement the service sends to the database meanwhile."""
+    import backend.db.statements as statements
+
+    sent: list[str] = []
+    run = statements._run
+
+    async def counting(conn: Any, statement: Any) -> Any:
+        sent.append("statement")
+        return await run(conn, statement)
+
+    monkeypatch.setattr(statements, "_run", counting)
+    try:
+        yield sent
+    finally:
+        monkeypatch.setattr(statements, "_run", run)
 
 
 async def refused(response: httpx.Response) -> None:
@@ -323,20 +343,11 @@ async def test_a_key_that_was_never_issued_answers_401(client, as_key, key):
     "key", ["kraken_", "kraken_x", "kraken_" + "A" * 42, "kraken_" + "A" * 44, "kraken_" + "A" * 42 + "="]
 )
 async def test_a_key_not_of_the_issued_shape_is_refused_before_any_statement(client, as_key, key, monkeypatch):
-    import backend.db.statements as statements
-
     conversation = await new_conversation(client)
-    sent: list[str] = []
-    run = statements._run
-
-    async def counting(conn, statement):
-        sent.append("statement")
-        return await run(conn, statement)
-
-    monkeypatch.setattr(statements, "_run", counting)
-    async with as_key(key) as stranger:
-        for answer in await every_route(stranger, conversation["id"]):
-            await refused(answer)
+    with statements_sent(monkeypatch) as sent:
+        async with as_key(key) as stranger:
+            for answer in await every_route(stranger, conversation["id"]):
+                await refused(answer)
     assert sent == []
 
 
@@ -425,27 +436,16 @@ async def test_last_active_is_written_at_most_once_a_minute(client, db_connectio
 
 async def test_a_user_keys_append_is_one_statement_with_its_key_check(client, as_key, monkeypatch):
     ada = await new_user(client)
-    import backend.db.statements as statements
-
-    sent: list[str] = []
-    run = statements._run
-
-    async def counting(conn, statement):
-        sent.append("statement")
-        return await run(conn, statement)
-
     async with as_key(ada["api_key"]) as a:
         conversation = await new_conversation(a)
         for path, body in (
             (f"/conversations/{conversation['id']}/turns", turn_body()),
             ("/conversations", CONVERSATION),
         ):
-            monkeypatch.setattr(statements, "_run", counting)
-            answer = await a.post(path, json=body)
-            monkeypatch.setattr(statements, "_run", run)
+            with statements_sent(monkeypatch) as sent:
+                answer = await a.post(path, json=body)
             assert answer.status_code == 201
             assert sent == ["statement"], path
-            sent.clear()
 
 
 async def test_no_key_reaches_the_log(client, as_key, caplog):
