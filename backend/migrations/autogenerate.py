@@ -95,9 +95,29 @@ def render_value(value: Any) -> str:
         return "[" + ", ".join(render_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{render_value(k)}: {render_value(v)}" for k, v in value.items()) + "}"
-    if value is None or isinstance(value, bool | int | str):
-        return repr(str(value) if isinstance(value, str) else value)
+    if isinstance(value, str):
+        return _string(value)
+    if value is None or isinstance(value, bool | int):
+        return repr(value)
     raise TypeError(f"cannot render {value!r} in a revision")
+
+
+# A string longer than this (an index's definition, a check's SQL) is written as pieces of about
+# this length, concatenated in parentheses, split before a space: ruff's formatter then puts them
+# on lines of their own within the line length, which it never does by splitting a string.
+LONG_STRING = 80
+
+
+def _string(value: str) -> str:
+    value = str(value)
+    if len(value) <= LONG_STRING:
+        return repr(value)
+    pieces = [""]
+    for word in re.split(r"(?= )", value):
+        if pieces[-1] and len(pieces[-1]) + len(word) > LONG_STRING:
+            pieces.append("")
+        pieces[-1] += word
+    return "(" + " ".join(repr(piece) for piece in pieces) + ")" if len(pieces) > 1 else repr(value)
 
 
 class HelperCall(alembic_ops.MigrateOperation):
@@ -573,6 +593,9 @@ def _type_change(plan: _Plan, operation: alembic_ops.AlterColumnOp) -> None:
             raise _Refusal(f"{where}: a type change to {new_type} cannot carry a waiver; change it to another type")
     if plan.connection is None:
         raise _Refusal(f"{where} changes type: autogenerate needs the database to declare the change")
+    refusal = ops.type_change_refusal(plan.connection, table, column)
+    if refusal is not None:  # refused here, before any file is written, as the helper would refuse it
+        raise _Refusal(refusal)
     found = plan.connection.execute(_COLUMN, {"table": ops.ident(table), "column": column}).first()
     key = plan.connection.execute(_KEY, {"table": ops.ident(table)}).first()
     if found is None or key is None:

@@ -1723,6 +1723,30 @@ _COLUMN_QUERY = sa.text(
     " FROM pg_attribute AS a LEFT JOIN pg_attrdef AS d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
     " WHERE a.attrelid = to_regclass(:table) AND a.attname = :column AND a.attnum > 0 AND NOT a.attisdropped"
 )
+
+
+def _type_change_refusal(where: str, generated: bool, constraints: Sequence[str]) -> str | None:
+    """Why ColumnTypeChange does not change the type of column ``where`` (None: it does)."""
+    if generated:
+        return f"{where} is a generated or identity column; its type is not changed here"
+    if constraints:
+        return (
+            f"{where} is part of constraint(s) {', '.join(constraints)}: ColumnTypeChange copies indexes, NOT NULL "
+            "and the default, not constraints. For a unique constraint, build a unique index on the same columns "
+            "concurrently in a revision before (ops.create_index_concurrently(..., unique=True)) and drop the "
+            "constraint there: the change then copies the index; otherwise drop the constraint first, or change "
+            "the type another way"
+        )
+    return None
+
+
+def type_change_refusal(connection: sa.Connection, table: str, column: str) -> str | None:
+    """Why ColumnTypeChange would refuse to change ``table.column``'s type (None: it would not, or
+    there is no such column): what autogenerate asks before it writes a type change."""
+    row = connection.execute(_COLUMN_QUERY, {"table": ident(table), "column": column}).first()
+    return None if row is None else _type_change_refusal(f"{table}.{column}", row[4], row[5])
+
+
 # The indexes that use the column: as a key, in INCLUDE, in an expression or in the predicate.
 _COLUMN_INDEXES = sa.text(
     "SELECT c.relname::text, pg_get_indexdef(i.indexrelid), i.indisvalid AND i.indisready"
@@ -1856,13 +1880,9 @@ class ColumnTypeChange:
         if row is None:
             return None
         attnum, type_, not_null, default, generated, constraints = row
-        if itself and generated:
-            raise CommandError(f"{self.table}.{name} is a generated or identity column; its type is not changed here")
-        if itself and constraints:
-            raise CommandError(
-                f"{self.table}.{name} is part of constraint(s) {', '.join(constraints)}: change_column_type copies "
-                "indexes, NOT NULL and the default, not constraints; drop them first, or change the type another way"
-            )
+        refusal = _type_change_refusal(f"{self.table}.{name}", generated, constraints)
+        if itself and refusal is not None:
+            raise CommandError(refusal)
         found = _bind().execute(_COLUMN_INDEXES, {"table": ident(self.table), "attnum": attnum}).all()
         return _Column(attnum, type_, bool(not_null), default, tuple((n, d, bool(v)) for n, d, v in found))
 
@@ -2112,7 +2132,8 @@ class ColumnTypeChange:
             self._declared(found)
             if self._in_place(forward=True):
                 logger.info(
-                    "%s.%s: PostgreSQL changes it to %s in place (no rewrite, no index rebuilt): the swap will",
+                    "%s.%s: PostgreSQL changes it to %s in place (no rewrite, no index rebuilt): the swap step"
+                    " alone changes it",
                     self.table,
                     self.column,
                     self.new_type,

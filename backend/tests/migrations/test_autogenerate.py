@@ -5,6 +5,7 @@ and what it refuses to write. The probe's upgrade under writes is in test_lock_s
 import ast
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,9 @@ def migrate_to_head(db: DatabaseTarget) -> None:
     """Every revision, post-deploy ones too: autogenerate compares the models with a database at head."""
     result = run_alembic("-x", "phase=post-deploy", "upgrade", "head", target=db)
     assert result.returncode == 0, out(result)
+
+
+RUFF = str(Path(sys.executable).parent / "ruff")
 
 
 def generated(directory: Path, slug: str = "probe", revision: str = NEXT) -> str:
@@ -393,6 +397,31 @@ Conversation.__table__.c.session_id.type = Text()
 """
 
 
+BIGINT_TURN_NUMBER = """
+from sqlalchemy import BigInteger
+
+from backend.models import Turn
+
+Turn.__table__.c.turn_number.type = BigInteger()
+"""
+
+
+def test_a_type_change_the_helper_would_refuse_is_refused_before_any_file(
+    tmp_path: Path, at_head: DatabaseTarget
+) -> None:
+    # turn_number is in the unique (conversation_id, turn_number) constraint, which the helper
+    # does not copy: autogenerate asks the helper's own rule, so nothing is written to fail later.
+    _, refused = autogenerate(tmp_path, at_head, BIGINT_TURN_NUMBER)
+    assert refused.returncode != 0
+    [line] = failed(refused)
+    assert line.startswith(
+        "FAILED: autogenerate wrote no revision: kraken_turns.turn_number is part of constraint(s) "
+        "kraken_turns_conversation_id_turn_number_key: ColumnTypeChange copies indexes, NOT NULL and the default"
+    ), line
+    assert "ops.create_index_concurrently(..., unique=True)" in line
+    assert not list((tmp_path / "alembic" / "versions").glob(f"{NEXT}_*.py"))
+
+
 def test_a_type_change_is_the_helpers_expand_then_its_swap(tmp_path: Path, empty_db: DatabaseTarget) -> None:
     migrate_to_head(empty_db)
     for statement in SEED:
@@ -420,6 +449,11 @@ def test_a_type_change_is_the_helpers_expand_then_its_swap(tmp_path: Path, empty
     assert calls(swap, "upgrade") == [("swap", declared)]
     assert calls(swap, "downgrade") == [("undo_swap", declared)]
     lint(ini)
+    # Written within the line length: the index's definition in pieces, not one long string.
+    files = sorted(str(f) for f in (tmp_path / "alembic" / "versions").glob("*session_id_as_text*.py"))
+    too_long = [RUFF, "check", "--no-cache", "--select", "E501", "--line-length", "120", *files]
+    ruff = subprocess.run(too_long, capture_output=True, text=True, timeout=60)
+    assert (len(files), ruff.returncode) == (2, 0), ruff.stdout
 
     pre = run_alembic("upgrade", "head", target=empty_db, config=ini)
     assert pre.returncode == 0, out(pre)
