@@ -195,3 +195,40 @@ class ToolCall(Base):
     tool_result: Mapped[Any] = mapped_column(JSONB, nullable=False)
     result_truncated: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=text("false"))
     sequence_order: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+# The verdicts a turn's feedback can carry. A CHECK, not a PostgreSQL enum: a value is added to a
+# CHECK by a new NOT VALID check validated beside live writes; an enum's type change locks every
+# table using it.
+FEEDBACK_TYPES = ("positive", "negative")
+
+
+class Feedback(Base):
+    """A thumbs up or down on a turn (issue 20): one per turn, replaced by the next one sent."""
+
+    __tablename__ = "kraken_feedback"
+    __table_args__ = (
+        CheckConstraint(
+            f"feedback_type IN ({', '.join(repr(value) for value in FEEDBACK_TYPES)})", name="feedback_type"
+        ),
+        # GET /feedback pages newest first, (created_at, id) DESC: a backward scan of this index,
+        # its from/to bounds a range of it.
+        Index("ix_kraken_feedback_created_at_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = _uuid_pk()
+    # Unique: one row per turn (PUT replaces it, by ON CONFLICT on this index); it serves the
+    # turn's lookup and the cascade from kraken_turns too.
+    turn_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("kraken_turns.id", ondelete="CASCADE"), nullable=False, unique=True
+    )
+    # Indexed: the cascade from a conversation's delete and the per-conversation read find its rows by it.
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("kraken_conversations.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    feedback_type: Mapped[str] = mapped_column(String, nullable=False)
+    # Lengths bounded by the API (backend/conversations/schemas.py), as every text column's are.
+    comment: Mapped[str | None]
+    trace_id: Mapped[str | None] = mapped_column(String, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

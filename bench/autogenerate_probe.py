@@ -6,7 +6,7 @@ writes for it, whether squawk passes it, and how long the service's inserts wait
 Creates a scratch database on DATABASE_URL's server (or the embedded one when it is unset),
 migrates it to head and fills it (bench/support.py: 1M turns with the defaults). On a copy of
 the migration package whose models gain the probe (backend/tests/migrations/autogenerate_probe.py:
-a users table, a user_id foreign key and index on conversations, a feedback table with foreign
+a users table, a user_id foreign key and index on conversations, a ratings table with foreign
 keys to turns and conversations, an index on turns, a new column), it runs the real CLI's
 `alembic revision --autogenerate`, prints the revision's upgrade, lints it (`kraken-migrations
 lint`, as CI does), then applies it while one connection keeps writing a conversation, a turn and

@@ -4,6 +4,7 @@
     uv run python bench/insert_wait.py --revision 003 --conversations 200000 --turns 5
     uv run python bench/insert_wait.py --revision 004 --conversations 200000 --turns 5
     uv run python bench/insert_wait.py --revision 005 --conversations 200000 --turns 5 --appends --lagging 2000
+    uv run python bench/insert_wait.py --revision 010 --appends
 
 Creates a scratch database on DATABASE_URL's server (or the embedded one when it is unset),
 migrates it to the revision before --revision and fills it (bench/support.py: the columns of
@@ -195,7 +196,9 @@ async def main() -> None:
             f"--appends: the service's append needs revision 003's columns; {args.revision} follows {downs[0]}"
         )
     async with scratch_database(server, "kraken_bench") as db:
-        await migrate(db, "upgrade", downs[0])
+        # Both phases: the schema just before the revision, post-deploy revisions included (009
+        # before 010), so that only the measured revision runs under the writes.
+        await migrate(db, "-x", "phase=post-deploy", "upgrade", downs[0])
         await fill(db, args.conversations, args.turns)
         lagging = await fetch_ids(db, LAG, args.lagging) if args.lagging else []
         if lagging:

@@ -2,8 +2,15 @@
 
 from fastapi import APIRouter
 
-from backend.api import conversations, health, metrics, usage, users
+from backend.api import conversations, feedback, health, metrics, usage, users
 
 # Included into the app one by one, not through a router of routers: FastAPI matches a request
 # level by level, and each level costs every request.
-ROUTERS: tuple[APIRouter, ...] = (health.router, conversations.router, usage.router, users.router, metrics.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    conversations.router,
+    feedback.router,
+    usage.router,
+    users.router,
+    metrics.router,
+)

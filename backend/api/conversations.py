@@ -52,6 +52,7 @@ _TURN_LINKS = {
         "GetConversation": link("get_conversation", **_BY_PATH_ID),
         "AppendTurn": link("append_turn", **_BY_PATH_ID),
         "EndConversation": link("end_conversation", **_BY_PATH_ID),
+        "PutFeedback": link("put_feedback", **_BY_PATH_ID, turn_number="$response.body#/turn_number"),
     }
 }
 

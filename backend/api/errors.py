@@ -37,6 +37,7 @@ from backend.conversations.errors import (
 )
 from backend.db.errors import ConnectionLost, Fault, StatementTimeout, first_line, request_fault
 from backend.db.pool import PoolBusy
+from backend.feedback.errors import ExportOperatorOnly, FeedbackNotFound, TurnNotFound
 from backend.users.errors import UserDeactivated, UserNotFound
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,10 @@ DOMAIN_ERRORS: dict[type[ConversationError], tuple[int, tuple[str, ...], str]] =
     InvalidKey: (401, ("header", "Authorization"), "unauthorized"),
     OperatorOnly: (403, ("query", "group_by"), "forbidden"),
     UserNotFound: (404, ("path", "user_id"), "not_found"),
+    TurnNotFound: (404, ("path", "turn_number"), "not_found"),
+    FeedbackNotFound: (404, ("path", "turn_number"), "not_found"),
+    # As OperatorOnly: the key is a user's, checked; what it asks is the operator's.
+    ExportOperatorOnly: (403, ("header", "Authorization"), "forbidden"),
     UserDeactivated: (409, ("path", "user_id"), "user_deactivated"),
 }
 _DOMAIN_HEADERS = {401: {"WWW-Authenticate": "Bearer"}}

@@ -95,6 +95,8 @@ USAGE_DATE_PATTERN = rf"^{_DATE}$"
 USAGE_TIME_PATTERNS = (USAGE_DATE_TIME_PATTERN, USAGE_UTC_DATE_TIME_PATTERN, USAGE_DATE_PATTERN)
 
 EndStatus = Literal["completed", "abandoned", "error"]
+# models.FEEDBACK_TYPES, the table's CHECK (the API refuses anything else before any SQL runs).
+FeedbackType = Literal["positive", "negative"]
 UsageGrouping = Literal["model", "day", "user"]
 
 
@@ -467,6 +469,24 @@ class TurnPublic(BaseModel):
     tool_calls: list[ToolCallPublic]
 
 
+class FeedbackPublic(BaseModel):
+    """A turn's feedback (PUT /conversations/{id}/turns/{turn_number}/feedback)."""
+
+    feedback_type: FeedbackType
+    comment: str | None
+    trace_id: str | None
+    created_at: UtcTimestamp = Field(description="When the turn's feedback was first given; a replace keeps it.")
+    updated_at: UtcTimestamp = Field(
+        description="When it last changed: a PUT that changes nothing leaves it (created_at until a change)."
+    )
+
+
+class TurnView(TurnPublic):
+    """A turn as the shared view shows it: with its feedback."""
+
+    feedback: FeedbackPublic | None = Field(description="The turn's feedback; null when it has none.")
+
+
 class ConversationViewQuery(BaseModel):
     """Which turns of the shared view: ``limit`` turns after turn number ``after_turn``."""
 
@@ -487,7 +507,7 @@ class ConversationViewQuery(BaseModel):
 
 
 class ConversationDetail(ConversationPublic):
-    turns: list[TurnPublic] = Field(description="A page of the turns, in turn order (see `next_after_turn`).")
+    turns: list[TurnView] = Field(description="A page of the turns, in turn order (see `next_after_turn`).")
     next_after_turn: int | None = Field(
         description="Pass as `after_turn` for the next page of turns: the last turn number of this page when "
         "more turns follow; null when this page ends the conversation."

@@ -285,8 +285,11 @@ WHERE id = :id AND status = 'active' AND ended_at IS NULL AND {OWNED}
 RETURNING {CONVERSATION_COLUMNS}
 """)
 
-# A turn (``t``) with its tool calls as JSON, as schemas.TurnPublic has it.
-TURN_JSON = f"""json_build_object(
+
+# A turn (``t``) with its tool calls as JSON, as schemas.TurnPublic has it (``extra``: more of its
+# fields, after them).
+def _turn_json(extra: str = "") -> str:
+    return f"""json_build_object(
     'id', t.id, 'conversation_id', t.conversation_id, 'turn_number', t.turn_number,
     'user_query', t.user_query, 'assistant_response', t.assistant_response, 'model', t.model,
     'input_tokens', t.input_tokens, 'output_tokens', t.output_tokens,
@@ -300,8 +303,18 @@ TURN_JSON = f"""json_build_object(
             'result_truncated', tc.result_truncated
         ) ORDER BY tc.sequence_order, tc.id)
         FROM kraken_tool_calls tc WHERE tc.turn_id = t.id
-    ), CAST('[]' AS json))
+    ), CAST('[]' AS json)){extra}
 )"""
+
+
+TURN_JSON = _turn_json()
+# The shared view's turn (schemas.TurnView): with its feedback, read by SHARED_VIEW's join.
+FEEDBACK_JSON = f"""CASE WHEN t.feedback_type IS NOT NULL THEN json_build_object(
+        'feedback_type', t.feedback_type, 'comment', t.feedback_comment, 'trace_id', t.feedback_trace_id,
+        'created_at', to_char(t.feedback_created_at, {TIMESTAMP_FORMAT}),
+        'updated_at', to_char(t.feedback_updated_at, {TIMESTAMP_FORMAT})
+    ) END"""
+VIEW_TURN_JSON = _turn_json(f",\n    'feedback', {FEEDBACK_JSON}")
 # A stored turn, for answering a retried append.
 STORED_TURN = Statement.of(f"SELECT {TURN_JSON}::text FROM kraken_turns t WHERE t.id = :id")
 
@@ -309,10 +322,13 @@ STORED_TURN = Statement.of(f"SELECT {TURN_JSON}::text FROM kraken_turns t WHERE 
 # goes out as the text PostgreSQL built, without being parsed and re-serialized in Python. Keys
 # and formats match schemas.ConversationDetail (a test holds them together). One page of turns:
 # up to :limit + 1 turns after :after_turn, read in order from the unique (conversation_id,
-# turn_number) index; the page is the first :limit, and the one more says whether another follows.
+# turn_number) index, each with its feedback (one probe of kraken_feedback's unique turn_id index per
+# turn, in the same query); the page is the first :limit, and the one more says whether another follows.
 SHARED_VIEW = Statement.of(f"""
 WITH page AS MATERIALIZED (
-    SELECT t.* FROM kraken_turns t
+    SELECT t.*, f.feedback_type, f.comment AS feedback_comment, f.trace_id AS feedback_trace_id,
+           f.created_at AS feedback_created_at, f.updated_at AS feedback_updated_at
+    FROM kraken_turns t LEFT JOIN kraken_feedback f ON f.turn_id = t.id
     WHERE t.conversation_id = :id AND t.turn_number > CAST(:after_turn AS integer)
     ORDER BY t.turn_number, t.id
     LIMIT CAST(:limit AS integer) + 1
@@ -326,7 +342,7 @@ SELECT json_build_object(
     'ended_at', to_char(c.ended_at, {TIMESTAMP_FORMAT}),
     'total_turns', c.total_turns, 'total_tokens', c.total_tokens, 'total_cost_usd', c.total_cost_usd,
     'turns', COALESCE((
-        SELECT json_agg({TURN_JSON} ORDER BY t.turn_number, t.id) FROM shown t
+        SELECT json_agg({VIEW_TURN_JSON} ORDER BY t.turn_number, t.id) FROM shown t
     ), CAST('[]' AS json)),
     'next_after_turn', CASE WHEN (SELECT count(*) FROM page) > CAST(:limit AS integer)
         THEN (SELECT max(turn_number) FROM shown) END

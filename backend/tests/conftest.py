@@ -56,6 +56,7 @@ from backend.tests.helpers import (
     POST_DEPLOY_UPGRADE,
     RUN_ID,
     SavepointLender,
+    bearer,
     child_env,
     driver_of,
     out,
@@ -325,6 +326,16 @@ async def anonymous(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """A client without credentials, on the same app and transaction."""
     async with _client(app) as c:
         yield c
+
+
+@pytest.fixture
+def as_key(app: FastAPI) -> Callable[[str], httpx.AsyncClient]:
+    """A client of the test's app sending ``key`` (a user's); closed with the test's event loop."""
+
+    def of(key: str) -> httpx.AsyncClient:
+        return _client(app, bearer(key))
+
+    return of
 
 
 @pytest.fixture

@@ -529,6 +529,18 @@ async def set_time(connection: AsyncConnection, table: str, column: str, row_id:
     )
 
 
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def new_user(client: httpx.AsyncClient, name: str = "ada") -> dict[str, Any]:
+    """A user made with the operator's ``client``, with its key (``api_key``)."""
+    response = await client.post("/users", json={"name": name})
+    assert response.status_code == 201, response.text
+    user: dict[str, Any] = response.json()
+    return user
+
+
 async def new_conversation(client: httpx.AsyncClient, **overrides: Any) -> dict[str, Any]:
     response = await client.post("/conversations", json={**CONVERSATION, **overrides})
     assert response.status_code == 201, response.text
@@ -651,11 +663,34 @@ INDEXES_USERS_ADDS = {
     "kraken_users_api_key_hash_key": "(api_key_hash)",
     "ix_kraken_conversations_user_id": "(user_id)",
 }
-EXPECTED_CONSTRAINTS_HEAD = {**EXPECTED_CONSTRAINTS, **CONSTRAINTS_USERS_ADDS}
 EXPECTED_INDEXES_008 = {**EXPECTED_INDEXES_007, **INDEXES_USERS_ADDS}
 # 009 drops the old columns, their indexes with them.
 EXPECTED_INDEXES_009 = {name: columns for name, columns in EXPECTED_INDEXES_008.items() if "__old" not in name}
-EXPECTED_INDEXES_HEAD = EXPECTED_INDEXES_009
+# Feedback on turns (issue 20, 010): one row per turn, cascading from its turn and its conversation;
+# indexed by conversation and for the export's keyset order.
+CONSTRAINTS_FEEDBACK_ADDS = {
+    ("kraken_feedback", "kraken_feedback_pkey"): "PRIMARY KEY (id)",
+    ("kraken_feedback", "kraken_feedback_turn_id_key"): "UNIQUE (turn_id)",
+    ("kraken_feedback", "kraken_feedback_feedback_type_check"): (
+        "CHECK (((feedback_type)::text = ANY ((ARRAY['positive'::character varying, "
+        "'negative'::character varying])::text[])))"
+    ),
+    ("kraken_feedback", "kraken_feedback_turn_id_fkey"): (
+        "FOREIGN KEY (turn_id) REFERENCES kraken_turns(id) ON DELETE CASCADE"
+    ),
+    ("kraken_feedback", "kraken_feedback_conversation_id_fkey"): (
+        "FOREIGN KEY (conversation_id) REFERENCES kraken_conversations(id) ON DELETE CASCADE"
+    ),
+}
+INDEXES_FEEDBACK_ADDS = {
+    "kraken_feedback_pkey": "(id)",
+    "kraken_feedback_turn_id_key": "(turn_id)",
+    "ix_kraken_feedback_conversation_id": "(conversation_id)",
+    "ix_kraken_feedback_created_at_id": "(created_at, id)",
+}
+EXPECTED_INDEXES_010 = {**EXPECTED_INDEXES_009, **INDEXES_FEEDBACK_ADDS}
+EXPECTED_CONSTRAINTS_HEAD = {**EXPECTED_CONSTRAINTS, **CONSTRAINTS_USERS_ADDS, **CONSTRAINTS_FEEDBACK_ADDS}
+EXPECTED_INDEXES_HEAD = EXPECTED_INDEXES_010
 
 
 def constraints(db: DatabaseTarget) -> dict[tuple[str, str], tuple[str, bool]]:

@@ -25,7 +25,7 @@ from backend.migrations import ops
 from backend.models import Base
 from backend.tests.helpers import (
     EXPECTED_CONSTRAINTS_HEAD,
-    EXPECTED_INDEXES_008,
+    EXPECTED_INDEXES_010,
     EXPECTED_INDEXES_HEAD,
     HEAD,
     NEXT,
@@ -40,7 +40,7 @@ from backend.tests.helpers import (
     trailing_post_deploy,
 )
 
-TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls", "kraken_users")
+TABLES = ("kraken_conversations", "kraken_turns", "kraken_tool_calls", "kraken_users", "kraken_feedback")
 # The columns the original design lists for each table.
 SEED_COLUMNS = {
     "kraken_conversations": {
@@ -57,6 +57,9 @@ SEED_COLUMNS = {
     },
     # Issue 20's.
     "kraken_users": {"id", "api_key_hash", "name", "created_at", "last_active", "is_active"},
+    "kraken_feedback": {
+        "id", "turn_id", "conversation_id", "feedback_type", "comment", "trace_id", "created_at", "updated_at",
+    },
 }  # fmt: skip
 COLUMNS = """
 SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
@@ -97,15 +100,20 @@ def model_columns(db: DatabaseTarget, table: str) -> dict[str, tuple[str, bool]]
     return {name: (kind, not model.columns[name].nullable) for name, kind in asyncio.run(printed())}
 
 
-def test_the_pre_deploy_phase_runs_007_before_008_on_an_empty_database(empty_db: DatabaseTarget) -> None:
-    # 007 (post-deploy, an earlier release's) runs first: 008 (pre-deploy) follows it.
+def test_the_pre_deploy_phase_runs_the_earlier_post_deploy_revisions_first_on_an_empty_database(
+    empty_db: DatabaseTarget,
+) -> None:
+    # 007 and 009 (post-deploy, earlier releases') run first: 008 and 010 (pre-deploy) follow them.
     result = run_alembic("upgrade", "head", target=empty_db)
     assert result.returncode == 0, out(result)
-    assert "running post-deploy revision 007 of an earlier release before pre-deploy revision 008" in out(result)
+    for post_deploy in ("007", "009"):
+        assert f"running post-deploy revision {post_deploy} of an earlier release before pre-deploy revision 010" in (
+            out(result)
+        )
     assert [r[0] for r in sql(empty_db, "SELECT version_num FROM alembic_version")] == [SERVED]
-    assert (SERVED, HEAD) == ("008", "009")  # 009 (post-deploy) trails it
-    assert "stopping before post-deploy revision(s) 009" in out(result)
-    assert_indexes(empty_db, EXPECTED_INDEXES_008)
+    assert SERVED == HEAD == "010"  # no post-deploy revision trails it
+    assert "stopping before post-deploy" not in out(result)
+    assert_indexes(empty_db, EXPECTED_INDEXES_010)
 
 
 TRAILING_POST_DEPLOY = trailing_post_deploy(
@@ -166,6 +174,12 @@ def test_the_constraints_and_foreign_keys_are_there_and_validated(upgraded: Data
         ),
         ("kraken_conversations", "kraken_conversations_user_id_fkey"): (
             "FOREIGN KEY (user_id) REFERENCES kraken_users(id)"
+        ),
+        ("kraken_feedback", "kraken_feedback_turn_id_fkey"): (
+            "FOREIGN KEY (turn_id) REFERENCES kraken_turns(id) ON DELETE CASCADE"
+        ),
+        ("kraken_feedback", "kraken_feedback_conversation_id_fkey"): (
+            "FOREIGN KEY (conversation_id) REFERENCES kraken_conversations(id) ON DELETE CASCADE"
         ),
     }
 

@@ -278,7 +278,8 @@ async def test_the_shared_view_is_what_was_posted_in_order(client, anonymous):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     view = response.json()
-    assert view["turns"] == posted  # same fields, same formats as the write responses
+    # Same fields, same formats as the write responses; with each turn's feedback (none given here).
+    assert view["turns"] == [{**turn, "feedback": None} for turn in posted]
     assert [t["turn_number"] for t in view["turns"]] == [1, 2, 3]
     assert [len(t["tool_calls"]) for t in view["turns"]] == [1, 2, 3]
     assert {key: value for key, value in view.items() if key != "turns"} == {

@@ -7,10 +7,9 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import fastapi
 import httpx
 import pytest
 
@@ -20,8 +19,10 @@ from backend.db.statements import fetch_one
 from backend.tests.helpers import (
     API_KEY,
     CONVERSATION,
+    bearer,
     driver_of,
     new_conversation,
+    new_user,
     rows,
     set_time,
     stored_counts,
@@ -29,27 +30,6 @@ from backend.tests.helpers import (
 )
 
 WINDOW = {"from": "2000-01-01", "to": "2100-01-01"}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-async def new_user(client: httpx.AsyncClient, name: str = "ada") -> dict[str, Any]:
-    response = await client.post("/users", json={"name": name})
-    assert response.status_code == 201, response.text
-    user: dict[str, Any] = response.json()
-    return user
-
-
-@pytest.fixture
-def as_key(app: fastapi.FastAPI) -> Callable[[str], httpx.AsyncClient]:
-    """A client of the test's app sending ``key``; closed with the test's event loop."""
-
-    def of(key: str) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kraken", headers=bearer(key))
-
-    return of
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from backend.conversations.schemas import (
     ToolCallPublic,
     TurnCreate,
     TurnPublic,
+    TurnView,
     dumps,
 )
 from backend.db import pool as db_pool
@@ -234,7 +235,7 @@ async def test_the_shared_view_is_one_statement_with_exactly_the_schema_fields(c
     assert statements == [service.SHARED_VIEW.sql]
     view = json.loads(document)
     assert list(view) == list(ConversationDetail.model_fields)
-    assert list(view["turns"][0]) == list(TurnPublic.model_fields)
+    assert list(view["turns"][0]) == list(TurnView.model_fields)
     assert list(view["turns"][0]["tool_calls"][0]) == list(ToolCallPublic.model_fields)
     assert ConversationDetail.model_validate_json(document).turns[1].turn_number == 2
 

@@ -1,5 +1,5 @@
 """What a developer adds to the models in the autogenerate probe (issue 19): a workspaces table, a
-``workspace_id`` foreign key on conversations with its index, a feedback table with foreign keys to
+``workspace_id`` foreign key on conversations with its index, a ratings table with foreign keys to
 turns and conversations, an index on an existing table and a new column.
 
 Importing it changes ``backend.models.Base.metadata`` for the whole process, so no test imports
@@ -28,8 +28,8 @@ class Workspace(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
-class Feedback(Base):
-    __tablename__ = "kraken_feedback"
+class Rating(Base):
+    __tablename__ = "kraken_ratings"
     __table_args__ = (CheckConstraint("rating BETWEEN 1 AND 5", name="rating"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, server_default=func.gen_random_uuid())

@@ -139,22 +139,22 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
         {"primary_key": ["id"], "uniques": {"kraken_workspaces_email_key": ["email"]}},
     )
     # The new table's keys to busy tables go to the helper, which adds them NOT VALID after the table.
-    assert upgrade[1][1][0] == "kraken_feedback"
+    assert upgrade[1][1][0] == "kraken_ratings"
     assert upgrade[1][1][1]["rating"] == "bigint NOT NULL"
     assert upgrade[1][2] == {
         "primary_key": ["id"],
-        "checks": {"kraken_feedback_rating_check": "rating BETWEEN 1 AND 5"},
+        "checks": {"kraken_ratings_rating_check": "rating BETWEEN 1 AND 5"},
         "foreign_keys": [
             (
                 "ops.ForeignKey",
-                ["kraken_feedback_conversation_id_fkey", ["conversation_id"], "kraken_conversations"],
+                ["kraken_ratings_conversation_id_fkey", ["conversation_id"], "kraken_conversations"],
                 {"on_delete": "CASCADE"},
             ),
-            ("ops.ForeignKey", ["kraken_feedback_turn_id_fkey", ["turn_id"], "kraken_turns"], {"on_delete": "CASCADE"}),
+            ("ops.ForeignKey", ["kraken_ratings_turn_id_fkey", ["turn_id"], "kraken_turns"], {"on_delete": "CASCADE"}),
         ],
         "indexes": {
-            "ix_kraken_feedback_conversation_id": ["conversation_id"],
-            "ix_kraken_feedback_turn_id": ["turn_id"],
+            "ix_kraken_ratings_conversation_id": ["conversation_id"],
+            "ix_kraken_ratings_turn_id": ["turn_id"],
         },
     }
     assert upgrade[2:] == [
@@ -182,7 +182,7 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
             "ops.refuse_data_loss",
             ["<revision>"],
             {
-                "tables": ["kraken_feedback", "kraken_workspaces"],
+                "tables": ["kraken_ratings", "kraken_workspaces"],
                 "columns": {"kraken_conversations": ["title", "workspace_id"]},
             },
         ),
@@ -190,7 +190,7 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
         ("ops.drop_index_concurrently", ["ix_kraken_turns_model_created_at"], {}),
         ("ops.drop_index_concurrently", ["ix_kraken_conversations_workspace_id"], {}),
         ("ops.drop_columns", ["kraken_conversations", ["title", "workspace_id"]], {}),
-        ("ops.drop_table", ["kraken_feedback"], {}),
+        ("ops.drop_table", ["kraken_ratings"], {}),
         ("ops.drop_table", ["kraken_workspaces"], {}),
     ]
 
@@ -206,13 +206,13 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
     constraints = sql(
         empty_db,
         "SELECT conname, convalidated FROM pg_constraint WHERE contype = 'f'"
-        " AND conrelid IN ('kraken_feedback'::regclass, 'kraken_conversations'::regclass) ORDER BY 1",
+        " AND conrelid IN ('kraken_ratings'::regclass, 'kraken_conversations'::regclass) ORDER BY 1",
     )
     assert [tuple(r) for r in constraints] == [
         ("kraken_conversations_user_id_fkey", True),  # 008's (real)
         ("kraken_conversations_workspace_id_fkey", True),
-        ("kraken_feedback_conversation_id_fkey", True),
-        ("kraken_feedback_turn_id_fkey", True),
+        ("kraken_ratings_conversation_id_fkey", True),
+        ("kraken_ratings_turn_id_fkey", True),
     ]
     indexes = sql(
         empty_db,
@@ -227,13 +227,13 @@ def test_the_probe_is_written_with_the_helpers_then_linted_applied_checked_and_r
 
     sql(
         empty_db,
-        "INSERT INTO kraken_feedback (conversation_id, turn_id, rating)"
+        "INSERT INTO kraken_ratings (conversation_id, turn_id, rating)"
         " SELECT conversation_id, id, 5 FROM kraken_turns LIMIT 1",
     )
     refused = run_alembic("downgrade", HEAD, target=empty_db, config=ini)
     assert refused.returncode != 0
     assert failed(refused) == [
-        f"FAILED: downgrade of {NEXT} would drop kraken_feedback (1 row(s)): 1 row(s) would be lost, so {NEXT} was "
+        f"FAILED: downgrade of {NEXT} would drop kraken_ratings (1 row(s)): 1 row(s) would be lost, so {NEXT} was "
         f"not reverted (revisions after it were). Back up what you need, then run it again with "
         "-x allow_data_loss=true before the command (uv run alembic -x allow_data_loss=true downgrade ...)"
     ]

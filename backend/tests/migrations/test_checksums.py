@@ -97,12 +97,14 @@ def test_the_applied_revisions_checksums_never_change() -> None:
     assert files["007"].checksum == "31a79837da4330f1a5a260e1e6f692b4cc4926d56bb4f9a0ed70223325be62b9"
     assert files["008"].checksum == "a0f087b64c0a255017829084f341cd60c61ebd07f06338dbc9264749023246b0"
     assert files["009"].checksum == "4ad0ac695a51ac8cd97570f924a55614e2a306c4064c252a49ce03361b2cfe36"
-    assert (files["006"].phase, files["007"].phase, files["008"].phase, files["009"].phase) == (
+    assert files["010"].checksum == "33982e008d1e46ce01a20930f1802270fe156ebaf3173fd21c56e6eb9c063617"
+    assert [files[rev].phase for rev in ("006", "007", "008", "009", "010")] == [
         "pre-deploy",
         "post-deploy",
         "pre-deploy",
         "post-deploy",
-    )  # the phase is in the checksum too
+        "pre-deploy",
+    ]  # the phase is in the checksum too
     assert files["002"].file == "002_integrity_and_lookups.py"
 
 

@@ -20,11 +20,11 @@ DRAFT = """
 
 
     def upgrade():
-        ops.create_table("kraken_feedback", {{"id": "bigint GENERATED ALWAYS AS IDENTITY", "rating": "smallint"}})
+        ops.create_table("kraken_ratings", {{"id": "bigint GENERATED ALWAYS AS IDENTITY", "rating": "smallint"}})
 
 
     def downgrade():
-        ops.drop_table("kraken_feedback")
+        ops.drop_table("kraken_ratings")
 """
 FILE = f"{NEXT}_feedback.py"
 
@@ -54,7 +54,7 @@ def refused(ini: Path, db: DatabaseTarget, *args: str, env: str = "development")
 
 
 def columns(db: DatabaseTarget) -> list[str]:
-    query = "SELECT attname::text FROM pg_attribute WHERE attrelid = 'kraken_feedback'::regclass AND attnum > 0"
+    query = "SELECT attname::text FROM pg_attribute WHERE attrelid = 'kraken_ratings'::regclass AND attnum > 0"
     return sorted(r[0] for r in sql(db, query))
 
 
@@ -66,7 +66,7 @@ def test_edit_downgrade_and_apply_again_on_a_development_database(tmp_path: Path
     downgraded = alembic(ini, empty_db, "downgrade", "-1")
     assert f"revision {NEXT} ({FILE}) changed since it was applied on " in downgraded
     assert f"; carrying on: a development database, and {NEXT} has not shipped" in downgraded
-    assert sql(empty_db, "SELECT to_regclass('kraken_feedback') IS NULL")[0][0]
+    assert sql(empty_db, "SELECT to_regclass('kraken_ratings') IS NULL")[0][0]
     applied = alembic(ini, empty_db, "upgrade", "head")
     assert "changed since it was applied" not in applied  # the new file is the one on record now
     assert columns(empty_db) == ["comment", "id", "rating"]
@@ -91,7 +91,7 @@ def test_production_still_refuses_an_edited_applied_revision(tmp_path: Path, emp
     )
     validated = run_kraken_migrations("validate", target=empty_db, config=ini, KRAKEN_ENV="production")
     assert validated.returncode == 1
-    assert sql(empty_db, "SELECT to_regclass('kraken_feedback') IS NOT NULL")[0][0]
+    assert sql(empty_db, "SELECT to_regclass('kraken_ratings') IS NOT NULL")[0][0]
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ NEW_TABLES = """
     def upgrade():
         {waiver}
         ops.create_table(
-            "kraken_feedback",
+            "kraken_ratings",
             {{
                 "id": "bigint GENERATED ALWAYS AS IDENTITY",
                 "turn_id": "uuid NOT NULL",
@@ -28,15 +28,15 @@ NEW_TABLES = """
                 "created_at": "{time_type} NOT NULL DEFAULT now()",
             }},
             primary_key=["id"],
-            indexes={{"ix_kraken_feedback_turn_id": ["turn_id"]}},
+            indexes={{"ix_kraken_ratings_turn_id": ["turn_id"]}},
             foreign_keys=[
-                ops.ForeignKey("kraken_feedback_turn_id_fkey", ["turn_id"], "kraken_turns", on_delete="CASCADE"),
+                ops.ForeignKey("kraken_ratings_turn_id_fkey", ["turn_id"], "kraken_turns", on_delete="CASCADE"),
             ],
         )
 
 
     def downgrade():
-        ops.drop_table("kraken_feedback")
+        ops.drop_table("kraken_ratings")
 """
 
 
@@ -89,7 +89,7 @@ def test_a_waiver_passes_lint_and_is_listed_with_its_reason(tmp_path: Path) -> N
         f"{NEXT}: waives prefer-text-field (reason: the old client reads at most 500 characters), line "
         in result.stdout
     )
-    assert 'CREATE TABLE IF NOT EXISTS "kraken_feedback" (' in result.stdout
+    assert 'CREATE TABLE IF NOT EXISTS "kraken_ratings" (' in result.stdout
 
 
 CHECK_AFTER_A_COMMIT = """

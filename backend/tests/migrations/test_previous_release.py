@@ -182,8 +182,9 @@ def migrate_to(db: DatabaseTarget, revision: str) -> None:
 
 
 def test_every_revision_after_004_is_covered() -> None:
-    assert {"005", "006", "007", "008"} <= set(AFTER_004)
+    assert {"005", "006", "007", "008", "009", "010"} <= set(AFTER_004)
     assert ("008", "previous", "008") in cases()  # 008 is pre-deploy: the previous release meets it
+    assert ("010", "previous", "010") in cases()  # 010 too
     assert ("007", "previous", "006") in cases()  # 007 is post-deploy: the previous release never meets it
     assert {("007", "new", "006"), ("007", "new", "007")} <= set(cases())
     # 006 and 007 change three columns, committing after each: a run can stop between them.
