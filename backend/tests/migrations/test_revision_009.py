@@ -53,7 +53,7 @@ def test_009_drops_the_old_columns_keeping_every_instant_and_its_downgrade_build
 ) -> None:
     db = empty_db
     before = at_008(db)
-    refused = run_alembic("upgrade", "head", target=db)  # the pre-deploy phase leaves it for later
+    refused = run_alembic("upgrade", "009", target=db)  # the pre-deploy phase leaves it for later
     assert refused.returncode == 0, out(refused)
     assert version(db) == "008"
     assert "stopping before post-deploy revision(s) 009" in out(refused)
