@@ -472,7 +472,7 @@ async def user_id_of(conn: asyncpg.Connection, caller: Caller) -> uuid.UUID | No
     return user_id
 
 
-async def _refused_for_user(conn: asyncpg.Connection, caller: Caller) -> None:
+async def refused_for_user(conn: asyncpg.Connection, caller: Caller) -> None:
     """A user's write matched no row: InvalidKey when the key names no active user (now)."""
     if await fetch_one(conn, KEY_VALID, key_hash=caller.key_hash) is None:
         raise InvalidKey()
@@ -613,7 +613,7 @@ async def _conversation_state(
     """Why a write matched no row: the conversation's state (None: no such conversation of the caller's)."""
     if caller.is_operator:
         return await fetch_one(conn, CONVERSATION_STATE, conversation_id=conversation_id)
-    await _refused_for_user(conn, caller)
+    await refused_for_user(conn, caller)
     return await fetch_one(conn, CONVERSATION_STATE_AS_USER, conversation_id=conversation_id, key_hash=caller.key_hash)
 
 

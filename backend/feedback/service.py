@@ -25,9 +25,9 @@ from backend.conversations.service import (
     NOW,
     OWNED,
     USER_OWNS,
-    _refused_for_user,
     decode_cursor,
     encode_cursor,
+    refused_for_user,
     user_id_of,
 )
 from backend.db.statements import Statement, fetch_all, fetch_one
@@ -163,7 +163,7 @@ async def _explain(conn: asyncpg.Connection, conversation_id: uuid.UUID, turn_nu
     if caller.is_operator:
         target = await fetch_one(conn, TARGET, conversation_id=conversation_id, turn_number=turn_number)
     else:
-        await _refused_for_user(conn, caller)
+        await refused_for_user(conn, caller)
         target = await fetch_one(
             conn, TARGET_AS_USER, conversation_id=conversation_id, turn_number=turn_number, key_hash=caller.key_hash
         )
