@@ -386,22 +386,21 @@ class ConversationPublic(BaseModel):
     total_cost_usd: Money
 
 
+# The ``cursor`` query parameter of a keyset page: ``next_cursor`` of the previous one, documented
+# with its form; each query's field says what it is a position in.
+CursorParameter = Annotated[str | None, WithJsonSchema({"type": "string", "pattern": CURSOR_PATTERN})]
+CURSOR_DESCRIPTION = "`next_cursor` of the previous page. Any value of this form is a position in"
+
+
 class ConversationListQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     session_id: Name
     limit: Annotated[int, Field(ge=1, le=100)] = 20
-    cursor: Annotated[
-        str | None,
-        WithJsonSchema(
-            {
-                "type": "string",
-                "pattern": CURSOR_PATTERN,
-                "description": "`next_cursor` of the previous page. Any value of this form is a position in "
-                "the listing: the page holds the conversations after it.",
-            }
-        ),
-    ] = None
+    cursor: CursorParameter = Field(
+        default=None,
+        description=f"{CURSOR_DESCRIPTION} the listing: the page holds the conversations after it.",
+    )
 
 
 class ConversationPage(BaseModel):

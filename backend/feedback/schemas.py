@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from backend.conversations.schemas import (
     _STORABLE,
     _USAGE_TIME_FORMS,
-    CURSOR_PATTERN,
+    CURSOR_DESCRIPTION,
+    CursorParameter,
     FeedbackPublic,
     FeedbackType,
     Name,
@@ -58,17 +59,9 @@ class FeedbackExportQuery(BaseModel):
     )
     feedback_type: FeedbackType | None = None
     limit: Annotated[int, Field(ge=1, le=MAX_EXPORT_PAGE)] = DEFAULT_EXPORT_PAGE
-    cursor: Annotated[
-        str | None,
-        WithJsonSchema(
-            {
-                "type": "string",
-                "pattern": CURSOR_PATTERN,
-                "description": "`next_cursor` of the previous page. Any value of this form is a position in "
-                "the export: the page holds the feedback after it.",
-            }
-        ),
-    ] = None
+    cursor: CursorParameter = Field(
+        default=None, description=f"{CURSOR_DESCRIPTION} the export: the page holds the feedback after it."
+    )
 
 
 class FeedbackPage(BaseModel):
