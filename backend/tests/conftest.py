@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -50,9 +49,11 @@ from backend.migrations.phases import PHASE_ARGUMENT
 from backend.migrations.revisions import POST_DEPLOY
 from backend.migrations.revisions import alembic_config as script_config
 from backend.migrations.runner import run_migrations
+from backend.tests import preloaded
 from backend.tests.helpers import (
     API_KEY,
     AUTH,
+    MEASUREMENT,
     POST_DEPLOY_UPGRADE,
     RUN_ID,
     SavepointLender,
@@ -179,14 +180,8 @@ def head_template(database_factory: Databases, served_template: DatabaseTarget) 
     target = database_factory.copy(served_template)
     # The CLI, as a deploy runs that phase (run_migrations() runs the boot's only), at the server
     # itself when the run goes through a pooler.
-    result = subprocess.run(
-        [sys.executable, "-m", "alembic", *POST_DEPLOY_UPGRADE],
-        cwd=PROJECT_ROOT,
-        env=child_env(target, **migrations_url_of(target)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    env = child_env(target, **migrations_url_of(target))
+    result = preloaded.run("alembic", POST_DEPLOY_UPGRADE, cwd=PROJECT_ROOT, env=env)
     assert result.returncode == 0, out(result)
     return target
 
@@ -346,3 +341,28 @@ async def live_client(
     application = create_app(settings_for(live_db, api_key=API_KEY))
     async with application.router.lifespan_context(application), _client(application, AUTH) as c:
         yield c
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first (a stable sort: otherwise in file order): under -n, workers take tests
+    in this order, so the minute-long ones start at once instead of ending the run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+# --- the run's summary ----------------------------------------------------------------------
+
+# What the tests measured (helpers.report), in the order their reports came: printed at the end,
+# where a passing test's own output is not (and where a worker's output under -n never is).
+_measurements: list[tuple[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        _measurements.extend((report.nodeid, str(v)) for k, v in report.user_properties if k == MEASUREMENT)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _measurements:
+        terminalreporter.section("measurements")
+        for nodeid, text in sorted(_measurements):
+            terminalreporter.write_line(f"{nodeid.split('::')[-1]}: {text}")

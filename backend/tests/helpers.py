@@ -43,6 +43,7 @@ from backend.db.pool import PoolLender
 from backend.db.url import DatabaseTarget
 from backend.migrations import ops
 from backend.migrations.revisions import SchemaStatus, alembic_config, read_revisions
+from backend.tests import preloaded
 
 RUN_ID = secrets.token_hex(4)
 # The real script directory's head, and the id `alembic revision` gives the next file. (With two
@@ -85,38 +86,47 @@ def child_env(target: DatabaseTarget | None, **extra: str) -> dict[str, str]:
 
 
 def run_alembic(
-    *args: str, target: DatabaseTarget | None, config: Path | None = None, cwd: Path = PROJECT_ROOT, **extra: str
+    *args: str,
+    target: DatabaseTarget | None,
+    config: Path | None = None,
+    cwd: Path = PROJECT_ROOT,
+    fresh: bool = False,
+    **extra: str,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the alembic CLI as a user would, from the repository root (or ``cwd``)."""
-    command = [sys.executable, "-m", "alembic"]
-    if config is not None:
-        command += ["-c", str(config)]
-    return subprocess.run(
-        [*command, *args],
-        cwd=cwd,
-        env=child_env(target, **extra),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """Run the alembic CLI as a user would, from the repository root (or ``cwd``): in a process
+    forked from one that has imported it (``backend.tests.preloaded``), or with ``fresh`` as a new
+    program (``python -m alembic``), for the tests of what a new interpreter's start decides."""
+    argv = [*(["-c", str(config)] if config is not None else []), *args]
+    env = child_env(target, **extra)
+    if not fresh:
+        return preloaded.run("alembic", argv, cwd=cwd, env=env)
+    command = [sys.executable, "-m", "alembic", *argv]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
-def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
-    """Print past pytest's capture, so CI logs show the measurement."""
-    with capsys.disabled():
-        print(f"\n    {text}")  # noqa: T201
+MEASUREMENT = "measurement"
+
+
+def report(record_property: Callable[[str, object], None], text: str) -> None:
+    """A measurement for the run's summary (conftest prints them at the end: a test's own output
+    is not shown when it passes, nor from a worker of ``-n``)."""
+    record_property(MEASUREMENT, text)
 
 
 KRAKEN_MIGRATIONS = str(Path(sys.executable).parent / "kraken-migrations")
 
 
 def run_kraken_migrations(
-    *args: str, target: DatabaseTarget | None, config: Path | None = None, **extra: str
+    *args: str, target: DatabaseTarget | None, config: Path | None = None, fresh: bool = False, **extra: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run the `kraken-migrations` console script as a user would, from the repository root."""
-    command = [KRAKEN_MIGRATIONS, *(["-c", str(config)] if config is not None else []), *args]
+    """Run the `kraken-migrations` console script as a user would, from the repository root
+    (forked from the preloaded process, or with ``fresh`` as a new program: see ``run_alembic``)."""
+    argv = [*(["-c", str(config)] if config is not None else []), *args]
+    env = child_env(target, **extra)
+    if not fresh:
+        return preloaded.run("kraken-migrations", argv, cwd=PROJECT_ROOT, env=env)
     return subprocess.run(
-        command, cwd=PROJECT_ROOT, env=child_env(target, **extra), capture_output=True, text=True, timeout=120
+        [KRAKEN_MIGRATIONS, *argv], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
 
 

@@ -258,7 +258,7 @@ def _failures(event: events.ScenarioFinished) -> list[str]:
 
 @pytest.mark.slow  # CPU-bound: 40 s on a quiet 2-core machine, minutes on a loaded one
 def test_a_fuzzer_with_every_check_finds_no_mismatch(
-    own_live_db: DatabaseTarget, settings_for: Callable[..., Settings], capsys
+    own_live_db: DatabaseTarget, settings_for: Callable[..., Settings], record_property
 ):
     app = create_app(settings_for(own_live_db, api_key=API_KEY))
 
@@ -269,4 +269,4 @@ def test_a_fuzzer_with_every_check_finds_no_mismatch(
     assert {label for label, seen in statuses.items() if any(200 <= s < 300 for s in seen)} == {
         f"{method.upper()} {path}" for method, path, _ in operations(create_app().openapi())
     }
-    report(capsys, f"fuzzer: every check, {len(statuses)} operations, no failure, {seconds:.0f} s")
+    report(record_property, f"fuzzer: every check, {len(statuses)} operations, no failure, {seconds:.0f} s")

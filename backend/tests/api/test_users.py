@@ -127,7 +127,7 @@ async def test_a_malformed_user_is_a_422_naming_the_field_and_stores_nothing(cli
 
 
 @pytest.mark.parametrize("action", ["keys", "deactivate"])
-@pytest.mark.parametrize("user_id", [str(uuid.uuid4()), "not-a-uuid"])
+@pytest.mark.parametrize("user_id", [str(uuid.uuid4()), "not-a-uuid"], ids=["unknown-uuid", "not-a-uuid"])
 async def test_an_unknown_user_is_a_404(client, action, user_id):
     answer = await client.post(f"/users/{user_id}/{action}")
     assert answer.status_code == 404

@@ -4,6 +4,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,7 @@ from backend.config import PROJECT_ROOT
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget
 from backend.migrations.lock import LOCK_KEY
+from backend.tests import helpers
 from backend.tests.helpers import (
     HEAD,
     NEXT,
@@ -18,10 +20,15 @@ from backend.tests.helpers import (
     SERVED_CURRENT,
     free_port,
     out,
-    run_alembic,
     scratch_alembic,
     sql,
 )
+
+
+def run_alembic(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+    """The real program (``python -m alembic``): this module tests the CLI itself, from a new
+    interpreter's start (its working directory, its exit codes, its FAILED lines)."""
+    return helpers.run_alembic(*args, fresh=True, **options)
 
 
 def test_current_and_history(head_db: DatabaseTarget) -> None:

@@ -56,7 +56,7 @@ WAIT_LINE = re.compile(
 
 
 async def alembic(db: DatabaseTarget, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(run_alembic, *args, target=db, config=None, cwd=PROJECT_ROOT, **env)
+    return await asyncio.to_thread(run_alembic, *args, target=db, config=None, cwd=PROJECT_ROOT, fresh=False, **env)
 
 
 async def migrate(db: DatabaseTarget, *args: str, **env: str) -> str:

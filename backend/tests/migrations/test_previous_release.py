@@ -122,7 +122,7 @@ def run_api_tests(root: Path, server: DatabaseTarget, template: DatabaseTarget, 
     )
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "kraken_schema_template", "-q", "-x", "-p", "no:cacheprovider"]
-        + [str(root / API_TESTS)],
+        + ["-n", "0", str(root / API_TESTS)],  # in this process: one file, no workers
         cwd=root,
         env=env,
         capture_output=True,

@@ -40,6 +40,19 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"rig {rig}: {outcome}{reason}")
 
 
+# The session-scoped rigs, by the fixture that starts each: the tests using one share an xdist
+# group (addopts' --dist loadgroup), so one worker starts it, once, rather than each worker.
+SHARED_RIGS = {"tls_server": "tls", "pg_cluster": "pg_cluster", "bouncer": "pg_cluster"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        groups = {SHARED_RIGS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_RIGS}
+        if groups:
+            assert len(groups) == 1, f"{item.nodeid} uses two shared rigs: give them one group"
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))
+
+
 def pytest_report_header() -> list[str]:
     bouncer = pgbouncer_bin()
     bouncer_text = ".".join(map(str, pgbouncer_version(bouncer))) if bouncer else "not installed"

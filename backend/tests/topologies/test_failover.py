@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -122,7 +123,7 @@ async def until_acknowledged(seen: Writes, count: int) -> None:
 
 
 async def test_the_service_writes_again_after_a_failover_without_losing_an_acknowledged_turn(
-    replication: ReplicationPair, capsys: pytest.CaptureFixture[str]
+    replication: ReplicationPair, record_property: Callable[[str, object], None]
 ) -> None:
     database = new_database(replication)
     url = replication.multi_host_url("read-write", database=database, standby_first=True)
@@ -179,7 +180,7 @@ async def test_the_service_writes_again_after_a_failover_without_losing_an_ackno
     assert len(seen.acknowledged) > 100  # writes really went on before and after
     answered = [s for _, s in seen.statuses]
     report(
-        capsys,
+        record_property,
         f"fail-over under 16 writers: {answered.count(201)} turns acknowledged, {answered.count(503)} answered 503, "
         f"none 500; writing again {recovered:.2f} s after the promotion",
     )

@@ -87,7 +87,8 @@ def test_the_api_test_module_passes_through_pgbouncer(bouncer: PgBouncer, pg_clu
         "KRAKEN_DB_STATEMENT_CACHE": "false",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "backend/tests/api/test_conversations.py"],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider"]
+        + ["backend/tests/api/test_conversations.py"],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
