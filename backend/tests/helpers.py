@@ -210,8 +210,9 @@ def autogenerate(
     return ini, run_alembic("revision", "--autogenerate", "-m", message, target=target, config=ini)
 
 
-# Runners in real processes: each child imports everything, reports ready, then waits for the
-# starting gun, so that all of them reach the database within a few milliseconds of each other.
+# Runners in real processes, forked from the preloaded one (backend.tests.preloaded): each reports
+# ready, then waits for the starting gun, so that all of them reach the database within a few
+# milliseconds of each other.
 BARRIER = """
 import sys, time
 from pathlib import Path
@@ -233,26 +234,13 @@ print(asyncio.run(run_migrations()).revision)
 def race(script: str, count: int, db: DatabaseTarget, directory: Path) -> list[subprocess.CompletedProcess[str]]:
     """Run ``script`` in ``count`` processes released at the same moment; their results."""
     directory.mkdir()
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(directory)],
-            cwd=PROJECT_ROOT,
-            env=child_env(db),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
+    env = child_env(db)
+    children = [preloaded.start("python -c", [script, str(directory)], cwd=PROJECT_ROOT, env=env) for _ in range(count)]
     deadline = time.monotonic() + 120
     while len(list(directory.glob("ready-*"))) < count and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     (directory / "go").touch()
-    results = []
-    for child in children:
-        stdout, stderr = child.communicate(timeout=180)
-        results.append(subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr))
-    return results
+    return [child.wait(180) for child in children]
 
 
 async def fetch(target: DatabaseTarget, query: str, *args: object) -> list[asyncpg.Record]:

@@ -4,7 +4,6 @@ command's own, and a kill on its timeout. The suite's migration tests rely on it
 
 import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -65,17 +64,17 @@ def test_the_environment_and_directory_are_the_command_s_own(tmp_path: Path) -> 
     assert (dict(os.environ), os.getcwd()) == (before, here)
 
 
-def test_commands_side_by_side_run_at_once() -> None:
-    """Threads get a server each: one command does not wait for another to end."""
-    started = time.monotonic()
-    results: list[subprocess.CompletedProcess[str]] = []
-    threads = [threading.Thread(target=lambda: results.append(run_alembic("--version", target=None))) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert [r.returncode for r in results] == [0, 0, 0]
-    assert time.monotonic() - started < 60
+def test_commands_side_by_side_run_at_once(tmp_path: Path) -> None:
+    """Each child waits until all have started: run one after the other, none would end."""
+    script = (
+        "import sys, time\nfrom pathlib import Path\nhere = Path(sys.argv[1])\n"
+        "(here / sys.argv[2]).touch()\n"
+        "while len(list(here.iterdir())) < 3:\n    time.sleep(0.01)\nprint(sys.argv[2])\n"
+    )
+    children = [preloaded.start("python -c", [script, str(tmp_path), str(n)], cwd=tmp_path, env={}) for n in range(3)]
+    results = [child.wait(30) for child in children]
+    assert [(r.returncode, r.stdout) for r in results] == [(0, "0\n"), (0, "1\n"), (0, "2\n")]
+    assert len({child.pid for child in children}) == 3
 
 
 def test_a_command_past_its_timeout_is_killed(tmp_path: Path) -> None:
