@@ -47,14 +47,16 @@ def _put(caller: str, owned: str) -> Statement:
     One statement: the turn found by its number, the row inserted, or on the turn's unique index
     the earlier one replaced. ``created`` (xmax = 0: no earlier version of the row was updated)
     tells the first feedback (201) from a replace (200). A replace that changes nothing keeps
-    updated_at; created_at is always the first feedback's.
+    updated_at; created_at is always the first feedback's. The instant is read once (``n``): two
+    calls of clock_timestamp() in one row differ whenever a microsecond passes between them, and
+    a first feedback's created_at and updated_at must be equal.
     """
     return Statement.of(f"""
 {caller}INSERT INTO kraken_feedback AS f (
     turn_id, conversation_id, feedback_type, comment, trace_id, created_at, updated_at)
 SELECT t.id, t.conversation_id, CAST(:feedback_type AS text), CAST(:comment AS text), CAST(:trace_id AS text),
-       {NOW}, {NOW}
-FROM kraken_turns AS t
+       n.at, n.at
+FROM kraken_turns AS t CROSS JOIN (SELECT {NOW} AS at) AS n
 WHERE {_TURN}{owned}
 ON CONFLICT (turn_id) DO UPDATE SET
     feedback_type = EXCLUDED.feedback_type, comment = EXCLUDED.comment, trace_id = EXCLUDED.trace_id,

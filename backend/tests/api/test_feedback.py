@@ -67,6 +67,15 @@ async def test_the_first_feedback_is_201_and_a_different_one_replaces_it_with_20
     assert [tuple(r) for r in await stored(db_connection, conversation_id)] == [("negative", None, None, 1)]
 
 
+async def test_a_first_feedback_is_created_and_updated_at_one_instant(client):
+    """Both read one clock: two readings in one row differ whenever a microsecond passes between
+    them (a few times in a hundred here), which this many first feedbacks would show."""
+    conversation_id = await conversation_with_turns(client, turns=100)
+    for turn in range(1, 101):
+        given = (await put(client, conversation_id, POSITIVE, turn=turn)).json()
+        assert given["created_at"] == given["updated_at"], turn
+
+
 async def test_the_same_feedback_again_is_200_and_changes_nothing(client, db_connection):
     conversation_id = await conversation_with_turns(client)
     first = (await put(client, conversation_id, POSITIVE)).json()
