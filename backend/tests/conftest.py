@@ -343,9 +343,19 @@ async def live_client(
         yield c
 
 
+# Tests whose subject is the way to head migrate an empty database: seconds each, and slow (the
+# fast loop, -m "not slow", leaves them out) whether marked or not.
+MIGRATES_FROM_EMPTY = {"empty_db", "alembic_engine"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tests first (a stable sort: otherwise in file order): under -n, workers take tests
-    in this order, so the minute-long ones start at once instead of ending the run alone."""
+    """Marks the tests that migrate from empty slow, then puts the slow tests first (a stable
+    sort: otherwise in file order): under -n, workers take tests in this order, so the
+    minute-long ones start at once instead of ending the run alone."""
+    for item in items:
+        if MIGRATES_FROM_EMPTY & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

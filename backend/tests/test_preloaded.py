@@ -14,6 +14,9 @@ from backend.db.url import DatabaseTarget
 from backend.tests import preloaded
 from backend.tests.helpers import HEAD, child_env, run_alembic, run_kraken_migrations
 
+# The real program beside each forked run: new interpreters, seconds each.
+pytestmark = pytest.mark.slow
+
 
 def same(forked: subprocess.CompletedProcess[str], fresh: subprocess.CompletedProcess[str]) -> None:
     assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)

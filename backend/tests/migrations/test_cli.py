@@ -24,6 +24,9 @@ from backend.tests.helpers import (
     sql,
 )
 
+# New interpreters, a few seconds each: the CLI as a user starts it.
+pytestmark = pytest.mark.slow
+
 
 def run_alembic(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
     """The real program (``python -m alembic``): this module tests the CLI itself, from a new
