@@ -129,6 +129,8 @@ async def test_a_statement_past_the_timeout_answers_504_and_stores_nothing(live_
                 # Cancelled on the server too, not left waiting for the lock.
                 waiting = await blocker.fetchval(
                     "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+                    # this database's sessions (a row lock's wait is on a transaction id, of no database)
+                    " AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())"
                 )
         finally:
             await blocker.close()

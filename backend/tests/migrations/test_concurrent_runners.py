@@ -130,6 +130,7 @@ def test_a_runner_killed_mid_revision_leaves_nothing_half_done(
             if where == "server" and sql(
                 head_db,
                 "SELECT 1 FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(120)' AND state = 'active'"
+                " AND datname = current_database()"
                 " AND application_name = 'kraken-migrate'",
             ):
                 break
@@ -329,18 +330,29 @@ async def upgrade_through_the_wait(
     gate = await connect(db)
     await gate.execute("SET idle_session_timeout = 0")  # a test may set one on the database
     await gate.execute("SELECT pg_advisory_lock(4242)")
+    migration = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head",
+        cwd=PROJECT_ROOT, env=child_env(db, **env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    finished = asyncio.ensure_future(migration.communicate())
+    # Advisory locks are per database: this one's waiter, not another test's (under -n, tests in
+    # other databases of the server wait on the same key at the same time).
+    waiting = (
+        "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
     try:
-        migration = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head",
-            cwd=PROJECT_ROOT, env=child_env(db, **env),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        finished = asyncio.ensure_future(migration.communicate())
-        waiting = "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND NOT granted"
         while not await gate.fetch(waiting):
             assert not finished.done(), (await finished)[0].decode()
             await asyncio.sleep(0.05)
         await while_waiting()
+    except BaseException:
+        # Not left running: collected later, its pipes would fail whichever test runs then.
+        if migration.returncode is None:
+            migration.kill()
+        await finished
+        raise
     finally:
         await gate.close()  # the first revision goes on
     output = (await finished)[0].decode()
