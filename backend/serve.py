@@ -123,11 +123,33 @@ def listening_socket(config: uvicorn.Config) -> socket.socket:
 
     uvicorn's supervisor only binds it (each worker starts listening when it is up): until then
     a client is refused, although the log says the server is running. Listening here, clients
-    queue in the backlog instead, and are served as soon as a worker is.
+    queue in the backlog instead, and are served as soon as a worker is. bind_socket() logs
+    "Uvicorn running" before it returns: that line is held back until the socket listens (a
+    client that read it and connected in between was refused, seen on a loaded machine).
     """
-    sock = config.bind_socket()
-    sock.listen(config.backlog)
+    held = _HeldBack()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addFilter(held)
+    try:
+        sock = config.bind_socket()
+        sock.listen(config.backlog)
+    finally:  # a bind that fails logs why, then exits: that line goes out too
+        logger.removeFilter(held)
+        for record in held.records:
+            logger.handle(record)
     return sock
+
+
+class _HeldBack(logging.Filter):
+    """Keeps the records it sees, for the caller to log later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
 
 
 class Supervisor(Multiprocess):

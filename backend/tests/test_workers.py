@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
 from backend.db.engine import connect
 from backend.db.url import DatabaseTarget, parse_database_url
+from backend.serve import listening_socket
 from backend.tests.helpers import (
     API_KEY,
     AUTH,
@@ -322,3 +325,24 @@ def test_an_operators_metrics_directory_is_emptied_at_start(tmp_path: Path) -> N
     assert result.returncode == 1, result.stderr  # the database is not there: it stops, having emptied it first
     assert not stale.exists()
     assert kept.exists()
+
+
+def test_the_running_line_comes_once_the_socket_listens() -> None:
+    """A client that connects the moment it reads "Uvicorn running" is not refused."""
+    port = free_port()
+    config = uvicorn.Config("backend.main:app", host="127.0.0.1", port=port)
+    connected: list[bool] = []
+
+    class ConnectOnTheLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "Uvicorn running" in record.getMessage():
+                with socket.create_connection(("127.0.0.1", port), timeout=2):
+                    connected.append(True)
+
+    logger, probe = logging.getLogger("uvicorn.error"), ConnectOnTheLine()
+    logger.addHandler(probe)
+    try:
+        listening_socket(config).close()
+    finally:
+        logger.removeHandler(probe)
+    assert connected == [True]
