@@ -97,11 +97,7 @@ def run_alembic(
     forked from one that has imported it (``backend.tests.preloaded``), or with ``fresh`` as a new
     program (``python -m alembic``), for the tests of what a new interpreter's start decides."""
     argv = [*(["-c", str(config)] if config is not None else []), *args]
-    env = child_env(target, **extra)
-    if not fresh:
-        return preloaded.run("alembic", argv, cwd=cwd, env=env)
-    command = [sys.executable, "-m", "alembic", *argv]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return preloaded.run("alembic", argv, cwd=cwd, env=child_env(target, **extra), fresh=fresh)
 
 
 MEASUREMENT = "measurement"
@@ -113,21 +109,13 @@ def report(record_property: Callable[[str, object], None], text: str) -> None:
     record_property(MEASUREMENT, text)
 
 
-KRAKEN_MIGRATIONS = str(Path(sys.executable).parent / "kraken-migrations")
-
-
 def run_kraken_migrations(
     *args: str, target: DatabaseTarget | None, config: Path | None = None, fresh: bool = False, **extra: str
 ) -> subprocess.CompletedProcess[str]:
     """Run the `kraken-migrations` console script as a user would, from the repository root
     (forked from the preloaded process, or with ``fresh`` as a new program: see ``run_alembic``)."""
     argv = [*(["-c", str(config)] if config is not None else []), *args]
-    env = child_env(target, **extra)
-    if not fresh:
-        return preloaded.run("kraken-migrations", argv, cwd=PROJECT_ROOT, env=env)
-    return subprocess.run(
-        [KRAKEN_MIGRATIONS, *argv], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120
-    )
+    return preloaded.run("kraken-migrations", argv, cwd=PROJECT_ROOT, env=child_env(target, **extra), fresh=fresh)
 
 
 def out(result: subprocess.CompletedProcess[str]) -> str:

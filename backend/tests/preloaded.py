@@ -35,8 +35,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# "python -c": argv is the code, then its arguments (sys.argv[1:]).
-PROGRAMS = ("alembic", "kraken-migrations", "python -c")
+# Each program as a new interpreter starts it (``run(..., fresh=True)``); for "python -c", argv
+# is the code, then its arguments (sys.argv[1:]).
+PROGRAMS = {
+    "alembic": [sys.executable, "-m", "alembic"],
+    "kraken-migrations": [str(Path(sys.executable).parent / "kraken-migrations")],
+    "python -c": [sys.executable, "-c"],
+}
 
 
 # --- the forking server --------------------------------------------------------------------
@@ -278,9 +283,19 @@ def start(program: str, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str
 
 
 def run(
-    program: str, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], timeout: float = 120
+    program: str,
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    timeout: float = 120,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """``program argv`` in a process forked from the preloaded one, to its end."""
+    """``program argv`` to its end, in a process forked from the preloaded one, or with ``fresh``
+    as a new program (what a new interpreter's start decides: the tests of the CLI itself)."""
+    if fresh:
+        command = [*PROGRAMS[program], *argv]
+        return subprocess.run(command, cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout)
     return start(program, argv, cwd=cwd, env=env).wait(timeout)
 
 

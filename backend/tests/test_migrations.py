@@ -194,3 +194,8 @@ def test_a_second_upgrade_changes_nothing(upgraded: DatabaseTarget) -> None:
         again = run_alembic(*phase, target=upgraded)
         assert again.returncode == 0, out(again)
     assert ({table: columns(upgraded, table) for table in TABLES}, constraints(upgraded)) == before
+
+
+def test_a_test_that_migrates_from_empty_is_slow_unmarked(request: pytest.FixtureRequest, empty_db: object) -> None:
+    """conftest's rule: the fast loop (-m "not slow") leaves out every test that takes empty_db."""
+    assert request.node.get_closest_marker("slow") is not None

@@ -224,3 +224,10 @@ async def test_pgbouncer_refuses_unknown_startup_parameters(bouncer: PgBouncer):
     assert row["app"] == "rig"
     with pytest.raises(asyncpg.ProtocolViolationError, match="unsupported startup parameter: statement_timeout"):
         await fetchrow(bouncer.url(), "SELECT 1", server_settings={"statement_timeout": "1000"})
+
+
+def test_the_tests_of_a_shared_rig_are_one_xdist_group(request: pytest.FixtureRequest, tls_server: TlsServer) -> None:
+    """topologies/conftest's rule: one worker (--dist loadgroup) starts the TLS server, once."""
+    group = request.node.get_closest_marker("xdist_group")
+    assert group is not None
+    assert group.args == ("tls",)
